@@ -1,0 +1,211 @@
+"""Fold (possibly trained) factors back into plain weights, and export a LoRA for the original base.
+
+    surgeon absorb SPLIT_DIR --out MERGED
+    surgeon export SPLIT_DIR --to lora --out LORA_DIR
+
+absorb, per targeted weight, with s the LoRA scaling and B₀A₀ the factors as split:
+  * base "original" (default when the source files named in surgeon.json are still there,
+    unchanged): W' = W + s·(B'A' − B₀A₀). Untrained factors give back W bit for bit (the
+    change is skipped when the factors are identical, and the original tensor is copied).
+  * base "residual": W' = W_res + s·B'A', what PEFT's merge_and_unload computes.
+The output has the source's tensor names and dtypes, streamed tensor by tensor.
+
+export: the PiSSA→LoRA conversion from PEFT's docs: ΔW = s(B'A' − B₀A₀) = s'·[B' | B₀][A' ; −A₀],
+a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from surgeon import __version__
+from surgeon.errors import SplitDirError, UsageError
+from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, write_adapter
+from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
+from surgeon.io.dtypes import torch_dtype
+from surgeon.io.writer import write_json
+from surgeon.methods import MethodConfig, get_method
+from surgeon.outdir import WorkDir, copy_side_files
+from surgeon.pipeline import FACTORS, INIT_FACTORS, MANIFEST, SPECTRA, parse_size
+from surgeon.progress import NullReporter, Reporter
+from surgeon.source import resolve
+
+
+@dataclass
+class AbsorbOptions:
+    base: str = "auto"  # auto | original | residual
+    shard_size: str = "5GB"
+    overwrite: bool = False
+
+
+class SplitDir:
+    """A surgeon split folder: manifest, residual checkpoint, current and initial factors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        mf = self.path / MANIFEST
+        if not mf.exists():
+            raise SplitDirError(f"{self.path} is not a surgeon split folder (no {MANIFEST}); give the --out folder of `surgeon split`.")
+        self.manifest = json.loads(mf.read_text())
+        if self.manifest.get("operation") != "split":
+            raise SplitDirError(f"{self.path} was made by `surgeon {self.manifest.get('operation')}`, not split.")
+        self.method = get_method(self.manifest["method"])
+        self.lora = self.manifest.get("peft_adapter", False)
+        self.factors_file = self.path / (ADAPTER_WEIGHTS if self.lora else FACTORS)
+        self.init_file = self.path / INIT_FACTORS
+        for f in (self.factors_file,):
+            if not f.exists():
+                raise SplitDirError(f"{self.path} lacks {f.name}; the split is incomplete.")
+        self.cfg = self._config()
+
+    def _config(self) -> MethodConfig:
+        r, alpha, rs = self.manifest["rank"], self.manifest["alpha"], self.manifest.get("use_rslora", False)
+        ac = self.path / ADAPTER_CONFIG
+        if self.lora and ac.exists():  # a trainer may have saved its own config
+            c = json.loads(ac.read_text())
+            r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
+        return MethodConfig(int(r), float(alpha), bool(rs))
+
+    def factor_key(self, module: str, fname: str) -> str:
+        return lora_key(module, fname) if self.lora else f"{module}.{fname}"
+
+    def factors(self, handle, module: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        fnames = self.method.factor_shapes(1, 1, self.cfg).keys()
+        return {f: handle.get_tensor(self.factor_key(module, f)).to(device) for f in fnames}
+
+    def source_available(self) -> bool:
+        files = self.manifest["source"]["files"]
+        for f in files:
+            p = Path(f["path"])
+            if not p.exists() or p.stat().st_size != f["size"] or p.stat().st_mtime_ns != f["mtime_ns"]:
+                return False
+        return bool(files)
+
+    def residual(self) -> Checkpoint:
+        return resolve(str(self.path)).checkpoint()
+
+
+def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, reporter: Reporter | None = None) -> dict:
+    opts = opts or AbsorbOptions()
+    reporter = reporter or NullReporter()
+    sd = SplitDir(split_dir)
+    if opts.base not in ("auto", "original", "residual"):
+        raise UsageError(f"--base {opts.base!r}: choose auto, original or residual.")
+    have_source = sd.source_available()
+    base = opts.base if opts.base != "auto" else ("original" if have_source else "residual")
+    if base == "original" and not have_source:
+        raise UsageError(
+            f"--base original: the source weights recorded in {MANIFEST} are missing or changed; use --base residual "
+            "(merges into the residual; equal to the original up to rounding of the residual dtype)."
+        )
+    if base == "original" and not sd.init_file.exists():
+        raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors); use --base residual.")
+    layers = sd.manifest["layers"]
+    residual = sd.residual()
+    ckpt = Checkpoint.open([Path(f["path"]) for f in sd.manifest["source"]["files"]]) if base == "original" else residual
+    by_tensor = {f"{m}.weight": (m, lay) for m, lay in layers.items()}
+    plan = [OutTensor(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
+    work = WorkDir(out, {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}, opts.overwrite)
+    writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
+    todo = [n for n in ckpt.tensors if n not in work.journal.done]
+    reporter.start(len(ckpt.tensors), sum(ckpt.tensors[n].nbytes for n in todo), done=len(ckpt.tensors) - len(todo))
+    t0 = time.perf_counter()
+    changed = 0
+    with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file if base == "original" else sd.factors_file, "pt") as ini:
+        with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
+            pending: list[Future] = []
+            for info, tensor in ckpt.stream(todo):
+                hit = by_tensor.get(info.name)
+                if hit is not None:
+                    module, lay = hit
+                    f_cur = sd.factors(cur, module)
+                    if base == "original":
+                        f_ini = sd.factors(ini, module)
+                        if any(not torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
+                            delta = sd.method.delta(f_cur, sd.cfg) - sd.method.delta(f_ini, sd.cfg)  # (out, in)
+                            tensor = _add(tensor, delta, lay["transposed"])
+                            changed += 1
+                    else:
+                        tensor = _add(tensor, sd.method.delta(f_cur, sd.cfg), lay["transposed"])
+                while len(pending) >= 2:
+                    pending.pop(0).result()
+                pending.append(pool.submit(writer.write, info.name, tensor))
+                work.journal.add({"name": info.name})
+                reporter.advance(info.name, info.nbytes)
+            for f in pending:
+                f.result()
+    writer.sync()
+    work.journal.commit()
+    writer.close()
+    writer.write_index()
+    skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, "README.md"}
+    side = [p for p in sd.path.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
+    if base == "original":  # the source's config carries the original dtype
+        side = [p for p in side if p.name != "config.json"] + [p for p in resolve_side(sd) if p.name == "config.json"]
+    copy_side_files(side, work.path, skip)
+    manifest = {
+        "surgeon_version": __version__,
+        "operation": "absorb",
+        "split": str(sd.path.resolve()),
+        "method": sd.method.name,
+        "base": base,
+        "layers_changed": changed if base == "original" else len(layers),
+        "layers": len(layers),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "source": sd.manifest["source"],
+    }
+    write_json(work.path / MANIFEST, manifest)
+    work.finish()
+    reporter.close()
+    return manifest
+
+
+def resolve_side(sd: SplitDir) -> list[Path]:
+    first = Path(sd.manifest["source"]["files"][0]["path"])
+    cfg = first.parent / "config.json"
+    return [cfg] if cfg.exists() else []
+
+
+def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.Tensor:
+    d = delta.mT if transposed else delta  # stored layout
+    return (stored.double() + d).to(stored.dtype)
+
+
+def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
+    """A rank-2r PEFT LoRA for the original model: [B' | B₀] [A' ; −A₀], lora_alpha doubled."""
+    sd = SplitDir(split_dir)
+    if not sd.lora:
+        raise UsageError(f"method {sd.method.name} has no LoRA form; export --to lora needs a LoRA-shaped split.")
+    if not sd.init_file.exists():
+        raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors) needed for the conversion.")
+    cfg = sd.cfg
+    work = WorkDir(out, {"op": "export", "split": str(sd.path.resolve())}, overwrite)
+    tensors = {}
+    with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file, "pt") as ini:
+        for module in sd.manifest["layers"]:
+            a1, b1 = cur.get_tensor(lora_key(module, "lora_A")), cur.get_tensor(lora_key(module, "lora_B"))
+            a0, b0 = ini.get_tensor(lora_key(module, "lora_A")), ini.get_tensor(lora_key(module, "lora_B"))
+            tensors[lora_key(module, "lora_A")] = torch.cat([a1, -a0], 0)  # (2r, in)
+            tensors[lora_key(module, "lora_B")] = torch.cat([b1, b0], 1)  # (out, 2r)
+    # s' = alpha'/r' must equal s: r' = 2r, so alpha' = 2·alpha (√2·alpha with rsLoRA)
+    alpha2 = cfg.alpha * (2**0.5 if cfg.use_rslora else 2)
+    src = sd.manifest["source"]
+    conf = adapter_config(
+        r=2 * cfg.rank,
+        alpha=alpha2,
+        target_modules=sd.manifest["target_modules"],
+        fan_in_fan_out=sd.manifest.get("transposed", False),
+        use_rslora=cfg.use_rslora,
+        base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
+        revision=src.get("revision") if src.get("hub_id") else None,
+    )
+    write_adapter(work.path, conf, tensors)
+    work.finish()
+    return conf

@@ -1,0 +1,45 @@
+"""One exception family. Library code raises these; only the CLI prints and exits.
+
+Exit codes: 1 for a failure of the work (bad input file, numerics), 2 for a usage error
+(bad option value, out dir exists). The message always names the problem and the fix.
+"""
+
+
+class SurgeonError(Exception):
+    """Base of every error surgeon raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SurgeonError):
+    """The command line asks for something impossible (bad rank, unknown method, ...)."""
+
+    exit_code = 2
+
+
+class OutputExistsError(UsageError):
+    """The output folder exists and --overwrite was not given."""
+
+
+class SourceError(SurgeonError):
+    """The model could not be found, resolved or read."""
+
+
+class CorruptCheckpointError(SourceError):
+    """A shard's header or data is damaged or truncated."""
+
+
+class UnsupportedTensorError(SurgeonError):
+    """A targeted tensor cannot be decomposed (quantized dtype, wrong rank)."""
+
+
+class PickleRefusedError(SourceError):
+    """Only pickled (.bin/.pt) weights were found and --allow-pickle was not given."""
+
+
+class NumericsError(SurgeonError):
+    """A decomposition failed its accuracy check even with the float64 fallback."""
+
+
+class SplitDirError(SurgeonError):
+    """A folder given to absorb/export is not a complete surgeon split."""

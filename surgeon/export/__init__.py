@@ -1,0 +1,1 @@
+"""Writing surgeon's factors in other libraries' formats (PEFT)."""

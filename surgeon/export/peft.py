@@ -1,0 +1,61 @@
+"""PEFT LoRA adapter files, written without importing PEFT.
+
+Key layout of a saved PEFT LoRA (peft/utils/save_and_load.py): `base_model.model.<module>.lora_A.weight`
+(r, in) and `...lora_B.weight` (out, r), no adapter name; the scaling is lora_alpha / r.
+
+    surgeon export SPLIT_DIR --to lora --out DIR
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from surgeon.io.writer import write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def lora_key(module: str, factor: str) -> str:
+    """factor: "lora_A" or "lora_B"."""
+    return f"{PREFIX}{module}.{factor}.weight"
+
+
+def adapter_config(
+    *,
+    r: int,
+    alpha: float,
+    target_modules: list[str],
+    fan_in_fan_out: bool = False,
+    use_rslora: bool = False,
+    base_model: str | None = None,
+    revision: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "revision": revision,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    write_json(folder / ADAPTER_CONFIG, config)

@@ -1,0 +1,172 @@
+"""Write sharded safetensors whose layout is planned before any data exists.
+
+Every output tensor's name, dtype and shape is known from the input headers, so the shard
+boundaries, headers and byte offsets are fixed up front (`plan_shards`). `ShardSetWriter` then
+writes each tensor straight to its place with a positioned write, in any order, as soon as it is
+computed: nothing is buffered beyond the tensor in hand, and a resumed run rewrites only what its
+`Journal` does not list as done. Shard size is counted in bytes, as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from surgeon.io.dtypes import DTYPES, dtype_name
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Greedy, order-preserving split into shards of at most max_bytes (a bigger tensor gets its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int, prefix: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets[t.name] = pos
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    chunk = 1 << 30
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done : done + chunk], offset + done)
+
+
+class ShardSetWriter:
+    """Pre-laid-out shard files in `folder`; `write(name, tensor)` fills one tensor's bytes."""
+
+    def __init__(self, folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.files = [self.folder / n for n in shard_names(len(shards), prefix)]
+        self.prefix = prefix
+        self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (file idx, abs offset, spec)
+        self._fds: list[int] = []
+        metadata = {"format": "pt", **(metadata or {})}
+        for i, (path, tensors) in enumerate(zip(self.files, shards)):
+            head, offsets = _header_bytes(tensors, metadata)
+            total = len(head) + sum(t.nbytes for t in tensors)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            existing = os.pread(fd, len(head), 0) if os.fstat(fd).st_size == total else b""
+            if existing != head:  # new file, or a layout from another plan: start it afresh
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, total)
+                os.pwrite(fd, head, 0)
+            self._fds.append(fd)
+            for t in tensors:
+                self._where[t.name] = (i, len(head) + offsets[t.name], t)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        idx, offset, spec = self._where[name]
+        if tuple(tensor.shape) != spec.shape or dtype_name(tensor.dtype) != spec.dtype:
+            raise ValueError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {dtype_name(tensor.dtype)}{list(tensor.shape)}")
+        if spec.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            _pwrite_all(self._fds[idx], memoryview(data), offset)
+
+    def sync(self) -> None:
+        for fd in self._fds:
+            os.fsync(fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def index(self) -> dict:
+        """The model.safetensors.index.json content (only meaningful for several shards)."""
+        total = sum(spec.nbytes for _, _, spec in self._where.values())
+        weight_map = {name: self.files[i].name for name, (i, _, _) in self._where.items()}
+        return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+    def write_index(self) -> Path | None:
+        if len(self.files) == 1:
+            return None
+        path = self.folder / f"{self.prefix}.safetensors.index.json"
+        write_json(path, self.index())
+        return path
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON via a temporary name + fsync + rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Journal:
+    """Append-only record of finished tensors (one JSON object a line), for resuming a run.
+
+    A line is appended only after the data it names has been fsynced (`commit`), so every name in
+    the journal is safely on disk; a torn last line from a crash is ignored.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.done: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[rec["name"]] = rec
+        self._pending: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self._pending.append(record)
+
+    def commit(self) -> None:
+        if not self._pending:
+            return
+        with open(self.path, "a") as f:
+            for rec in self._pending:
+                f.write(json.dumps(rec) + "\n")
+                self.done[rec["name"]] = rec
+            f.flush()
+            os.fsync(f.fileno())
+        self._pending = []

@@ -1,0 +1,27 @@
+"""Split methods, one module each, in an explicit registry (no import-time side effects)."""
+
+from __future__ import annotations
+
+from surgeon.errors import UsageError
+from surgeon.methods.base import Method, MethodConfig, SplitResult
+
+
+def _registry() -> dict[str, type[Method]]:
+    from surgeon.methods.milora import MiLoRA
+    from surgeon.methods.pissa import PiSSA
+
+    return {m.name: m for m in (MiLoRA, PiSSA)}
+
+
+def names() -> list[str]:
+    return sorted(_registry())
+
+
+def get_method(name: str) -> Method:
+    reg = _registry()
+    if name not in reg:
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(sorted(reg))}.")
+    return reg[name]()
+
+
+__all__ = ["Method", "MethodConfig", "SplitResult", "get_method", "names"]

@@ -1,0 +1,52 @@
+"""The one small interface every split method implements.
+
+A method turns one weight W (out, in) and its checked singular triplets into a frozen residual
+plus named trainable factors, and says how to fold (possibly trained) factors back. It sees
+float64 tensors on the compute device and never touches files; the pipeline does the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from surgeon.linalg import Triplets
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        """PEFT's LoRA scaling: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+@dataclass
+class SplitResult:
+    residual: torch.Tensor  # (out, in) float64: the frozen part written in place of W
+    factors: dict[str, torch.Tensor]  # factor name -> tensor, e.g. {"lora_A": (r, in), "lora_B": (out, r)}
+    stats: dict = field(default_factory=dict)  # extra per-layer facts for the manifest
+
+
+class Method:
+    """Base class; subclasses set the class attributes and implement `split` and `delta`."""
+
+    name: str = ""
+    which: str = "minor"  # which singular triplets the method needs: "minor" or "principal"
+    lora_shaped: bool = True  # its factors are a PEFT LoRA (lora_A, lora_B) on the residual
+    summary: str = ""
+
+    def factor_shapes(self, out_features: int, in_features: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def split(self, w: torch.Tensor, t: Triplets, cfg: MethodConfig) -> SplitResult:
+        raise NotImplementedError
+
+    def delta(self, factors: dict[str, torch.Tensor], cfg: MethodConfig) -> torch.Tensor:
+        """The (out, in) weight that the factors add to the residual: W = residual + delta."""
+        raise NotImplementedError

@@ -1,0 +1,269 @@
+"""The split, in a straight line: read → decompose → method → write.
+
+    surgeon split --method milora fixtures/build/tiny-llama --rank 8 --out /tmp/split
+
+Tensors stream in checkpoint order; a reader thread prefetches the next ones while the current
+one is decomposed, and a writer thread puts finished tensors into pre-planned shards, so reading,
+solving and writing overlap and host memory stays at a few tensors.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgeon import __version__
+from surgeon.card import build_card
+from surgeon.errors import UsageError
+from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key
+from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
+from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES, torch_dtype
+from surgeon.io.writer import write_json
+from surgeon.linalg import decompose, get_backend
+from surgeon.methods import MethodConfig, get_method
+from surgeon.outdir import WorkDir, copy_side_files
+from surgeon.progress import NullReporter, Reporter
+from surgeon.source import Source, resolve
+from surgeon.targets import Target, check_targets, peft_target_modules, select_targets
+
+MANIFEST = "surgeon.json"
+INIT_FACTORS = "surgeon.init.safetensors"  # the untrained factors, kept for absorb and export
+SPECTRA = "surgeon.spectra.safetensors"  # every targeted weight's singular values
+FACTORS = "surgeon.factors.safetensors"  # factors of methods that are not LoRA-shaped
+
+
+@dataclass
+class SplitOptions:
+    method: str = "milora"
+    rank: int = 64
+    alpha: float | None = None  # default: rank (scale 1, as the MiLoRA authors)
+    use_rslora: bool = False
+    target: list[str] = field(default_factory=lambda: ["all-linear"])
+    dtype: str | None = None  # residual dtype ("bfloat16", ...); None keeps the checkpoint's
+    device: str = "auto"
+    backend: str = "auto"
+    solver: str = "auto"
+    tol: float = 1e-6
+    shard_size: str = "5GB"
+    revision: str | None = None
+    config: Path | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+    prefetch: int = 2
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = str(text).strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num) :]]
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--shard-size {text!r} is not a size like 5GB, 500MB or 2GiB.") from e
+    if value < 1:
+        raise UsageError("--shard-size must be positive.")
+    return int(value)
+
+
+def _out_dtype(stored: str, wanted: str | None) -> str:
+    return wanted if (wanted and stored in FLOAT_DTYPES) else stored
+
+
+def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Reporter | None = None) -> dict:
+    """Split `model` into residual + factors in `out`; returns the manifest."""
+    opts = opts or SplitOptions()
+    reporter = reporter or NullReporter()
+    method = get_method(opts.method)
+    alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora)
+    new_dtype = None
+    if opts.dtype:
+        if opts.dtype.lower() not in USER_DTYPES:
+            raise UsageError(f"--dtype {opts.dtype!r} unknown; choose float32, bfloat16 or float16.")
+        new_dtype = USER_DTYPES[opts.dtype.lower()]
+    shard_bytes = parse_size(opts.shard_size)
+    backend = get_backend(opts.device, opts.backend)
+
+    src: Source = resolve(model, opts.revision, opts.config, opts.allow_pickle)
+    ckpt: Checkpoint = src.checkpoint()
+    model_cfg = src.config()
+    targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
+    check_targets(ckpt.tensors, targets, opts.rank)
+
+    base_plan = [OutTensor(n, _out_dtype(i.dtype, new_dtype), i.shape) for n, i in ckpt.tensors.items()]
+    factor_plan, spectra_plan = [], []
+    for t in targets.values():
+        for fname, shape in method.factor_shapes(t.out_features, t.in_features, cfg).items():
+            key = lora_key(t.module, fname) if method.lora_shaped else f"{t.module}.{fname}"
+            factor_plan.append(OutTensor(key, "F32", shape))
+        spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
+
+    plan = {
+        "op": "split",
+        "surgeon": __version__,
+        "method": method.name,
+        "rank": opts.rank,
+        "alpha": alpha,
+        "use_rslora": opts.use_rslora,
+        "targets": sorted(targets),
+        "dtype": new_dtype,
+        "solver": opts.solver,
+        "tol": opts.tol,
+        "shard_bytes": shard_bytes,
+        "source": src.fingerprint(),
+    }
+    work = WorkDir(out, plan, opts.overwrite)
+    base_w = ShardSetWriter(work.path, plan_shards(base_plan, shard_bytes))
+    fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
+    spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")])
+
+    todo = [n for n in ckpt.tensors if n not in work.journal.done]
+    total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
+    reporter.start(len(ckpt.tensors), total_bytes, done=len(ckpt.tensors) - len(todo))
+    t_start = time.perf_counter()
+    pending: list[Future] = []
+    last_commit = time.monotonic()
+
+    def commit() -> None:
+        for f in pending:
+            f.result()
+        pending.clear()
+        for w in (base_w, fac_w, spec_w):
+            w.sync()
+        work.journal.commit()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
+        for info, tensor in ckpt.stream(todo, prefetch=opts.prefetch):
+            record: dict = {"name": info.name}
+            outputs: list[tuple[ShardSetWriter, str, torch.Tensor]] = []
+            target = targets.get(info.name)
+            if target is None:
+                outputs.append((base_w, info.name, tensor.to(torch_dtype(_out_dtype(info.dtype, new_dtype)))))
+            else:
+                record["layer"], outs = _split_one(target, tensor, method, cfg, backend, opts, _out_dtype(info.dtype, new_dtype))
+                outputs.append((base_w, info.name, outs.pop("__residual__")))
+                outputs.append((spec_w, target.module, outs.pop("__spectrum__")))
+                for fname, f in outs.items():
+                    key = lora_key(target.module, fname) if method.lora_shaped else f"{target.module}.{fname}"
+                    outputs.append((fac_w, key, f))
+            while len(pending) >= 2:
+                pending.pop(0).result()
+            pending.append(pool.submit(_write_all, outputs))
+            work.journal.add(record)
+            reporter.advance(info.name, info.nbytes)
+            if time.monotonic() - last_commit > 30:
+                commit()
+                last_commit = time.monotonic()
+        commit()
+    for w in (base_w, fac_w, spec_w):
+        w.close()
+    base_w.write_index()
+    elapsed = time.perf_counter() - t_start
+
+    layers = {rec["layer"]["module"]: rec["layer"] for rec in work.journal.done.values() if "layer" in rec}
+    layers = {t.module: layers[t.module] for t in targets.values()}  # checkpoint order
+    target_modules = peft_target_modules(ckpt.tensors, targets)
+    manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, total_bytes, work.resumed)
+
+    skip = {"README.md", ADAPTER_CONFIG}
+    copied = copy_side_files(src.side_files, work.path, skip)
+    if new_dtype and "config.json" in copied:
+        conf = dict(model_cfg)
+        key = "dtype" if "dtype" in conf else "torch_dtype"
+        conf[key] = CONFIG_DTYPE[new_dtype]
+        write_json(work.path / "config.json", conf)
+    if method.lora_shaped:
+        any_t = next(iter(targets.values()))
+        write_json(
+            work.path / ADAPTER_CONFIG,
+            adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed, use_rslora=cfg.use_rslora),
+        )
+        shutil.copyfile(work.path / ADAPTER_WEIGHTS, work.path / INIT_FACTORS)
+    write_json(work.path / MANIFEST, manifest)
+    build_card(manifest).save(work.path / "README.md")
+    work.finish()
+    reporter.close()
+    return manifest
+
+
+def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]]) -> None:
+    for writer, name, t in outputs:
+        writer.write(name, t)
+
+
+def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, backend, opts: SplitOptions, out_dtype: str):
+    t0 = time.perf_counter()
+    w = stored.to(backend.device, non_blocking=True)
+    w = w.mT if target.transposed else w  # (out, in)
+    trip = decompose(w, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver)
+    w64 = w.double()
+    res = method.split(w64, trip, cfg)
+    residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
+    # what a reader of the files reconstructs: cast residual + scale·factors, in float64
+    recon = residual.double() + method.delta(res.factors, cfg)
+    err = float(torch.linalg.matrix_norm(w64 - recon) / torch.linalg.matrix_norm(w64).clamp_min(1e-300))
+    energy = trip.spectrum.square()
+    total = float(energy.sum())
+    kept = float(trip.S.square().sum())
+    layer = {
+        "module": target.module,
+        "shape": [target.out_features, target.in_features],
+        "transposed": target.transposed,
+        "solver": trip.solver,
+        "subspace_bound": trip.subspace_bound,
+        "orth_error": trip.orth_error,
+        "reconstruction_error": err,
+        "factor_energy": kept / total if total > 0 else 0.0,
+        "sigma_max": float(trip.spectrum[0]),
+        "sigma_min": float(trip.spectrum[-1]),
+        "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
+        "seconds": round(time.perf_counter() - t0, 4),
+        **res.stats,
+    }
+    outs = {"__residual__": (residual.mT if target.transposed else residual).contiguous(), "__spectrum__": trip.spectrum}
+    outs.update(res.factors)
+    return layer, outs
+
+
+def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:
+    solvers: dict[str, int] = {}
+    for lay in layers.values():
+        solvers[lay["solver"]] = solvers.get(lay["solver"], 0) + 1
+    errs = [lay["reconstruction_error"] for lay in layers.values()]
+    return {
+        "surgeon_version": __version__,
+        "operation": "split",
+        "method": method.name,
+        "method_summary": method.summary,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "scale": cfg.scale,
+        "use_rslora": cfg.use_rslora,
+        "peft_adapter": method.lora_shaped,
+        "factor_dtype": "float32",
+        "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
+        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint()},
+        "target": list(opts.target),
+        "target_modules": target_modules,
+        "transposed": any(t.transposed for t in targets.values()),
+        "device": str(backend.device),
+        "backend": backend.name,
+        "solver": opts.solver,
+        "tol": opts.tol,
+        "summary": {
+            "layers": len(layers),
+            "solvers": solvers,
+            "worst_reconstruction_error": max(errs) if errs else 0.0,
+            "worst_subspace_bound": max((lay["subspace_bound"] for lay in layers.values()), default=0.0),
+            "mean_factor_energy": sum(lay["factor_energy"] for lay in layers.values()) / max(len(layers), 1),
+            "seconds": round(elapsed, 3),
+            "bytes_read": nbytes,
+            "resumed_tensors": resumed,
+        },
+        "layers": layers,
+    }
