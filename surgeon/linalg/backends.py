@@ -26,6 +26,14 @@ class Backend:
         """Thin SVD: U (m, k), S (k,) descending, Vh (k, n)."""
         raise NotImplementedError
 
+    def eigh_range(self, g: torch.Tensor, lo: int, hi: int, all_values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Eigenpairs lo..hi-1 (ascending order) of symmetric g: (every eigenvalue or None, values (hi-lo,), vectors (k, hi-lo)).
+
+        The default computes all pairs and slices; a backend with a subset solver overrides it.
+        """
+        lam, vecs = self.eigh(g)
+        return lam, lam[lo:hi], vecs[:, lo:hi]
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -96,4 +104,4 @@ def get_backend(device: str | torch.device = "auto", name: str = "auto") -> Back
             return CupyBackend(dev)
         except ImportError as e:
             raise UsageError("--backend cupy needs CuPy: pip install 'surgeon[cuda]' (or cupy-cuda13x).") from e
-    raise UsageError(f"unknown backend {name!r}; choose auto, torch or cupy.")
+    raise UsageError(f"unknown backend {name!r}; choose auto, torch or cupy (CUDA).")

@@ -50,3 +50,15 @@ class Method:
     def delta(self, factors: dict[str, torch.Tensor], cfg: MethodConfig) -> torch.Tensor:
         """The (out, in) weight that the factors add to the residual: W = residual + delta."""
         raise NotImplementedError
+
+    # --- runtime (training / inference on a loaded transformers model) -------------------------
+    def runtime(self, base: torch.nn.Module, factors: dict[str, torch.Tensor], cfg: MethodConfig, transposed: bool) -> torch.nn.Module:
+        """A module replacing `base` (the residual's Linear/Conv1D) that adds the method's update,
+        holding the factors as Parameters (trainable ones with requires_grad=True)."""
+        from surgeon.runtime import LoRALinear
+
+        return LoRALinear(base, factors["lora_A"], factors["lora_B"], cfg.scale, transposed)
+
+    def regularizer(self, modules: list[torch.nn.Module]) -> torch.Tensor | None:
+        """Extra training loss summed over the method's runtime modules (None: no extra loss)."""
+        return None

@@ -1,0 +1,149 @@
+"""A split folder as a live model: the residual base loaded with transformers, each targeted
+layer wrapped by its method's runtime module holding the factors.
+
+    from surgeon.runtime import load_split
+    sm = load_split("split-dir")              # sm.model is a transformers model
+    loss = task_loss + sm.extra_loss()        # e.g. KaSA's regularisers
+    sm.save("split-dir-trained")              # same format: absorb/export/PEFT load it unchanged
+
+The base shards are never rewritten by `save`: they are hard-linked (or copied if the file system
+cannot link), and only the factor file changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgeon.errors import SplitDirError
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + s · B(A x): the runtime of every LoRA-shaped method (MiLoRA, PiSSA)."""
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool = False):
+        super().__init__()
+        self.base = base
+        self.transposed = transposed
+        self.scale = scale
+        self.lora_A = nn.Parameter(a.detach().clone().float())  # (r, in)
+        self.lora_B = nn.Parameter(b.detach().clone().float())  # (out, r)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        z = nn.functional.linear(nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scale * z).to(y.dtype)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+
+
+class SplitModel:
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], split):
+        self.model = model
+        self.modules = modules  # module name -> runtime module
+        self.split = split  # surgeon.absorb.SplitDir
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return self.split.method.regularizer(list(self.modules.values()))
+
+    def factor_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, mod in self.modules.items():
+            for fname, t in mod.factors().items():
+                out[self.split.factor_key(name, fname)] = t.detach().to("cpu", torch.float32).contiguous()
+        return out
+
+    def save(self, out: Path, overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        src = self.split.path
+        if out.resolve() == src.resolve():
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+            save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
+            os.replace(tmp / self.split.factors_file.name, self.split.factors_file)
+            shutil.rmtree(tmp)
+            return out
+        if out.exists() and not overwrite:
+            raise SplitDirError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
+        tmp = out.parent / f".{out.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name != self.split.factors_file.name:
+                _link_or_copy(f, tmp / f.name)
+        save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.suffix == ".safetensors" and not src.name.startswith(("adapter_", "surgeon.")):
+        try:
+            os.link(src, dst)  # base shards are immutable: share them
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def load_residual_model(path: Path, dtype: torch.dtype = torch.float32, model_cls=None) -> nn.Module:
+    """The residual checkpoint alone, through transformers, without its embedded adapter.
+
+    transformers attaches an adapter_config.json found beside a checkpoint automatically; the
+    runtime adds its own modules, so it loads through a view of the folder without the adapter.
+    """
+    import transformers
+
+    path = Path(path)
+    conf = json.loads((path / "config.json").read_text())
+    if model_cls is None:
+        arch = (conf.get("architectures") or ["AutoModelForCausalLM"])[0]
+        model_cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
+    with tempfile.TemporaryDirectory() as view:
+        for f in path.iterdir():
+            if f.is_file() and not f.name.startswith(("adapter_", "surgeon.")):
+                os.symlink(f.resolve(), Path(view) / f.name)
+        return model_cls.from_pretrained(view, dtype=dtype)
+
+
+def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trainable: bool = True, model_cls=None) -> SplitModel:
+    from safetensors import safe_open
+
+    from surgeon.absorb import SplitDir
+
+    split = SplitDir(Path(path))
+    model = load_residual_model(split.path, dtype, model_cls)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules: dict[str, nn.Module] = {}
+    with safe_open(split.factors_file, "pt") as f:
+        for name, lay in split.manifest["layers"].items():
+            parent_name, _, child = name.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_name)
+                base = getattr(parent, child)
+            except AttributeError as e:
+                raise SplitDirError(f"the model built from {split.path}/config.json has no module {name!r}.") from e
+            rt = split.method.runtime(base, split.factors(f, name), split.cfg, lay["transposed"])
+            for p in rt.parameters():
+                if not any(p is q for q in base.parameters()):
+                    p.requires_grad_(trainable)
+            setattr(parent, child, rt)
+            modules[name] = rt
+    model.to(device)
+    return SplitModel(model, modules, split)
