@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE = """---
-{card_data}
+{{ card_data }}
 ---
 
-# {title}
+# {{ title }}
 
-This checkpoint was rewritten by [surgeon](https://pypi.org/project/surgeon/) with the **{method}** method
-(rank {rank}, alpha {alpha}): {summary}.
+This checkpoint was rewritten by [surgeon](https://pypi.org/project/surgeon/) with the **{{ method }}** method
+(rank {{ rank }}, alpha {{ alpha }}): {{ summary }}.
 
-Source model: `{source}`{revision}. Targets: {n_layers} linear weights ({targets}).
-Solver: {solvers}. Worst reconstruction error ‖W − (W_res + s·BA)‖/‖W‖ over all layers: {worst:.2e}.
-Spectral energy held by the trainable factors: {factor_energy:.3%} on average over layers.
+Source model: `{{ source }}`{{ revision }}. Targets: {{ n_layers }} linear weights ({{ targets }}).
+Solver: {{ solvers }}. Worst reconstruction error ‖W − (W_res + s·BA)‖/‖W‖ over all layers: {{ worst }}.
+Fraction of spectral energy (Σσ²) held by the trainable factors, mean over layers: {{ factor_energy }}.
 
 ## How to load
 
@@ -26,12 +28,12 @@ trainable factors. Together they reproduce the source model:
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 
-base = AutoModelForCausalLM.from_pretrained("{repo}")
-model = PeftModel.from_pretrained(base, "{repo}")  # residual + factors == the source model
+base = AutoModelForCausalLM.from_pretrained("{{ repo }}")
+model = PeftModel.from_pretrained(base, "{{ repo }}")  # residual + factors == the source model
 ```
 
 Train the adapter with any PEFT trainer (or `surgeon train`), then merge with
-`surgeon absorb {repo} --out merged` or PEFT's `merge_and_unload()`.
+`surgeon absorb {{ repo }} --out merged` or PEFT's `merge_and_unload()`.
 `surgeon.json` records every layer's spectrum energy, solver and reconstruction error.
 """
 
@@ -49,7 +51,7 @@ def build_card(manifest: dict, repo: str = ".") -> ModelCard:
     return ModelCard.from_template(
         data,
         template_str=TEMPLATE,
-        title=f"{src.get('hub_id') or 'model'} — {method} split, rank {manifest['rank']}",
+        title=f"{src.get('hub_id') or Path(src['model']).name} — {method} split, rank {manifest['rank']}",
         method=method,
         rank=manifest["rank"],
         alpha=manifest["alpha"],
@@ -59,7 +61,7 @@ def build_card(manifest: dict, repo: str = ".") -> ModelCard:
         n_layers=s["layers"],
         targets=", ".join(manifest["target_modules"][:12]) + (" …" if len(manifest["target_modules"]) > 12 else ""),
         solvers=", ".join(f"{k} × {v}" for k, v in s["solvers"].items()),
-        worst=s["worst_reconstruction_error"],
-        factor_energy=s["mean_factor_energy"],
+        worst=f"{s['worst_reconstruction_error']:.2e}",
+        factor_energy=f"{s['mean_factor_energy']:.3g}",
         repo=repo,
     )

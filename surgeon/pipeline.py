@@ -58,6 +58,7 @@ class SplitOptions:
     prefetch: int = 2
     workers: int = 0  # concurrent solves; 0 = 2 on CPU, 1 on GPU
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
+    commit_seconds: float = 30.0  # how often finished tensors are fsynced and journaled (resume points)
 
 
 def parse_size(text: str) -> int:
@@ -183,7 +184,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
                 solving.append((info, spool.submit(process, info, tensor)))
                 if len(solving) > workers:
                     drain_one(wpool)
-                if time.monotonic() - last_commit > 30:
+                if time.monotonic() - last_commit >= opts.commit_seconds:
                     commit()
                     last_commit = time.monotonic()
             while solving:
