@@ -10,6 +10,7 @@ solving and writing overlap and host memory stays at a few tensors.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +57,7 @@ class SplitOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     prefetch: int = 2
-    workers: int = 0  # concurrent solves; 0 = 2 on CPU, 1 on GPU
+    workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
     commit_seconds: float = 30.0  # how often finished tensors are fsynced and journaled (resume points)
 
@@ -144,7 +145,17 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             w.sync()
         work.journal.commit()
 
+    streams = threading.local()
+
     def process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
+        if backend.device.type == "cuda":  # each solve thread works on a stream of its own
+            if not hasattr(streams, "s"):
+                streams.s = torch.cuda.Stream(backend.device)
+            with torch.cuda.stream(streams.s):
+                return _process(info, tensor)
+        return _process(info, tensor)
+
+    def _process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
         record: dict = {"name": info.name}
         outputs: list[tuple[ShardSetWriter, str, torch.Tensor]] = []
         target = targets.get(info.name)
@@ -162,10 +173,13 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         return record, outputs
 
     # CPU: several solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales
-    # poorly over threads); GPU: one solve at a time, the device is the parallel part.
-    workers = opts.workers or (min(2, torch.get_num_threads()) if backend.device.type == "cpu" else 1)
+    # poorly over threads).
+    # CUDA: two workers, each on its own stream, so one matrix's eigensolver (memory-bound
+    # tridiagonal reduction) overlaps the other's transfers and products; two eigensolvers at once
+    # run no faster (bench/RESULTS.md).
+    workers = opts.workers or 2
     threads = torch.get_num_threads()
-    if workers > 1:
+    if workers > 1 and backend.device.type == "cpu":
         torch.set_num_threads(max(1, threads // workers))
     solving: deque[tuple] = deque()
 
@@ -180,7 +194,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as wpool, ThreadPoolExecutor(workers, thread_name_prefix="surgeon-solve") as spool:
-            for info, tensor in ckpt.stream(todo, prefetch=opts.prefetch):
+            for info, tensor in ckpt.stream(todo, prefetch=opts.prefetch, pin=backend.device.type == "cuda"):
                 solving.append((info, spool.submit(process, info, tensor)))
                 if len(solving) > workers:
                     drain_one(wpool)
@@ -250,8 +264,8 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
         "orth_error": trip.orth_error,
         "reconstruction_error": err,
         "factor_energy": kept / total if total > 0 else 0.0,
-        "sigma_max": float(trip.spectrum[0]),
-        "sigma_min": float(trip.spectrum[-1]),
+        "sigma_max": float(trip.spectrum[0]) if opts.spectra else None,
+        "sigma_min": float(trip.spectrum[-1]) if opts.spectra else None,
         "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
         "seconds": round(time.perf_counter() - t0, 4),
         **res.stats,
@@ -260,7 +274,9 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     if opts.spectra:
         outs["__spectrum__"] = trip.spectrum
     outs.update(res.factors)
-    return layer, outs
+    # to the host on this thread's stream (synchronously), so the writer thread never reads a
+    # device tensor that another stream is still computing
+    return layer, {k: v.to("cpu") for k, v in outs.items()}
 
 
 def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:

@@ -60,6 +60,8 @@ def split(
     solver: Annotated[str, typer.Option("--solver", help="auto (float64 Gram-eigh, checked, float64 SVD fallback), gram-eigh or svd.")] = "auto",
     tol: Annotated[float, typer.Option("--tol", help="Accepted subspace error bound before falling back to a float64 SVD.")] = 1e-6,
     shard_size: ShardSize = "5GB",
+    workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2.")] = 0,
+    no_spectra: Annotated[bool, typer.Option("--no-spectra", help="Skip storing every singular value (surgeon.spectra.safetensors).")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a single .safetensors file.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (loaded with weights_only=True).")] = False,
@@ -74,7 +76,7 @@ def split(
     opts = SplitOptions(
         method=method, rank=rank, alpha=alpha, use_rslora=rslora, target=target or ["all-linear"], dtype=dtype,
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
-        config=config, allow_pickle=allow_pickle, overwrite=overwrite,
+        config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
     )
     with errors_to_exit():
         manifest = do_split(model, out, opts, reporter(f"split {method}", quiet))

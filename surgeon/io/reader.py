@@ -131,12 +131,18 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, on the CPU, in its stored dtype."""
+    def read(self, name: str, pin: bool = False) -> torch.Tensor:
+        """One tensor, on the CPU, in its stored dtype; `pin`: in page-locked memory (fast, async H2D)."""
         info = self.tensors[name]
         if info.file in self._pickled:
-            return self._pickled[info.file][name].contiguous().clone()
-        buf = bytearray(info.nbytes)
+            t = self._pickled[info.file][name].contiguous().clone()
+            return t.pin_memory() if pin else t
+        if pin and info.nbytes:
+            host = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)  # torch caches pinned blocks
+            buf = host.numpy()
+        else:
+            host = None
+            buf = bytearray(info.nbytes)
         view = memoryview(buf)
         fd = os.open(info.file, os.O_RDONLY)
         try:
@@ -150,14 +156,16 @@ class Checkpoint:
             os.close(fd)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype][0])
+        if host is not None:
+            return host.view(DTYPES[info.dtype][0]).reshape(info.shape)
         return torch.frombuffer(buf, dtype=DTYPES[info.dtype][0]).reshape(info.shape)
 
-    def stream(self, names: Iterable[str], prefetch: int = 2) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    def stream(self, names: Iterable[str], prefetch: int = 2, pin: bool = False) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Yield (info, tensor) in the given order; a background thread reads `prefetch` ahead."""
         names = list(names)
         if prefetch <= 0:
             for n in names:
-                yield self.tensors[n], self.read(n)
+                yield self.tensors[n], self.read(n, pin)
             return
         q: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
@@ -167,7 +175,7 @@ class Checkpoint:
                 for n in names:
                     if stop.is_set():
                         return
-                    q.put((self.tensors[n], self.read(n)))
+                    q.put((self.tensors[n], self.read(n, pin)))
                 q.put(None)
             except BaseException as e:  # handed to the consumer
                 q.put(e)

@@ -76,8 +76,12 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class ShardSetWriter:
     """Pre-laid-out shard files in `folder`; `write(name, tensor)` fills one tensor's bytes."""
 
-    def __init__(self, folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None, sync_bytes: int = 256 << 20):
         self.folder = Path(folder)
+        # flush to disk every `sync_bytes` per file, from the writing thread, so the disk works
+        # all along instead of the page cache filling up and the final fsync waiting for it all
+        self.sync_bytes = sync_bytes
+        self._unsynced: list[int] = []
         self.files = [self.folder / n for n in shard_names(len(shards), prefix)]
         self.prefix = prefix
         self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (file idx, abs offset, spec)
@@ -93,6 +97,7 @@ class ShardSetWriter:
                 os.ftruncate(fd, total)
                 os.pwrite(fd, head, 0)
             self._fds.append(fd)
+            self._unsynced.append(0)
             for t in tensors:
                 self._where[t.name] = (i, len(head) + offsets[t.name], t)
 
@@ -103,10 +108,15 @@ class ShardSetWriter:
         if spec.nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             _pwrite_all(self._fds[idx], memoryview(data), offset)
+            self._unsynced[idx] += spec.nbytes
+            if self._unsynced[idx] >= self.sync_bytes:
+                os.fdatasync(self._fds[idx])
+                self._unsynced[idx] = 0
 
     def sync(self) -> None:
-        for fd in self._fds:
+        for i, fd in enumerate(self._fds):
             os.fsync(fd)
+            self._unsynced[i] = 0
 
     def close(self) -> None:
         for fd in self._fds:
