@@ -9,6 +9,7 @@ solving and writing overlap and host memory stays at a few tensors.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -133,6 +134,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     todo = [n for n in ckpt.tensors if n not in work.journal.done]
     total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
     reporter.start(len(ckpt.tensors), total_bytes, done=len(ckpt.tensors) - len(todo))
+    clock = StageClock()
+    backend.warmup()
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)
     t_start = time.perf_counter()
     pending: list[Future] = []
     last_commit = time.monotonic()
@@ -156,6 +161,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         return _process(info, tensor)
 
     def _process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
+        with clock("solver_busy"):
+            return __process(info, tensor)
+
+    def __process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
         record: dict = {"name": info.name}
         outputs: list[tuple[ShardSetWriter, str, torch.Tensor]] = []
         target = targets.get(info.name)
@@ -163,7 +172,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         if target is None:
             outputs.append((base_w, info.name, tensor.to(torch_dtype(out_dt))))
             return record, outputs
-        record["layer"], outs = _split_one(target, tensor, method, cfg, backend, opts, out_dt)
+        record["layer"], outs = _split_one(target, tensor, method, cfg, backend, opts, out_dt, clock)
         outputs.append((base_w, info.name, outs.pop("__residual__")))
         if opts.spectra:
             outputs.append((spec_w, target.module, outs.pop("__spectrum__")))
@@ -185,25 +194,35 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
 
     def drain_one(pool) -> None:
         info, fut = solving.popleft()
-        record, outputs = fut.result()
-        while len(pending) >= 2:
-            pending.pop(0).result()
-        pending.append(pool.submit(_write_all, outputs))
+        with clock("wait_solve"):
+            record, outputs = fut.result()
+        with clock("wait_write"):
+            while len(pending) >= 2:
+                pending.pop(0).result()
+        pending.append(pool.submit(_write_all, outputs, clock))
         work.journal.add(record)
         reporter.advance(info.name, info.nbytes)
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as wpool, ThreadPoolExecutor(workers, thread_name_prefix="surgeon-solve") as spool:
-            for info, tensor in ckpt.stream(todo, prefetch=opts.prefetch, pin=backend.device.type == "cuda"):
+            stream = ckpt.stream(todo, prefetch=opts.prefetch, pin=backend.device.type == "cuda")
+            while True:
+                with clock("wait_read"):
+                    item = next(stream, None)
+                if item is None:
+                    break
+                info, tensor = item
                 solving.append((info, spool.submit(process, info, tensor)))
                 if len(solving) > workers:
                     drain_one(wpool)
                 if time.monotonic() - last_commit >= opts.commit_seconds:
-                    commit()
+                    with clock("wait_commit"):
+                        commit()
                     last_commit = time.monotonic()
             while solving:
                 drain_one(wpool)
-            commit()
+            with clock("wait_commit"):
+                commit()
     finally:
         torch.set_num_threads(threads)
     for w in writers:
@@ -215,6 +234,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     layers = {t.module: layers[t.module] for t in targets.values()}  # checkpoint order
     target_modules = peft_target_modules(ckpt.tensors, targets)
     manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, total_bytes, work.resumed)
+    manifest["summary"]["stage_seconds"] = clock.totals()
 
     skip = {"README.md", ADAPTER_CONFIG}
     copied = copy_side_files(src.side_files, work.path, skip)
@@ -237,18 +257,43 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     return manifest
 
 
-def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]]) -> None:
-    for writer, name, t in outputs:
-        writer.write(name, t)
+class StageClock:
+    """Seconds spent per stage, summed over threads: where the main loop waited (wait_read,
+    wait_solve, wait_write, wait_commit) and how busy the solver and writer threads were. The
+    largest wait names the bottleneck of a run."""
+
+    def __init__(self):
+        self._t: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._t[stage] = self._t.get(stage, 0.0) + time.perf_counter() - t0
+
+    def totals(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in sorted(self._t.items())}
 
 
-def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, backend, opts: SplitOptions, out_dtype: str):
+def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]], clock) -> None:
+    with clock("writer_busy"):
+        for writer, name, t in outputs:
+            writer.write(name, t)
+
+
+def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, backend, opts: SplitOptions, out_dtype: str, clock):
     t0 = time.perf_counter()
     w64 = stored.to(backend.device, non_blocking=True).double()
     w64 = w64.mT if target.transposed else w64  # (out, in)
-    trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra)
-    res = method.split(w64, trip, cfg)
-    residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
+    with clock("decompose"):
+        trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra)
+    with clock("method"):
+        res = method.split(w64, trip, cfg)
+        residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
     # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
     # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
     # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.
@@ -276,7 +321,8 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     outs.update(res.factors)
     # to the host on this thread's stream (synchronously), so the writer thread never reads a
     # device tensor that another stream is still computing
-    return layer, {k: v.to("cpu") for k, v in outs.items()}
+    with clock("to_host"):
+        return layer, {k: v.to("cpu") for k, v in outs.items()}
 
 
 def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:
@@ -313,6 +359,7 @@ def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules
             "seconds": round(elapsed, 3),
             "bytes_read": nbytes,
             "resumed_tensors": resumed,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(backend.device) if backend.device.type == "cuda" else None,
         },
         "layers": layers,
     }

@@ -34,6 +34,14 @@ class Backend:
         lam, vecs = self.eigh(g)
         return lam, lam[lo:hi], vecs[:, lo:hi]
 
+    def warmup(self) -> None:
+        """Run each solver once on this thread: torch loads its CUDA linear-algebra libraries
+        lazily, and that first load is not safe from several threads at once."""
+        x = torch.eye(2, dtype=torch.float64, device=self.device)
+        self.eigh(x)
+        self.svd(x)
+        self.synchronize()
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
