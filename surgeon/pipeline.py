@@ -10,7 +10,6 @@ solving and writing overlap and host memory stays at a few tensors.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 from collections import deque
@@ -129,7 +128,9 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     base_w = ShardSetWriter(work.path, plan_shards(base_plan, shard_bytes))
     fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
     spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")]) if opts.spectra else None
-    writers = [w for w in (base_w, fac_w, spec_w) if w is not None]
+    # the untrained factors once more, kept beside the trainable copy for absorb and export
+    init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")]) if method.lora_shaped else None
+    writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
 
     todo = [n for n in ckpt.tensors if n not in work.journal.done]
     total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
@@ -179,6 +180,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         for fname, f in outs.items():
             key = lora_key(target.module, fname) if method.lora_shaped else f"{target.module}.{fname}"
             outputs.append((fac_w, key, f))
+            if init_w is not None:
+                outputs.append((init_w, key, f))
         return record, outputs
 
     # CPU: several solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales
@@ -197,7 +200,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         with clock("wait_solve"):
             record, outputs = fut.result()
         with clock("wait_write"):
-            while len(pending) >= 2:
+            while len(pending) >= 4:
                 pending.pop(0).result()
         pending.append(pool.submit(_write_all, outputs, clock))
         work.journal.add(record)
@@ -249,7 +252,6 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             work.path / ADAPTER_CONFIG,
             adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed, use_rslora=cfg.use_rslora),
         )
-        shutil.copyfile(work.path / ADAPTER_WEIGHTS, work.path / INIT_FACTORS)
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
     work.finish()
@@ -282,7 +284,24 @@ class StageClock:
 def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]], clock) -> None:
     with clock("writer_busy"):
         for writer, name, t in outputs:
+            if isinstance(t, HostCopy):
+                t = t.wait()
             writer.write(name, t)
+
+
+class HostCopy:
+    """A device tensor being copied into page-locked host memory on the current CUDA stream; the
+    solver thread goes on at once and the writer thread waits for the copy."""
+
+    def __init__(self, t: torch.Tensor):
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # torch caches pinned blocks
+        self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> torch.Tensor:
+        self.event.synchronize()
+        return self.host
 
 
 def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, backend, opts: SplitOptions, out_dtype: str, clock):
@@ -319,10 +338,12 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     if opts.spectra:
         outs["__spectrum__"] = trip.spectrum
     outs.update(res.factors)
-    # to the host on this thread's stream (synchronously), so the writer thread never reads a
-    # device tensor that another stream is still computing
+    # to the host in the order of this thread's stream, so the writer never reads a tensor that
+    # is still being computed
     with clock("to_host"):
-        return layer, {k: v.to("cpu") for k, v in outs.items()}
+        if w64.is_cuda:
+            return layer, {k: HostCopy(v) for k, v in outs.items()}
+        return layer, outs
 
 
 def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:
