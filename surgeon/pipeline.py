@@ -57,7 +57,7 @@ class SplitOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     prefetch: int = 2
-    workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2
+    workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2 on CPU, 1 on CUDA
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
     commit_seconds: float = 30.0  # how often finished tensors are fsynced and journaled (resume points)
 
@@ -184,12 +184,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
                 outputs.append((init_w, key, f))
         return record, outputs
 
-    # CPU: several solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales
-    # poorly over threads).
-    # CUDA: two workers, each on its own stream, so one matrix's eigensolver (memory-bound
-    # tridiagonal reduction) overlaps the other's transfers and products; two eigensolvers at once
-    # run no faster (bench/RESULTS.md).
-    workers = opts.workers or 2
+    # CPU: two solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales poorly
+    # over threads). CUDA: one, on its own stream; transfers are asynchronous. Two eigensolvers at
+    # once on one GPU run no faster in total (bench/RESULTS.md), so a second worker only adds contention.
+    workers = opts.workers or (2 if backend.device.type == "cpu" else 1)
     threads = torch.get_num_threads()
     if workers > 1 and backend.device.type == "cpu":
         torch.set_num_threads(max(1, threads // workers))

@@ -60,7 +60,7 @@ def split(
     solver: Annotated[str, typer.Option("--solver", help="auto (float64 Gram-eigh, checked, float64 SVD fallback), gram-eigh or svd.")] = "auto",
     tol: Annotated[float, typer.Option("--tol", help="Accepted subspace error bound before falling back to a float64 SVD.")] = 1e-6,
     shard_size: ShardSize = "5GB",
-    workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2 on CPU, 1 on CUDA.")] = 0,
     no_spectra: Annotated[bool, typer.Option("--no-spectra", help="Skip storing every singular value (surgeon.spectra.safetensors).")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a single .safetensors file.")] = None,
