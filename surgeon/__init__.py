@@ -1,7 +1,8 @@
 """surgeon: model surgery for fine-tuning.
 
-    from surgeon import split, absorb, export_lora
+    from surgeon import split, absorb, export_lora, push
     split("path/to/model", "out", SplitOptions(method="milora", rank=64))
+    push("out", "org/name", private=True)
 """
 
 __version__ = "0.1.0"
@@ -25,4 +26,11 @@ def export_lora(split_dir, out, overwrite=False):
     return _export(split_dir, out, overwrite=overwrite)
 
 
-__all__ = ["__version__", "absorb", "export_lora", "split"]
+def push(folder, repo_id, private=False, revision=None, commit_message=None, token=None):
+    """Check an output folder and upload it to the Hub in one commit (see surgeon.hub)."""
+    from surgeon.hub import push as _push
+
+    return _push(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
+
+
+__all__ = ["__version__", "absorb", "export_lora", "push", "split"]

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from surgeon import __version__
+from surgeon.card import build_card
 from surgeon.errors import SplitDirError, UsageError
 from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, write_adapter
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
@@ -147,8 +148,8 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     writer.write_index()
     skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, "README.md"}
     side = [p for p in sd.path.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
-    if base == "original":  # the source's config carries the original dtype
-        side = [p for p in side if p.name != "config.json"] + [p for p in resolve_side(sd) if p.name == "config.json"]
+    if base == "original" and resolve_side(sd):  # the source's config carries the original dtype
+        side = [p for p in side if p.name != "config.json"] + resolve_side(sd)
     copy_side_files(side, work.path, skip)
     manifest = {
         "surgeon_version": __version__,
@@ -162,6 +163,7 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
         "source": sd.manifest["source"],
     }
     write_json(work.path / MANIFEST, manifest)
+    build_card(manifest).save(work.path / "README.md")
     work.finish()
     reporter.close()
     return manifest

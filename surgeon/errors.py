@@ -43,3 +43,15 @@ class NumericsError(SurgeonError):
 
 class SplitDirError(SurgeonError):
     """A folder given to absorb/export is not a complete surgeon split."""
+
+
+class HubError(SurgeonError):
+    """Talking to the Hugging Face Hub failed (network, refused request)."""
+
+
+class HubAuthError(HubError):
+    """No Hugging Face token was found, or the Hub refused it."""
+
+
+class NotHubReadyError(HubError):
+    """A folder fails the checks that come before an upload; the message lists every problem."""

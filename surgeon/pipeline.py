@@ -361,7 +361,7 @@ def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules
         "peft_adapter": method.lora_shaped,
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
-        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint()},
+        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint(), **src.card_metadata()},
         "target": list(opts.target),
         "target_modules": target_modules,
         "transposed": any(t.transposed for t in targets.values()),

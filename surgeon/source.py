@@ -43,9 +43,36 @@ class Source:
         except json.JSONDecodeError as e:
             raise SourceError(f"{self.config_file}: not valid JSON ({e}).") from e
 
+    def card_metadata(self) -> dict:
+        """License fields of the source's model card (README.md front matter), carried to the output card."""
+        return read_card_license(self.root / "README.md")
+
     def fingerprint(self) -> list[dict]:
         """Size and modification time of each weight file: absorb checks the source is unchanged."""
-        return [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in self.weights]
+        # absolute(), not resolve(): a Hub snapshot's files are links into the cache's blobs, and
+        # the snapshot folder (with its config.json) is what absorb needs to find again
+        return [{"path": str(p.absolute()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in self.weights]
+
+
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def read_card_license(readme: Path) -> dict:
+    """{"license": ..., "license_name": ..., "license_link": ...} from a model card; {} when unknown.
+
+    The Hub's card metadata (https://huggingface.co/docs/hub/model-cards): `license` is an SPDX-like id,
+    or "other" with `license_name` and `license_link`. A damaged card is not fatal: the license is
+    then unknown, and `surgeon push` says so.
+    """
+    if not readme.is_file():
+        return {}
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        meta = metadata_load(readme) or {}
+    except Exception:  # yaml.YAMLError, ValueError (non-dict block), UnicodeDecodeError
+        return {}
+    return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta.get(k), (str, list)) and meta[k]}
 
 
 def _weights_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:

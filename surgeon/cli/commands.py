@@ -1,7 +1,8 @@
-"""The core commands: split, absorb, export, spectra.
+"""The core commands: split, absorb, export, spectra, push.
 
-    surgeon split --method milora MODEL --rank 64 --out split-dir
-    surgeon absorb split-dir --out merged-dir
+    surgeon split --method milora MODEL --rank 64 --out split-dir [--push-to-hub org/name]
+    surgeon absorb split-dir --out merged-dir [--push-to-hub org/name]
+    surgeon push split-dir org/name [--private] [--revision BRANCH] [--commit-message MSG]
     surgeon export split-dir --to lora --out lora-dir
     surgeon spectra split-dir --out spectra.png
 """
@@ -30,6 +31,8 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existin
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON on stdout.")]
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 5GB, 500MB.")]
+PushToHub = Annotated[str | None, typer.Option("--push-to-hub", help="Then upload the output folder to this Hub model repo (org/name), as `surgeon push` does.")]
+Private = Annotated[bool, typer.Option("--private", help="Create the Hub repo private (an existing public repo is refused).")]
 
 
 def _version(value: bool):
@@ -66,6 +69,8 @@ def split(
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a single .safetensors file.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (loaded with weights_only=True).")] = False,
     overwrite: Overwrite = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
@@ -79,9 +84,15 @@ def split(
         config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
     )
     with errors_to_exit():
+        if push_to_hub:
+            from surgeon.hub import preflight
+
+            preflight()  # token and not offline: before hours of work, not after
         manifest = do_split(model, out, opts, reporter(f"split {method}", quiet))
     if not quiet:
         _summary(manifest, out)
+    if push_to_hub:
+        _push(out, push_to_hub, private, None, None, quiet)
     if json_out:
         print_json({k: manifest[k] for k in ("method", "rank", "alpha", "target_modules", "summary")} | {"out": str(out)})
 
@@ -105,6 +116,8 @@ def absorb(
     base: Annotated[str, typer.Option("--base", help="auto: the original weights when still present and unchanged, else the residual; or original / residual.")] = "auto",
     shard_size: ShardSize = "5GB",
     overwrite: Overwrite = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
@@ -113,9 +126,15 @@ def absorb(
     from surgeon.absorb import absorb as do_absorb
 
     with errors_to_exit():
+        if push_to_hub:
+            from surgeon.hub import preflight
+
+            preflight()
         m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite), reporter("absorb", quiet))
     if not quiet:
         err_console().print(f"absorbed {m['layers']} layers into the {m['base']} weights ({m['layers_changed']} changed) → {out}")
+    if push_to_hub:
+        _push(out, push_to_hub, private, None, None, quiet)
     if json_out:
         print_json(m)
 
@@ -150,3 +169,44 @@ def spectra(
     with errors_to_exit():
         n = plot_spectra(split_dir, out, layers)
     err_console().print(f"plotted {n} spectra → {out}")
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A folder written by surgeon split, train or absorb.")],
+    repo_id: Annotated[str | None, typer.Argument(help="Hub model repo, org/name (created if it does not exist).")] = None,
+    private: Private = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to (created from main if missing). Default: main.")] = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit summary. Default: what surgeon did, from surgeon.json.")] = None,
+    regenerate_card: Annotated[bool, typer.Option("--regenerate-card", help="First rewrite README.md from surgeon.json (fixes a missing or outdated card).")] = False,
+    check_only: Annotated[bool, typer.Option("--check", help="Only check the folder; upload nothing.")] = False,
+    quiet: Quiet = False,
+):
+    """Check an output folder (shards, config, model card) and upload it to the Hub in one commit."""
+    from surgeon.errors import UsageError
+    from surgeon.hub import validate, write_card
+
+    with errors_to_exit():
+        if repo_id is None and not check_only:
+            raise UsageError("give the Hub repo to push to (surgeon push FOLDER org/name), or --check to only check the folder.")
+        if regenerate_card:
+            write_card(folder)
+        if check_only:
+            chk = validate(folder)
+            for w in chk.warnings:
+                err_console().print(f"[yellow]warning:[/] {w}")
+            err_console().print(f"{folder} is ready for the Hub: {len(chk.files)} files.")
+            return
+    _push(folder, repo_id, private, revision, commit_message, quiet)
+
+
+def _push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, quiet: bool) -> None:
+    from surgeon.hub import push as do_push
+
+    with errors_to_exit():
+        r = do_push(folder, repo_id, private=private, revision=revision, commit_message=message)
+    if not quiet:
+        for w in r.warnings:
+            err_console().print(f"[yellow]warning:[/] {w}")
+        vis = "private" if r.private else "public"
+        err_console().print(f"pushed {len(r.files)} files ({r.nbytes / 1e6:.1f} MB) to {r.url} ({vis}, {r.revision}); commit {r.commit_url}")

@@ -1,0 +1,359 @@
+"""Publish an output folder on the Hugging Face Hub: check it, then upload it in one commit.
+
+    surgeon push OUT org/name [--private] [--revision BRANCH] [--commit-message MSG]
+    surgeon split MODEL --out OUT --push-to-hub org/name          (also on absorb)
+
+    from surgeon.hub import preflight, push                        # what `surgeon train` calls:
+    preflight()                                                    # before the work: token, not offline
+    push("out", "org/name", private=True)                          # after it
+
+`check_folder` lists every problem at once (a shard named by the index missing or with a damaged
+header, no config.json, no model card or a card whose metadata does not match surgeon.json) and
+`push` refuses to upload while any remains. Nothing in the folder is ever written.
+
+The upload follows the `hf upload` command of huggingface_hub 2.4 (cli/upload.py): create_repo with
+exist_ok, create the branch when --revision names one that does not exist yet, then commit. It uses
+`create_commit` with one CommitOperationAdd per file rather than `upload_folder`: a surgeon folder is
+a few dozen files at most (shards of ≤ 5 GB), far under create_commit's limits (25k LFS files, 1 GB of
+regular files), and one commit makes the upload atomic, keeps the commit message exact (upload_folder's
+xet pipeline may split a folder into several " (part N)" commits) and lets two files be sent naming
+the repo while the local copies stay as they are (hub_copy: the card's load snippet, and the split
+adapter's base_model_name_or_path, which transformers follows). Large files
+still go the way the library chooses: through xet when hf_xet is installed (the default), else the
+LFS batch API. A failed upload is retried by running the same command: create_commit asks the Hub
+which files and LFS objects it already has (preupload, LFS batch, xet dedup) and sends only the rest.
+
+The token comes from huggingface_hub.get_token(): HF_TOKEN, then the stored `hf auth login` token.
+The endpoint is HF_ENDPOINT, as for every huggingface_hub call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgeon.card import for_repo
+from surgeon.errors import CorruptCheckpointError, HubAuthError, HubError, NotHubReadyError, SourceError
+from surgeon.io.reader import read_header
+
+MANIFEST = "surgeon.json"
+CARD = "README.md"
+INDEX = "model.safetensors.index.json"
+# HfApi.upload_file's docstring in huggingface_hub 2.4: "Upload a local file (up to 50 GB)".
+HUB_MAX_FILE = 50 * 10**9
+
+
+@dataclass
+class FolderCheck:
+    folder: Path
+    files: list[str] = field(default_factory=list)  # what would be uploaded, relative POSIX paths
+    problems: list[str] = field(default_factory=list)  # any one blocks the upload
+    warnings: list[str] = field(default_factory=list)  # worth knowing, not blocking
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    url: str  # the repo's page
+    commit_url: str
+    commit_oid: str
+    revision: str
+    private: bool | None
+    files: list[str]
+    nbytes: int
+    warnings: list[str]
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under `folder` except hidden ones (.git, .cache, editor droppings)."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out.append(rel.as_posix())
+    return out
+
+
+def _json(path: Path, problems: list[str]) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{path.name} is not valid JSON ({e}).")
+        return None
+
+
+def _check_weights(folder: Path, files: list[str], problems: list[str]) -> None:
+    parsed: dict[str, set[str]] = {}
+
+    def header(name: str) -> set[str] | None:
+        if name not in parsed:
+            try:
+                parsed[name] = set(read_header(folder / name)[0])
+            except (CorruptCheckpointError, SourceError) as e:
+                problems.append(str(e))
+                parsed[name] = None  # type: ignore[assignment]
+        return parsed[name]
+
+    index = folder / INDEX
+    if index.exists():
+        idx = _json(index, problems)
+        wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+        if idx is not None and not isinstance(wmap, dict):
+            problems.append(f"{INDEX} has no weight_map.")
+        for shard in sorted(set((wmap or {}).values())):
+            if not (folder / shard).is_file():
+                problems.append(f"{INDEX} lists shard {shard}, which is missing; re-run the command that wrote the folder.")
+                continue
+            names = header(shard)
+            if names is not None:
+                lost = sorted(t for t, s in wmap.items() if s == shard and t not in names)
+                if lost:
+                    problems.append(f"{INDEX} maps {len(lost)} tensors to {shard}, which does not hold them (first: {lost[0]}).")
+    elif not (folder / "model.safetensors").is_file():
+        problems.append(f"no weights: neither model.safetensors nor {INDEX}.")
+    for f in files:  # every other safetensors file too: adapter, factors, spectra, single-file weights
+        if f.endswith(".safetensors"):
+            header(f)
+
+
+def _check_card(folder: Path, manifest: dict, problems: list[str], warnings: list[str]) -> None:
+    from huggingface_hub.repocard import metadata_load
+
+    fix = "rewrite it from surgeon.json with `surgeon push --regenerate-card` (or fix it by hand)"
+    card = folder / CARD
+    if not card.is_file():
+        problems.append(f"no model card ({CARD}); {fix}.")
+        return
+    try:
+        meta = metadata_load(card)
+    except Exception as e:  # yaml errors, a non-dict block, bad encoding
+        problems.append(f"{CARD}'s metadata block does not parse ({e}); {fix}.")
+        return
+    if not meta:
+        problems.append(f"{CARD} has no metadata block (--- ... --- at the top); {fix}.")
+        return
+    src = manifest.get("source") or {}
+    want = src.get("hub_id")
+    have = meta.get("base_model")
+    if want and have != want and not (isinstance(have, list) and want in have):
+        problems.append(f"{CARD}: base_model is {have!r}, but the source was {want!r}; {fix}.")
+    elif not want and not have:
+        warnings.append(
+            f"{CARD} names no base_model: the source was a local folder ({src.get('model')}), so the Hub will not "
+            "link this model to its base. Split from the Hub id (org/name) to record it."
+        )
+    if not meta.get("library_name"):
+        problems.append(f"{CARD}: no library_name (transformers or peft); {fix}.")
+    method = manifest.get("method")
+    tags = meta.get("tags") or []
+    if method and method not in tags:
+        problems.append(f"{CARD}: tags {tags} lack the method {method!r}; {fix}.")
+    lic = src.get("license")
+    if lic and meta.get("license") != lic:
+        problems.append(f"{CARD}: license is {meta.get('license')!r}, but the source card says {lic!r}; {fix}.")
+    if not meta.get("license"):
+        warnings.append(f"{CARD} states no license (the source card had none); add `license:` to its metadata if you know it.")
+    elif meta.get("license") == "other" and not meta.get("license_name"):
+        problems.append(f"{CARD}: license 'other' needs license_name and license_link (Hub card spec).")
+
+
+def check_folder(folder: Path) -> FolderCheck:
+    """Everything that would make an upload useless or rejected, as one list. Reads only."""
+    folder = Path(folder)
+    chk = FolderCheck(folder)
+    if not folder.is_dir():
+        chk.problems.append(f"{folder} is not a folder.")
+        return chk
+    chk.files = _files(folder)
+    p = chk.problems
+    for marker in ("plan.json", "journal.jsonl"):
+        if (folder / marker).exists():
+            p.append(f"{marker} is present: {folder} is an interrupted run; repeat the command that wrote it to finish.")
+    if (folder / MANIFEST).is_file():
+        chk.manifest = _json(folder / MANIFEST, p) or {}
+    else:
+        p.append(f"no {MANIFEST}: {folder} was not written by surgeon (split, train or absorb).")
+    if not (folder / "config.json").is_file():
+        p.append("no config.json: transformers cannot load the folder; copy the source model's config.json into it.")
+    else:
+        _json(folder / "config.json", p)
+    _check_weights(folder, chk.files, p)
+    m = chk.manifest
+    if m.get("operation") == "split":
+        need = ["adapter_config.json", "adapter_model.safetensors"] if m.get("peft_adapter") else ["surgeon.factors.safetensors"]
+        p.extend(f"no {n}: the split's trainable factors are missing; re-run the split." for n in need if not (folder / n).is_file())
+    for f in chk.files:
+        size = (folder / f).stat().st_size
+        if size > HUB_MAX_FILE:
+            p.append(f"{f} is {size / 1e9:.1f} GB; the Hub takes files up to 50 GB: re-run with --shard-size 5GB.")
+    if m:
+        _check_card(folder, m, p, chk.warnings)
+    return chk
+
+
+def validate(folder: Path) -> FolderCheck:
+    """check_folder, raising NotHubReadyError with every problem when there is any."""
+    chk = check_folder(folder)
+    if chk.problems:
+        lines = "\n".join(f"  - {x}" for x in chk.problems)
+        raise NotHubReadyError(f"{folder} is not ready for the Hub ({len(chk.problems)} problems):\n{lines}")
+    return chk
+
+
+def write_card(folder: Path) -> Path:
+    """(Re)write README.md from surgeon.json: the explicit fix for a missing or outdated card."""
+    from surgeon.card import build_card
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NotHubReadyError(f"cannot build a card for {folder}: {MANIFEST} is missing or invalid ({e}).") from e
+    build_card(manifest).save(folder / CARD)
+    return folder / CARD
+
+
+def require_token(token: str | None = None) -> str:
+    """The token to upload with: `token`, else HF_TOKEN, else the stored `hf auth login` token."""
+    from huggingface_hub import get_token
+
+    tok = token or get_token()
+    if not tok:
+        raise HubAuthError(
+            "no Hugging Face token found: set HF_TOKEN=hf_... or run `hf auth login` "
+            "(a token with write access, from https://huggingface.co/settings/tokens)."
+        )
+    return tok
+
+
+def preflight(token: str | None = None) -> str:
+    """What a push needs before any work starts (call it before a long split or training): the Hub
+    reachable in principle (HF_HUB_OFFLINE unset) and a token. Returns the token."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (or push later with `surgeon push DIR REPO`).")
+    return require_token(token)
+
+
+def default_message(manifest: dict) -> str:
+    src = (manifest.get("source") or {}).get("hub_id") or (manifest.get("source") or {}).get("model") or "a local model"
+    op, method = manifest.get("operation", "output"), manifest.get("method", "?")
+    if op == "split":
+        return f"surgeon split: {method} rank {manifest.get('rank')} of {src}"
+    if op == "absorb":
+        return f"surgeon absorb: {method} split of {src}, merged"
+    return f"surgeon {op}: {method} of {src}"
+
+
+def push(
+    folder: Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> PushResult:
+    """Check `folder`, then upload it to the model repo `repo_id` (created if needed) in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
+    folder = Path(folder)
+    chk = validate(folder)
+    tok = preflight(token)
+    api = HfApi(token=tok)
+    branch = revision or "main"
+    step = "creating the repo"
+    try:
+        repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model").repo_id
+        step = "reading the repo"
+        if branch != "main":
+            try:
+                api.repo_info(repo_id, revision=branch)
+            except RevisionNotFoundError:
+                step = f"creating branch {branch!r}"
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+        info = api.repo_info(repo_id)
+        if private and info.private is False:
+            raise HubError(
+                f"{repo_id} exists and is public; --private does not change an existing repo. Make it private first "
+                f"(`hf repos settings {repo_id} --private`) or push without --private."
+            )
+        ops = []
+        for f in chk.files:
+            data = hub_copy(folder, f, repo_id)
+            ops.append(CommitOperationAdd(path_in_repo=f, path_or_fileobj=data if data is not None else str(folder / f)))
+        step = "uploading"
+        commit = api.create_commit(
+            repo_id,
+            ops,
+            commit_message=commit_message or default_message(chk.manifest),
+            revision=branch,
+            repo_type="model",
+        )
+    except HfHubHTTPError as e:
+        code = e.response.status_code if e.response is not None else None
+        if code in (401, 403):
+            raise HubAuthError(
+                f"the Hub refused the token while {step} for {repo_id} (HTTP {code}): use a token with write access to "
+                "that namespace (HF_TOKEN or `hf auth login`)."
+            ) from e
+        raise HubError(_failed(folder, repo_id, step, e)) from e
+    except HubError:
+        raise
+    except Exception as e:
+        # ValueError: create_commit's README.md metadata check or a malformed answer; RuntimeError: an LFS
+        # upload that failed after the library's retries; OSError / httpx errors: the network.
+        if isinstance(e, (ValueError, RuntimeError, OSError)) or _is_network_error(e):
+            raise HubError(_failed(folder, repo_id, step, e)) from e
+        raise
+    return PushResult(
+        repo_id=repo_id,
+        url=f"{api.endpoint}/{repo_id}",
+        commit_url=commit.commit_url,
+        commit_oid=commit.oid,
+        revision=branch,
+        private=info.private,
+        files=chk.files,
+        nbytes=sum((folder / f).stat().st_size for f in chk.files),
+        warnings=chk.warnings,
+    )
+
+
+def hub_copy(folder: Path, name: str, repo_id: str) -> bytes | None:
+    """The bytes to upload instead of the local file, for the two files that must name the repo; else None.
+
+    README.md: the load snippet's `repo = "..."` line (card.for_repo). adapter_config.json of a split:
+    its LoRA sits on the residual in the same repo, and transformers' from_pretrained(repo_id), on
+    finding adapter_config.json in a Hub repo, loads the base named by base_model_name_or_path
+    (transformers/models/auto/auto_factory.py), so a null there (what split writes: the Hub id is not
+    known yet) must become the repo itself. An adapter that names another base is sent as it is.
+    """
+    path = folder / name
+    if name == CARD:
+        return for_repo(path.read_text(encoding="utf-8"), repo_id).encode("utf-8")
+    if name == "adapter_config.json" and (folder / MANIFEST).is_file():
+        conf = json.loads(path.read_text())
+        if conf.get("base_model_name_or_path") in (None, "", "."):
+            conf["base_model_name_or_path"] = repo_id
+            return (json.dumps(conf, indent=2) + "\n").encode()
+    return None
+
+
+def _is_network_error(e: Exception) -> bool:
+    """httpx's (huggingface_hub >= 1.0: httpx2 in 2.x) transport errors, without importing either."""
+    return any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") for c in type(e).__mro__)
+
+
+def _failed(folder: Path, repo_id: str, step: str, e: Exception) -> str:
+    cause = f"{type(e).__name__}: {e}".strip()
+    return (
+        f"push to {repo_id} failed while {step} ({cause}). {folder} was not changed; run the same command again "
+        "to finish: files the Hub already holds are not sent twice."
+    )
