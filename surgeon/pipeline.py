@@ -9,6 +9,7 @@ solving and writing overlap and host memory stays at a few tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections import deque
@@ -58,6 +59,9 @@ class SplitOptions:
     prefetch: int = 2
     workers: int = 0  # concurrent solves; 0 = 2 on CPU, 1 on GPU
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
+    seed: int = 0  # methods with random initial factors (KaSA): per-layer seeds derive from it
+    kasa_beta: float = 1e-4  # KaSA's regulariser weights, recorded for the runtime (PEFT's defaults)
+    kasa_gamma: float = 1e-3
 
 
 def parse_size(text: str) -> int:
@@ -83,7 +87,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora)
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora, seed=opts.seed, kasa_beta=opts.kasa_beta, kasa_gamma=opts.kasa_gamma)
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -114,6 +118,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "rank": opts.rank,
         "alpha": alpha,
         "use_rslora": opts.use_rslora,
+        "method_config": method_config(cfg),
         "targets": sorted(targets),
         "dtype": new_dtype,
         "solver": opts.solver,
@@ -214,12 +219,17 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             work.path / ADAPTER_CONFIG,
             adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed, use_rslora=cfg.use_rslora),
         )
-        shutil.copyfile(work.path / ADAPTER_WEIGHTS, work.path / INIT_FACTORS)
+    shutil.copyfile(fac_w.files[0], work.path / INIT_FACTORS)  # the untrained factors, for absorb --base original
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
     work.finish()
     reporter.close()
     return manifest
+
+
+def method_config(cfg: MethodConfig) -> dict:
+    """The persisted MethodConfig (everything but the per-layer `module`); SplitDir reads it back."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "module"}
 
 
 def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]]) -> None:
@@ -232,7 +242,7 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     w64 = stored.to(backend.device, non_blocking=True).double()
     w64 = w64.mT if target.transposed else w64  # (out, in)
     trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra)
-    res = method.split(w64, trip, cfg)
+    res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
     residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
     # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
     # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
@@ -276,6 +286,8 @@ def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules
         "alpha": cfg.alpha,
         "scale": cfg.scale,
         "use_rslora": cfg.use_rslora,
+        "method_config": method_config(cfg),
+        **({"method_details": method.describe(cfg)} if method.describe(cfg) else {}),
         "peft_adapter": method.lora_shaped,
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
