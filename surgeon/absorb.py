@@ -8,14 +8,20 @@ absorb, per targeted weight, with s the LoRA scaling and B₀A₀ the factors as
     unchanged): W' = W + s·(B'A' − B₀A₀). Untrained factors give back W bit for bit (the
     change is skipped when the factors are identical, and the original tensor is copied).
   * base "residual": W' = W_res + s·B'A', what PEFT's merge_and_unload computes.
+For a method whose residual drops part of W on purpose (`Method.truncates`, KaSA: the r minor
+components) "auto" means "residual": W' = W_world + ΔW', the model that was trained (the runtime
+forward); "original" must be asked for and re-adds the dropped part: W' = W + ΔW' (ΔW₀ = 0).
 The output has the source's tensor names and dtypes, streamed tensor by tensor.
 
 export: the PiSSA→LoRA conversion from PEFT's docs: ΔW = s(B'A' − B₀A₀) = s'·[B' | B₀][A' ; −A₀],
-a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s.
+a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s. A method that
+is not LoRA-shaped but has a LoRA form (`Method.lora_form`, KaSA: B diag(d), A) exports instead
+a rank-r LoRA on its RESIDUAL, i.e. on the split folder itself as the base model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,7 +78,9 @@ class SplitDir:
         if self.lora and ac.exists():  # a trainer may have saved its own config
             c = json.loads(ac.read_text())
             r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
-        return MethodConfig(int(r), float(alpha), bool(rs))
+        known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
+        extra = {k: v for k, v in self.manifest.get("method_config", {}).items() if k in known}
+        return MethodConfig(int(r), float(alpha), bool(rs), **extra)
 
     def factor_key(self, module: str, fname: str) -> str:
         return lora_key(module, fname) if self.lora else f"{module}.{fname}"
@@ -100,7 +108,7 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     if opts.base not in ("auto", "original", "residual"):
         raise UsageError(f"--base {opts.base!r}: choose auto, original or residual.")
     have_source = sd.source_available()
-    base = opts.base if opts.base != "auto" else ("original" if have_source else "residual")
+    base = opts.base if opts.base != "auto" else ("original" if have_source and not sd.method.truncates else "residual")
     if base == "original" and not have_source:
         raise UsageError(
             f"--base original: the source weights recorded in {MANIFEST} are missing or changed; use --base residual "
@@ -184,7 +192,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     """A rank-2r PEFT LoRA for the original model: [B' | B₀] [A' ; −A₀], lora_alpha doubled."""
     sd = SplitDir(split_dir)
     if not sd.lora:
-        raise UsageError(f"method {sd.method.name} has no LoRA form; export --to lora needs a LoRA-shaped split.")
+        return _export_residual_lora(sd, out, overwrite)
     if not sd.init_file.exists():
         raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors) needed for the conversion.")
     cfg = sd.cfg
@@ -207,6 +215,32 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
+    )
+    write_adapter(work.path, conf, tensors)
+    work.finish()
+    return conf
+
+
+def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
+    """A rank-r PEFT LoRA on the split's residual (`Method.lora_form`), same r and alpha; its base
+    model is the split folder itself."""
+    with safe_open(sd.factors_file, "pt") as cur:
+        first = next(iter(sd.manifest["layers"]))
+        if sd.method.lora_form(sd.factors(cur, first), sd.cfg) is None:
+            raise UsageError(f"method {sd.method.name} has no LoRA form; export --to lora needs a LoRA-shaped split.")
+        work = WorkDir(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual"}, overwrite)
+        tensors = {}
+        for module in sd.manifest["layers"]:
+            f = sd.method.lora_form(sd.factors(cur, module), sd.cfg)
+            tensors[lora_key(module, "lora_A")] = f["lora_A"]  # (r, in)
+            tensors[lora_key(module, "lora_B")] = f["lora_B"]  # (out, r)
+    conf = adapter_config(
+        r=sd.cfg.rank,
+        alpha=sd.cfg.alpha,
+        target_modules=sd.manifest["target_modules"],
+        fan_in_fan_out=sd.manifest.get("transposed", False),
+        use_rslora=sd.cfg.use_rslora,
+        base_model=str(sd.path.resolve()),
     )
     write_adapter(work.path, conf, tensors)
     work.finish()

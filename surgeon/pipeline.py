@@ -10,6 +10,7 @@ solving and writing overlap and host memory stays at a few tensors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -60,6 +61,9 @@ class SplitOptions:
     workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2 on CPU, 1 on CUDA
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
     commit_seconds: float = 30.0  # how often finished tensors are fsynced and journaled (resume points)
+    seed: int = 0  # methods with random initial factors (KaSA): per-layer seeds derive from it
+    kasa_beta: float = 1e-4  # KaSA's regulariser weights, recorded for the runtime (PEFT's defaults)
+    kasa_gamma: float = 1e-3
 
 
 def parse_size(text: str) -> int:
@@ -85,7 +89,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora)
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora, seed=opts.seed, kasa_beta=opts.kasa_beta, kasa_gamma=opts.kasa_gamma)
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -116,6 +120,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "rank": opts.rank,
         "alpha": alpha,
         "use_rslora": opts.use_rslora,
+        "method_config": method_config(cfg),
         "targets": sorted(targets),
         "dtype": new_dtype,
         "solver": opts.solver,
@@ -129,7 +134,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
     spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")]) if opts.spectra else None
     # the untrained factors once more, kept beside the trainable copy for absorb and export
-    init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")]) if method.lora_shaped else None
+    init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")])
     writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
 
     todo = [n for n in ckpt.tensors if n not in work.journal.done]
@@ -180,8 +185,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         for fname, f in outs.items():
             key = lora_key(target.module, fname) if method.lora_shaped else f"{target.module}.{fname}"
             outputs.append((fac_w, key, f))
-            if init_w is not None:
-                outputs.append((init_w, key, f))
+            outputs.append((init_w, key, f))
         return record, outputs
 
     # CPU: two solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales poorly
@@ -279,6 +283,12 @@ class StageClock:
         return {k: round(v, 3) for k, v in sorted(self._t.items())}
 
 
+def method_config(cfg: MethodConfig) -> dict:
+    """The persisted MethodConfig (everything but the per-layer `module`); SplitDir reads it back."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "module"}
+
+
+
 def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]], clock) -> None:
     with clock("writer_busy"):
         for writer, name, t in outputs:
@@ -309,7 +319,7 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     with clock("decompose"):
         trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra)
     with clock("method"):
-        res = method.split(w64, trip, cfg)
+        res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
         residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
     # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
     # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
@@ -358,6 +368,8 @@ def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules
         "alpha": cfg.alpha,
         "scale": cfg.scale,
         "use_rslora": cfg.use_rslora,
+        "method_config": method_config(cfg),
+        **({"method_details": method.describe(cfg)} if method.describe(cfg) else {}),
         "peft_adapter": method.lora_shaped,
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",

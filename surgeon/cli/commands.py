@@ -4,6 +4,7 @@
     surgeon absorb split-dir --out merged-dir [--push-to-hub org/name]
     surgeon push split-dir org/name [--private] [--revision BRANCH] [--commit-message MSG]
     surgeon export split-dir --to lora --out lora-dir
+    surgeon export kasa-split-dir --to kasa --out kasa-dir
     surgeon spectra split-dir --out spectra.png
 """
 
@@ -52,7 +53,7 @@ def _root(
 def split(
     model: Annotated[str, typer.Argument(help="Local folder, a .safetensors file (with --config), or a Hub id org/name (org/name@revision pins a revision).")],
     out: Out,
-    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components) or pissa (the principal r).")] = "milora",
+    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components), pissa (the principal r) or kasa (drop the minor r, train a gated rank-r update).")] = "milora",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Number of singular components that become trainable factors.")] = 64,
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha; scaling is alpha/rank as in PEFT. Default: rank (scaling 1).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="rsLoRA scaling alpha/sqrt(rank).")] = False,
@@ -68,6 +69,9 @@ def split(
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a single .safetensors file.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (loaded with weights_only=True).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of random initial factors (KaSA); each layer's seed derives from it and the module name.")] = 0,
+    kasa_beta: Annotated[float, typer.Option("--kasa-beta", help="KaSA: weight of the singular-value penalty sum(d^2) in the training loss.")] = 1e-4,
+    kasa_gamma: Annotated[float, typer.Option("--kasa-gamma", help="KaSA: weight of the orthogonality penalty ||B^T B - I||_F + ||A A^T - I||_F.")] = 1e-3,
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
     private: Private = False,
@@ -82,6 +86,7 @@ def split(
         method=method, rank=rank, alpha=alpha, use_rslora=rslora, target=target or ["all-linear"], dtype=dtype,
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
         config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
+        seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma,
     )
     with errors_to_exit():
         if push_to_hub:
@@ -113,7 +118,7 @@ def _summary(m: dict, out: Path) -> None:
 def absorb(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (trained or not).")],
     out: Out,
-    base: Annotated[str, typer.Option("--base", help="auto: the original weights when still present and unchanged, else the residual; or original / residual.")] = "auto",
+    base: Annotated[str, typer.Option("--base", help="auto: the original weights when still present and unchanged, else the residual (KaSA: always the truncated residual); or original / residual. KaSA with original re-adds the truncated components.")] = "auto",
     shard_size: ShardSize = "5GB",
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
@@ -143,18 +148,20 @@ def absorb(
 def export(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split`.")],
     out: Out,
-    to: Annotated[str, typer.Option("--to", help="Export format: lora (a rank-2r PEFT LoRA for the ORIGINAL base model).")] = "lora",
+    to: Annotated[str, typer.Option("--to", help="lora: a PEFT LoRA (rank 2r for the ORIGINAL base; KaSA: rank r on the truncated base, the split folder); kasa: PEFT's KaSA adapter for the ORIGINAL base.")] = "lora",
     overwrite: Overwrite = False,
 ):
     """Export the trained change as an adapter for the original model."""
     from surgeon.absorb import export_lora
     from surgeon.errors import UsageError
+    from surgeon.export.kasa import export_kasa
 
     with errors_to_exit():
-        if to != "lora":
-            raise UsageError(f"--to {to!r}: only 'lora' is supported.")
-        conf = export_lora(split_dir, out, overwrite=overwrite)
-    err_console().print(f"wrote a rank-{conf['r']} LoRA for {conf['base_model_name_or_path']} → {out}")
+        if to not in ("lora", "kasa"):
+            raise UsageError(f"--to {to!r}: choose lora or kasa.")
+        conf = (export_lora if to == "lora" else export_kasa)(split_dir, out, overwrite=overwrite)
+    kind = "KaSA adapter" if to == "kasa" else "LoRA"
+    err_console().print(f"wrote a rank-{conf['r']} {kind} for {conf['base_model_name_or_path']} → {out}")
 
 
 @app.command()

@@ -7,10 +7,11 @@ from surgeon.methods.base import Method, MethodConfig, SplitResult
 
 
 def _registry() -> dict[str, type[Method]]:
+    from surgeon.methods.kasa import KaSA
     from surgeon.methods.milora import MiLoRA
     from surgeon.methods.pissa import PiSSA
 
-    return {m.name: m for m in (MiLoRA, PiSSA)}
+    return {m.name: m for m in (MiLoRA, PiSSA, KaSA)}
 
 
 def names() -> list[str]:

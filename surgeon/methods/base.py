@@ -19,6 +19,10 @@ class MethodConfig:
     rank: int
     alpha: float
     use_rslora: bool = False
+    seed: int = 0  # base seed of methods with random initial factors (per-layer seeds derive from it)
+    kasa_beta: float = 1e-4  # KaSA's regulariser weights (PEFT KasaConfig defaults), used by its runtime
+    kasa_gamma: float = 1e-3
+    module: str = ""  # the layer being split: set per layer by the pipeline, never persisted
 
     @property
     def scale(self) -> float:
@@ -39,6 +43,8 @@ class Method:
     name: str = ""
     which: str = "minor"  # which singular triplets the method needs: "minor" or "principal"
     lora_shaped: bool = True  # its factors are a PEFT LoRA (lora_A, lora_B) on the residual
+    truncates: bool = False  # residual + delta(initial factors) != W: the residual drops part of W on purpose
+    # (KaSA). absorb then merges into the residual by default; --base original re-adds the dropped part.
     summary: str = ""
 
     def factor_shapes(self, out_features: int, in_features: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
@@ -50,6 +56,15 @@ class Method:
     def delta(self, factors: dict[str, torch.Tensor], cfg: MethodConfig) -> torch.Tensor:
         """The (out, in) weight that the factors add to the residual: W = residual + delta."""
         raise NotImplementedError
+
+    def lora_form(self, factors: dict[str, torch.Tensor], cfg: MethodConfig) -> dict[str, torch.Tensor] | None:
+        """For a method that is not LoRA-shaped: its factors as an ordinary rank-r PEFT LoRA on the
+        residual, {"lora_A": (r, in), "lora_B": (out, r)} with scaling cfg.scale, or None if it has none."""
+        return None
+
+    def describe(self, cfg: MethodConfig) -> dict:
+        """Method-specific facts and decisions for the manifest ("method_details"); {} for none."""
+        return {}
 
     # --- runtime (training / inference on a loaded transformers model) -------------------------
     def runtime(self, base: torch.nn.Module, factors: dict[str, torch.Tensor], cfg: MethodConfig, transposed: bool) -> torch.nn.Module:
