@@ -30,7 +30,7 @@ from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
 from surgeon.progress import NullReporter, Reporter
 from surgeon.source import Source, resolve
-from surgeon.targets import Target, check_targets, peft_target_modules, select_targets
+from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
 
 MANIFEST = "surgeon.json"
 INIT_FACTORS = "surgeon.init.safetensors"  # the untrained factors, kept for absorb and export
@@ -58,6 +58,8 @@ class SplitOptions:
     prefetch: int = 2
     workers: int = 0  # concurrent solves; 0 = 2 on CPU, 1 on GPU
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
+    top_k: int = 2  # moe: experts kept per prompt and block (0 = all)
+    pooling: str = "attention"  # moe: how the router pools the prompt (attention, mean, last)
 
 
 def parse_size(text: str) -> int:
@@ -83,7 +85,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora)
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora, moe_top_k=opts.top_k, moe_pooling=opts.pooling)
+    method.check(cfg)
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -106,6 +109,14 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             factor_plan.append(OutTensor(key, "F32", shape))
         if opts.spectra:
             spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
+    blocks: dict[str, dict] = {}  # per-block tensors (methods with per_block): fixed shapes, planned too
+    if method.per_block:
+        hidden = _hidden_size(model_cfg)
+        for b, experts in group_by_block(targets).items():
+            blocks[b] = {"experts": experts, "hidden": hidden}
+            for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
+                factor_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
+    method_options = {k: getattr(cfg, k) for k in method.options}
 
     plan = {
         "op": "split",
@@ -119,6 +130,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "solver": opts.solver,
         "tol": opts.tol,
         "spectra": opts.spectra,
+        "method_options": method_options,
         "shard_bytes": shard_bytes,
         "source": src.fingerprint(),
     }
@@ -127,6 +139,9 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
     spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")]) if opts.spectra else None
     writers = [w for w in (base_w, fac_w, spec_w) if w is not None]
+    for i, (b, info) in enumerate(blocks.items()):  # deterministic, cheap: (re)written on every run
+        for fname, t in method.init_block(i, info["hidden"], len(info["experts"]), cfg).items():
+            fac_w.write(f"{b}.{fname}", t)
 
     todo = [n for n in ckpt.tensors if n not in work.journal.done]
     total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
@@ -200,6 +215,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     layers = {t.module: layers[t.module] for t in targets.values()}  # checkpoint order
     target_modules = peft_target_modules(ckpt.tensors, targets)
     manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, total_bytes, work.resumed)
+    if method.options or method.notes:
+        manifest["method_options"], manifest["method_notes"] = method_options, dict(method.notes)
+    if blocks:
+        manifest["blocks"] = blocks
 
     skip = {"README.md", ADAPTER_CONFIG}
     copied = copy_side_files(src.side_files, work.path, skip)
@@ -215,11 +234,21 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed, use_rslora=cfg.use_rslora),
         )
         shutil.copyfile(work.path / ADAPTER_WEIGHTS, work.path / INIT_FACTORS)
+    else:  # the untrained factors, so that absorb --base original can subtract them
+        shutil.copyfile(work.path / FACTORS, work.path / INIT_FACTORS)
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
     work.finish()
     reporter.close()
     return manifest
+
+
+def _hidden_size(model_cfg: dict) -> int:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(model_cfg.get(key), int):
+            return model_cfg[key]
+    raise UsageError("config.json gives no hidden size (hidden_size / n_embd / d_model), which this method's per-block "
+                     "tensors need; pass --config with a complete config.json.")
 
 
 def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]]) -> None:

@@ -49,7 +49,7 @@ def _root(
 def split(
     model: Annotated[str, typer.Argument(help="Local folder, a .safetensors file (with --config), or a Hub id org/name (org/name@revision pins a revision).")],
     out: Out,
-    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components) or pissa (the principal r).")] = "milora",
+    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components), pissa (the principal r) or moe (gated LoRA experts, one prompt router per block).")] = "milora",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Number of singular components that become trainable factors.")] = 64,
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha; scaling is alpha/rank as in PEFT. Default: rank (scaling 1).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="rsLoRA scaling alpha/sqrt(rank).")] = False,
@@ -63,6 +63,8 @@ def split(
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a single .safetensors file.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (loaded with weights_only=True).")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", help="moe: experts kept per prompt in each block (0 = all).")] = 2,
+    pooling: Annotated[str, typer.Option("--pooling", help="moe: how the router pools the prompt: attention, mean or last.")] = "attention",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
@@ -74,7 +76,7 @@ def split(
     opts = SplitOptions(
         method=method, rank=rank, alpha=alpha, use_rslora=rslora, target=target or ["all-linear"], dtype=dtype,
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
-        config=config, allow_pickle=allow_pickle, overwrite=overwrite,
+        config=config, allow_pickle=allow_pickle, overwrite=overwrite, top_k=top_k, pooling=pooling,
     )
     with errors_to_exit():
         manifest = do_split(model, out, opts, reporter(f"split {method}", quiet))
@@ -102,6 +104,7 @@ def absorb(
     out: Out,
     base: Annotated[str, typer.Option("--base", help="auto: the original weights when still present and unchanged, else the residual; or original / residual.")] = "auto",
     shard_size: ShardSize = "5GB",
+    fixed_gates: Annotated[Path | None, typer.Option("--fixed-gates", help="moe only: fold with fixed gates, from a .jsonl of calibration prompts (averaged) or a .json {block: [gates]}.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
@@ -111,7 +114,7 @@ def absorb(
     from surgeon.absorb import absorb as do_absorb
 
     with errors_to_exit():
-        m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite), reporter("absorb", quiet))
+        m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite, fixed_gates=fixed_gates), reporter("absorb", quiet))
     if not quiet:
         err_console().print(f"absorbed {m['layers']} layers into the {m['base']} weights ({m['layers_changed']} changed) → {out}")
     if json_out:

@@ -19,6 +19,9 @@ class MethodConfig:
     rank: int
     alpha: float
     use_rslora: bool = False
+    # moe (methods/moe.py): experts kept per prompt (0 = all, dense) and the router's pooling
+    moe_top_k: int = 2
+    moe_pooling: str = "attention"
 
     @property
     def scale(self) -> float:
@@ -40,6 +43,13 @@ class Method:
     which: str = "minor"  # which singular triplets the method needs: "minor" or "principal"
     lora_shaped: bool = True  # its factors are a PEFT LoRA (lora_A, lora_B) on the residual
     summary: str = ""
+    options: tuple[str, ...] = ()  # MethodConfig fields beyond rank/alpha/rsLoRA it uses (kept in the manifest)
+    notes: dict = {}  # design decisions written to the manifest ("method_notes")
+    prompt_dependent: bool = False  # its update depends on the input: absorb needs --fixed-gates
+    per_block: bool = False  # it also has tensors per transformer block (block_shapes / init_block / attach)
+
+    def check(self, cfg: MethodConfig) -> None:
+        """Refuse option values the method cannot use (raise UsageError); called before any work."""
 
     def factor_shapes(self, out_features: int, in_features: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
@@ -62,3 +72,23 @@ class Method:
     def regularizer(self, modules: list[torch.nn.Module]) -> torch.Tensor | None:
         """Extra training loss summed over the method's runtime modules (None: no extra loss)."""
         return None
+
+    # --- per-block tensors (a method whose trainable state spans a whole block, e.g. moe's router) ---
+    # The pipeline groups the targets by transformer block ("model.layers.3"), plans
+    # block_shapes(...) for each block under keys "<block>.<name>" in surgeon.factors.safetensors,
+    # writes init_block(...) there, and records {"experts": [modules], "hidden": d} per block in the
+    # manifest ("blocks"). load_split hands those tensors to attach(...) after wrapping every layer.
+    def block_shapes(self, hidden: int, n_experts: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def init_block(self, index: int, hidden: int, n_experts: int, cfg: MethodConfig) -> dict[str, torch.Tensor]:
+        return {}
+
+    def attach(self, model: torch.nn.Module, modules: dict, blocks: dict, cfg: MethodConfig, manifest: dict) -> dict:
+        """Install per-block runtime state on `model`; returns block name -> module holding its tensors
+        (with a `factors()` method, saved like the layers' factors)."""
+        return {}
+
+    def fixed_gates(self, split, path) -> tuple[dict[str, float], dict]:
+        """For prompt-dependent methods: module -> multiplier of its delta for absorb, and a record."""
+        raise NotImplementedError
