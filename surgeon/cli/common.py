@@ -9,6 +9,7 @@ import time
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from surgeon.errors import SurgeonError
@@ -25,7 +26,7 @@ def errors_to_exit():
     try:
         yield
     except SurgeonError as e:
-        err_console().print(f"[bold red]error:[/] {e}")
+        err_console().print(f"[bold red]error:[/] {escape(str(e))}")  # messages may hold [..] (lists, shapes)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/]: the partial output is kept; run the same command again to resume.")

@@ -85,6 +85,7 @@ class Router(nn.Module):
         self.probs: torch.Tensor | None = None  # (B, E) of the last routing, for the balancing loss
         self.routed: torch.Tensor | None = None  # (B, E) 0/1 top-k membership of the last routing
         self.prompt_states: torch.Tensor | None = None  # (B, P, d), kept in per_step mode only
+        self.skip_inactive = True  # False: compute every expert (gate 0 or not), never read the gates on the host
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h (B, T, d) float32, mask (B, T) bool (the prompt's real tokens) -> (B, d)."""
@@ -122,7 +123,10 @@ class Router(nn.Module):
 
     def set_gates(self, gates: torch.Tensor, probs=None, routed=None) -> None:
         self.gates, self.probs, self.routed = gates, probs, routed
-        self.active = (gates.detach() != 0).any(0).tolist()  # one host sync per prompt, not per token
+        if self.skip_inactive:  # one host sync per routing (once per prompt when cached)
+            self.active = (gates.detach() != 0).any(0).tolist()
+        else:
+            self.active = [True] * self.n_experts
 
     def factors(self) -> dict[str, torch.Tensor]:
         return {f"router.{n}": p.detach() for n, p in self.named_parameters()}
