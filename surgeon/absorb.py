@@ -50,6 +50,7 @@ class AbsorbOptions:
     base: str = "auto"  # auto | original | residual
     shard_size: str = "5GB"
     overwrite: bool = False
+    fixed_gates: Path | None = None  # prompt-dependent methods (moe): gates JSON or calibration JSONL
 
 
 class SplitDir:
@@ -79,8 +80,8 @@ class SplitDir:
             c = json.loads(ac.read_text())
             r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
         known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
-        extra = {k: v for k, v in self.manifest.get("method_config", {}).items() if k in known}
-        return MethodConfig(int(r), float(alpha), bool(rs), **extra)
+        saved = {**self.manifest.get("method_config", {}), **self.manifest.get("method_options", {})}
+        return MethodConfig(int(r), float(alpha), bool(rs), **{k: v for k, v in saved.items() if k in known})
 
     def factor_key(self, module: str, fname: str) -> str:
         return lora_key(module, fname) if self.lora else f"{module}.{fname}"
@@ -116,12 +117,20 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
         )
     if base == "original" and not sd.init_file.exists():
         raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors); use --base residual.")
+    mult, gates = None, None  # module -> fixed gate multiplying its delta (moe only)
+    if sd.method.prompt_dependent:
+        mult, gates = sd.method.fixed_gates(sd, opts.fixed_gates)  # refuses without --fixed-gates
+    elif opts.fixed_gates is not None:
+        raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
     layers = sd.manifest["layers"]
     residual = sd.residual()
     ckpt = Checkpoint.open([Path(f["path"]) for f in sd.manifest["source"]["files"]]) if base == "original" else residual
     by_tensor = {f"{m}.weight": (m, lay) for m, lay in layers.items()}
     plan = [OutTensor(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
-    work = WorkDir(out, {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}, opts.overwrite)
+    work_plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
+    if gates is not None:
+        work_plan["fixed_gates"] = gates
+    work = WorkDir(out, work_plan, opts.overwrite)
     writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
     todo = [n for n in ckpt.tensors if n not in work.journal.done]
     reporter.start(len(ckpt.tensors), sum(ckpt.tensors[n].nbytes for n in todo), done=len(ckpt.tensors) - len(todo))
@@ -134,15 +143,16 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
                 hit = by_tensor.get(info.name)
                 if hit is not None:
                     module, lay = hit
+                    g = 1.0 if mult is None else mult[module]
                     f_cur = sd.factors(cur, module)
                     if base == "original":
                         f_ini = sd.factors(ini, module)
-                        if any(not torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
+                        if g != 0 and any(not torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
                             delta = sd.method.delta(f_cur, sd.cfg) - sd.method.delta(f_ini, sd.cfg)  # (out, in)
-                            tensor = _add(tensor, delta, lay["transposed"])
+                            tensor = _add(tensor, g * delta, lay["transposed"])
                             changed += 1
                     else:
-                        tensor = _add(tensor, sd.method.delta(f_cur, sd.cfg), lay["transposed"])
+                        tensor = _add(tensor, g * sd.method.delta(f_cur, sd.cfg), lay["transposed"])
                 while len(pending) >= 2:
                     pending.pop(0).result()
                 pending.append(pool.submit(writer.write, info.name, tensor))
@@ -170,6 +180,8 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
         "seconds": round(time.perf_counter() - t0, 3),
         "source": sd.manifest["source"],
     }
+    if gates is not None:
+        manifest["fixed_gates"] = gates
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
     work.finish()

@@ -32,7 +32,7 @@ from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
 from surgeon.progress import NullReporter, Reporter
 from surgeon.source import Source, resolve
-from surgeon.targets import Target, check_targets, peft_target_modules, select_targets
+from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
 
 MANIFEST = "surgeon.json"
 INIT_FACTORS = "surgeon.init.safetensors"  # the untrained factors, kept for absorb and export
@@ -64,6 +64,8 @@ class SplitOptions:
     seed: int = 0  # methods with random initial factors (KaSA): per-layer seeds derive from it
     kasa_beta: float = 1e-4  # KaSA's regulariser weights, recorded for the runtime (PEFT's defaults)
     kasa_gamma: float = 1e-3
+    top_k: int = 2  # moe: experts kept per prompt and block (0 = all)
+    pooling: str = "attention"  # moe: how the router pools the prompt (attention, mean, last)
 
 
 def parse_size(text: str) -> int:
@@ -89,7 +91,9 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora, seed=opts.seed, kasa_beta=opts.kasa_beta, kasa_gamma=opts.kasa_gamma)
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora, seed=opts.seed, kasa_beta=opts.kasa_beta, kasa_gamma=opts.kasa_gamma,
+                       moe_top_k=opts.top_k, moe_pooling=opts.pooling)
+    method.check(cfg)
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -112,6 +116,14 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             factor_plan.append(OutTensor(key, "F32", shape))
         if opts.spectra:
             spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
+    blocks: dict[str, dict] = {}  # per-block tensors (methods with per_block): fixed shapes, planned too
+    if method.per_block:
+        hidden = _hidden_size(model_cfg)
+        for b, experts in group_by_block(targets).items():
+            blocks[b] = {"experts": experts, "hidden": hidden}
+            for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
+                factor_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
+    method_options = {k: getattr(cfg, k) for k in method.options}
 
     plan = {
         "op": "split",
@@ -126,6 +138,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "solver": opts.solver,
         "tol": opts.tol,
         "spectra": opts.spectra,
+        "method_options": method_options,
         "shard_bytes": shard_bytes,
         "source": src.fingerprint(),
     }
@@ -136,6 +149,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     # the untrained factors once more, kept beside the trainable copy for absorb and export
     init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")])
     writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
+    for i, (b, info) in enumerate(blocks.items()):  # deterministic, cheap: (re)written on every run
+        for fname, t in method.init_block(i, info["hidden"], len(info["experts"]), cfg).items():
+            fac_w.write(f"{b}.{fname}", t)
+            init_w.write(f"{b}.{fname}", t)
 
     todo = [n for n in ckpt.tensors if n not in work.journal.done]
     total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
@@ -240,6 +257,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     target_modules = peft_target_modules(ckpt.tensors, targets)
     manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, total_bytes, work.resumed)
     manifest["summary"]["stage_seconds"] = clock.totals()
+    if method.options or method.notes:
+        manifest["method_options"], manifest["method_notes"] = method_options, dict(method.notes)
+    if blocks:
+        manifest["blocks"] = blocks
 
     skip = {"README.md", ADAPTER_CONFIG}
     copied = copy_side_files(src.side_files, work.path, skip)
@@ -281,6 +302,15 @@ class StageClock:
 
     def totals(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in sorted(self._t.items())}
+
+
+def _hidden_size(model_cfg: dict) -> int:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(model_cfg.get(key), int):
+            return model_cfg[key]
+    raise UsageError("config.json gives no hidden size (hidden_size / n_embd / d_model), which this method's per-block "
+                     "tensors need; pass --config with a complete config.json.")
+
 
 
 def method_config(cfg: MethodConfig) -> dict:

@@ -47,10 +47,11 @@ class LoRALinear(nn.Module):
 
 
 class SplitModel:
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], split):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], split, blocks: dict[str, nn.Module] | None = None):
         self.model = model
         self.modules = modules  # module name -> runtime module
         self.split = split  # surgeon.absorb.SplitDir
+        self.blocks = blocks or {}  # block name -> per-block runtime module (methods with per_block, e.g. moe routers)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -63,6 +64,9 @@ class SplitModel:
         for name, mod in self.modules.items():
             for fname, t in mod.factors().items():
                 out[self.split.factor_key(name, fname)] = t.detach().to("cpu", torch.float32).contiguous()
+        for name, mod in self.blocks.items():
+            for fname, t in mod.factors().items():
+                out[f"{name}.{fname}"] = t.detach().to("cpu", torch.float32).contiguous()
         return out
 
     def save(self, out: Path, overwrite: bool = False) -> Path:
@@ -145,5 +149,13 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
                     p.requires_grad_(trainable)
             setattr(parent, child, rt)
             modules[name] = rt
+        blocks = {}
+        if split.method.per_block:
+            names = split.method.block_shapes(1, 1, split.cfg)
+            tensors = {b: {n: f.get_tensor(f"{b}.{n}") for n in names} for b in split.manifest["blocks"]}
+            blocks = split.method.attach(model, modules, tensors, split.cfg, split.manifest)
+            for mod in blocks.values():
+                for p in mod.parameters():
+                    p.requires_grad_(trainable)
     model.to(device)
-    return SplitModel(model, modules, split)
+    return SplitModel(model, modules, split, blocks)

@@ -77,6 +77,24 @@ def _matches(module: str, pattern: str) -> bool:
     return module == pattern or module.endswith("." + pattern)
 
 
+def block_of(module: str) -> str | None:
+    """The repeated transformer block a module sits in ("model.layers.3.mlp.up_proj" -> "model.layers.3")."""
+    m = BLOCK.search(module)
+    return module[: m.end() - 1] if m else None
+
+
+def group_by_block(targets: dict[str, Target]) -> dict[str, list[str]]:
+    """block name -> its targeted modules, in checkpoint order; refuses targets outside any block."""
+    blocks: dict[str, list[str]] = {}
+    for t in targets.values():
+        b = block_of(t.module)
+        if b is None:
+            raise UsageError(f"{t.module} is not inside a repeated transformer block (layers.N / h.N / blocks.N); "
+                             "this method routes per block: exclude it with --target.")
+        blocks.setdefault(b, []).append(t.module)
+    return blocks
+
+
 def check_targets(tensors: dict[str, TensorInfo], targets: dict[str, Target], rank: int) -> None:
     """Refuse targets that cannot be split at this rank or in this dtype, naming them."""
     for name, t in targets.items():

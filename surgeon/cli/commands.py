@@ -53,7 +53,7 @@ def _root(
 def split(
     model: Annotated[str, typer.Argument(help="Local folder, a .safetensors file (with --config), or a Hub id org/name (org/name@revision pins a revision).")],
     out: Out,
-    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components), pissa (the principal r) or kasa (drop the minor r, train a gated rank-r update).")] = "milora",
+    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components), pissa (the principal r), kasa (drop the minor r, train a gated rank-r update) or moe (gated LoRA experts, one prompt router per block).")] = "milora",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Number of singular components that become trainable factors.")] = 64,
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha; scaling is alpha/rank as in PEFT. Default: rank (scaling 1).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="rsLoRA scaling alpha/sqrt(rank).")] = False,
@@ -72,6 +72,8 @@ def split(
     seed: Annotated[int, typer.Option("--seed", help="Seed of random initial factors (KaSA); each layer's seed derives from it and the module name.")] = 0,
     kasa_beta: Annotated[float, typer.Option("--kasa-beta", help="KaSA: weight of the singular-value penalty sum(d^2) in the training loss.")] = 1e-4,
     kasa_gamma: Annotated[float, typer.Option("--kasa-gamma", help="KaSA: weight of the orthogonality penalty ||B^T B - I||_F + ||A A^T - I||_F.")] = 1e-3,
+    top_k: Annotated[int, typer.Option("--top-k", help="moe: experts kept per prompt in each block (0 = all).")] = 2,
+    pooling: Annotated[str, typer.Option("--pooling", help="moe: how the router pools the prompt: attention, mean or last.")] = "attention",
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
     private: Private = False,
@@ -86,7 +88,7 @@ def split(
         method=method, rank=rank, alpha=alpha, use_rslora=rslora, target=target or ["all-linear"], dtype=dtype,
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
         config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
-        seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma,
+        seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, top_k=top_k, pooling=pooling,
     )
     with errors_to_exit():
         if push_to_hub:
@@ -120,6 +122,7 @@ def absorb(
     out: Out,
     base: Annotated[str, typer.Option("--base", help="auto: the original weights when still present and unchanged, else the residual (KaSA: always the truncated residual); or original / residual. KaSA with original re-adds the truncated components.")] = "auto",
     shard_size: ShardSize = "5GB",
+    fixed_gates: Annotated[Path | None, typer.Option("--fixed-gates", help="moe only: fold with fixed gates, from a .jsonl of calibration prompts (averaged) or a .json {block: [gates]}.")] = None,
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
     private: Private = False,
@@ -135,7 +138,7 @@ def absorb(
             from surgeon.hub import preflight
 
             preflight()
-        m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite), reporter("absorb", quiet))
+        m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite, fixed_gates=fixed_gates), reporter("absorb", quiet))
     if not quiet:
         err_console().print(f"absorbed {m['layers']} layers into the {m['base']} weights ({m['layers_changed']} changed) → {out}")
     if push_to_hub:

@@ -9,9 +9,10 @@ from surgeon.methods.base import Method, MethodConfig, SplitResult
 def _registry() -> dict[str, type[Method]]:
     from surgeon.methods.kasa import KaSA
     from surgeon.methods.milora import MiLoRA
+    from surgeon.methods.moe import MoE
     from surgeon.methods.pissa import PiSSA
 
-    return {m.name: m for m in (MiLoRA, PiSSA, KaSA)}
+    return {m.name: m for m in (MiLoRA, PiSSA, KaSA, MoE)}
 
 
 def names() -> list[str]:

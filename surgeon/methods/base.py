@@ -23,6 +23,9 @@ class MethodConfig:
     kasa_beta: float = 1e-4  # KaSA's regulariser weights (PEFT KasaConfig defaults), used by its runtime
     kasa_gamma: float = 1e-3
     module: str = ""  # the layer being split: set per layer by the pipeline, never persisted
+    # moe (methods/moe.py): experts kept per prompt (0 = all, dense) and the router's pooling
+    moe_top_k: int = 2
+    moe_pooling: str = "attention"
 
     @property
     def scale(self) -> float:
@@ -46,6 +49,13 @@ class Method:
     truncates: bool = False  # residual + delta(initial factors) != W: the residual drops part of W on purpose
     # (KaSA). absorb then merges into the residual by default; --base original re-adds the dropped part.
     summary: str = ""
+    options: tuple[str, ...] = ()  # MethodConfig fields beyond rank/alpha/rsLoRA it uses (kept in the manifest)
+    notes: dict = {}  # design decisions written to the manifest ("method_notes")
+    prompt_dependent: bool = False  # its update depends on the input: absorb needs --fixed-gates
+    per_block: bool = False  # it also has tensors per transformer block (block_shapes / init_block / attach)
+
+    def check(self, cfg: MethodConfig) -> None:
+        """Refuse option values the method cannot use (raise UsageError); called before any work."""
 
     def factor_shapes(self, out_features: int, in_features: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
@@ -77,3 +87,23 @@ class Method:
     def regularizer(self, modules: list[torch.nn.Module]) -> torch.Tensor | None:
         """Extra training loss summed over the method's runtime modules (None: no extra loss)."""
         return None
+
+    # --- per-block tensors (a method whose trainable state spans a whole block, e.g. moe's router) ---
+    # The pipeline groups the targets by transformer block ("model.layers.3"), plans
+    # block_shapes(...) for each block under keys "<block>.<name>" in surgeon.factors.safetensors,
+    # writes init_block(...) there, and records {"experts": [modules], "hidden": d} per block in the
+    # manifest ("blocks"). load_split hands those tensors to attach(...) after wrapping every layer.
+    def block_shapes(self, hidden: int, n_experts: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def init_block(self, index: int, hidden: int, n_experts: int, cfg: MethodConfig) -> dict[str, torch.Tensor]:
+        return {}
+
+    def attach(self, model: torch.nn.Module, modules: dict, blocks: dict, cfg: MethodConfig, manifest: dict) -> dict:
+        """Install per-block runtime state on `model`; returns block name -> module holding its tensors
+        (with a `factors()` method, saved like the layers' factors)."""
+        return {}
+
+    def fixed_gates(self, split, path) -> tuple[dict[str, float], dict]:
+        """For prompt-dependent methods: module -> multiplier of its delta for absorb, and a record."""
+        raise NotImplementedError
