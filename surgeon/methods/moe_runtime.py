@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import UsageError
+from surgeon.runtime import LoRALinear
 
 LB_WEIGHT = 1e-2  # λ of the load-balancing loss (Switch Transformer's α)
 POOLINGS = ("attention", "mean", "last")
@@ -132,20 +133,13 @@ class Router(nn.Module):
         return {f"router.{n}": p.detach() for n, p in self.named_parameters()}
 
 
-class ExpertLinear(nn.Module):
+class ExpertLinear(LoRALinear):
     """y = base(x) + g_e · s · B(A x), g_e the block router's cached gate of this expert."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool = False):
-        super().__init__()
-        self.base = base
-        self.transposed = transposed
-        self.scale = scale
-        self.lora_A = nn.Parameter(a.detach().clone().float())  # (r, in)
-        self.lora_B = nn.Parameter(b.detach().clone().float())  # (out, r)
+        super().__init__(base, a, b, scale, transposed)
         self.expert = -1
         object.__setattr__(self, "_router", None)  # a reference, not a submodule (it lives on the block)
-        for p in self.base.parameters():
-            p.requires_grad_(False)
 
     def bind(self, router: Router, expert: int) -> None:
         object.__setattr__(self, "_router", router)
@@ -167,9 +161,6 @@ class ExpertLinear(nn.Module):
         u = u * g.to(u.dtype).view(-1, *([1] * (u.dim() - 1)))  # gate on the rank-r side: cheaper than on (B, T, out)
         z = nn.functional.linear(u, self.lora_B)  # (B, T, out)
         return y + (self.scale * z).to(y.dtype)
-
-    def factors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
 
 
 class Routing:
