@@ -11,7 +11,9 @@ absorb, per targeted weight, with s the LoRA scaling and B₀A₀ the factors as
 The output has the source's tensor names and dtypes, streamed tensor by tensor.
 
 export: the PiSSA→LoRA conversion from PEFT's docs: ΔW = s(B'A' − B₀A₀) = s'·[B' | B₀][A' ; −A₀],
-a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s.
+a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s. Methods that are
+not LoRA-shaped export through their `lora_form` (a rank-r LoRA with the split's r and alpha), when
+they have one (NuSA: lora_B = B, lora_A = (M − M₀)A).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from safetensors import safe_open
 
 from surgeon import __version__
 from surgeon.errors import SplitDirError, UsageError
-from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, write_adapter
+from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for, write_adapter
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import torch_dtype
 from surgeon.io.writer import write_json
-from surgeon.methods import MethodConfig, get_method
+from surgeon.methods import Method, MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
 from surgeon.pipeline import FACTORS, INIT_FACTORS, MANIFEST, SPECTRA, parse_size
 from surgeon.progress import NullReporter, Reporter
@@ -71,7 +73,7 @@ class SplitDir:
         if self.lora and ac.exists():  # a trainer may have saved its own config
             c = json.loads(ac.read_text())
             r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
-        return MethodConfig(int(r), float(alpha), bool(rs))
+        return MethodConfig(int(r), float(alpha), bool(rs), self.manifest.get("null_energy"), self.manifest.get("null_rank"))
 
     def factor_key(self, module: str, fname: str) -> str:
         return lora_key(module, fname) if self.lora else f"{module}.{fname}"
@@ -179,9 +181,11 @@ def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.T
 
 
 def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
-    """A rank-2r PEFT LoRA for the original model: [B' | B₀] [A' ; −A₀], lora_alpha doubled."""
+    """A PEFT LoRA for the original model: rank 2r [B' | B₀] [A' ; −A₀] with lora_alpha doubled for
+    LoRA-shaped splits, the method's rank-r `lora_form` otherwise."""
     sd = SplitDir(split_dir)
-    if not sd.lora:
+    has_form = sd.lora or type(sd.method).lora_form is not Method.lora_form
+    if not has_form:
         raise UsageError(f"method {sd.method.name} has no LoRA form; export --to lora needs a LoRA-shaped split.")
     if not sd.init_file.exists():
         raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors) needed for the conversion.")
@@ -190,21 +194,28 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     tensors = {}
     with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file, "pt") as ini:
         for module in sd.manifest["layers"]:
+            if not sd.lora:
+                a, b = sd.method.lora_form(sd.factors(cur, module), sd.factors(ini, module), cfg)
+                tensors[lora_key(module, "lora_A")], tensors[lora_key(module, "lora_B")] = a.contiguous(), b.contiguous()
+                continue
             a1, b1 = cur.get_tensor(lora_key(module, "lora_A")), cur.get_tensor(lora_key(module, "lora_B"))
             a0, b0 = ini.get_tensor(lora_key(module, "lora_A")), ini.get_tensor(lora_key(module, "lora_B"))
             tensors[lora_key(module, "lora_A")] = torch.cat([a1, -a0], 0)  # (2r, in)
             tensors[lora_key(module, "lora_B")] = torch.cat([b1, b0], 1)  # (out, 2r)
     # s' = alpha'/r' must equal s: r' = 2r, so alpha' = 2·alpha (√2·alpha with rsLoRA)
-    alpha2 = cfg.alpha * (2**0.5 if cfg.use_rslora else 2)
+    r_out = 2 * cfg.rank if sd.lora else cfg.rank
+    alpha2 = cfg.alpha * (2**0.5 if cfg.use_rslora else 2) if sd.lora else cfg.alpha
     src = sd.manifest["source"]
+    side_cfg = sd.path / "config.json"
     conf = adapter_config(
-        r=2 * cfg.rank,
+        r=r_out,
         alpha=alpha2,
         target_modules=sd.manifest["target_modules"],
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
+        task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
     )
     write_adapter(work.path, conf, tensors)
     work.finish()

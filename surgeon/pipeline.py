@@ -21,7 +21,7 @@ import torch
 from surgeon import __version__
 from surgeon.card import build_card
 from surgeon.errors import UsageError
-from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key
+from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES, torch_dtype
 from surgeon.io.writer import write_json
@@ -42,8 +42,10 @@ FACTORS = "surgeon.factors.safetensors"  # factors of methods that are not LoRA-
 class SplitOptions:
     method: str = "milora"
     rank: int = 64
-    alpha: float | None = None  # default: rank (scale 1, as the MiLoRA authors)
+    alpha: float | None = None  # default: the method's (rank, scale 1, as the MiLoRA authors; nusa: 2)
     use_rslora: bool = False
+    null_energy: float | None = None  # nusa: energy cutoff ρ (default 0.95)
+    null_rank: int | None = None  # nusa: fixed null-space size
     target: list[str] = field(default_factory=lambda: ["all-linear"])
     dtype: str | None = None  # residual dtype ("bfloat16", ...); None keeps the checkpoint's
     device: str = "auto"
@@ -82,8 +84,11 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     opts = opts or SplitOptions()
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
-    alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora)
+    for opt in ("null_energy", "null_rank"):
+        if getattr(opts, opt) is not None and opt not in method.options:
+            raise UsageError(f"--{opt.replace('_', '-')} is an option of --method nusa, not of {method.name}; drop it or choose nusa.")
+    alpha = float(opts.alpha if opts.alpha is not None else method.default_alpha(opts.rank))
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora or method.rslora_scale, opts.null_energy, opts.null_rank)
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -113,7 +118,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "method": method.name,
         "rank": opts.rank,
         "alpha": alpha,
-        "use_rslora": opts.use_rslora,
+        "use_rslora": cfg.use_rslora,
+        **method.manifest_extra(cfg),
         "targets": sorted(targets),
         "dtype": new_dtype,
         "solver": opts.solver,
@@ -212,9 +218,13 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         any_t = next(iter(targets.values()))
         write_json(
             work.path / ADAPTER_CONFIG,
-            adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed, use_rslora=cfg.use_rslora),
+            adapter_config(
+                r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
+                use_rslora=cfg.use_rslora, task_type=task_type_for(model_cfg),
+            ),
         )
-        shutil.copyfile(work.path / ADAPTER_WEIGHTS, work.path / INIT_FACTORS)
+    # the untrained factors, for absorb --base original and export (every method, LoRA-shaped or not)
+    shutil.copyfile(work.path / (ADAPTER_WEIGHTS if method.lora_shaped else FACTORS), work.path / INIT_FACTORS)
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
     work.finish()
@@ -231,7 +241,7 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     t0 = time.perf_counter()
     w64 = stored.to(backend.device, non_blocking=True).double()
     w64 = w64.mT if target.transposed else w64  # (out, in)
-    trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra)
+    trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
     res = method.split(w64, trip, cfg)
     residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
     # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
@@ -276,6 +286,7 @@ def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules
         "alpha": cfg.alpha,
         "scale": cfg.scale,
         "use_rslora": cfg.use_rslora,
+        **method.manifest_extra(cfg),
         "peft_adapter": method.lora_shaped,
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",

@@ -55,6 +55,13 @@ def adapter_config(
     }
 
 
+def task_type_for(config: dict) -> str | None:
+    """PEFT task_type for a model config: CAUSAL_LM for *ForCausalLM architectures, else None
+    (PEFT then wraps the model in the plain PeftModel, which e.g. CLIPModel needs)."""
+    archs = config.get("architectures") or []
+    return "CAUSAL_LM" if not archs or any(a.endswith("ForCausalLM") for a in archs) else None
+
+
 def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})

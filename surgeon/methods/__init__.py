@@ -8,9 +8,10 @@ from surgeon.methods.base import Method, MethodConfig, SplitResult
 
 def _registry() -> dict[str, type[Method]]:
     from surgeon.methods.milora import MiLoRA
+    from surgeon.methods.nusa import NuSA
     from surgeon.methods.pissa import PiSSA
 
-    return {m.name: m for m in (MiLoRA, PiSSA)}
+    return {m.name: m for m in (MiLoRA, NuSA, PiSSA)}
 
 
 def names() -> list[str]:
