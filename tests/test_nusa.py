@@ -12,15 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from surgeon.absorb import AbsorbOptions, absorb, export_lora
-from surgeon.methods.nusa import null_ranks
 from surgeon.methods.base import MethodConfig
+from surgeon.methods.nusa import null_ranks
 from surgeon.pipeline import FACTORS, INIT_FACTORS, SplitOptions, split
 
 R = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One BLAS thread: on 2 shared cores, small training steps run ~100x slower with 2 under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -237,3 +245,152 @@ def test_cli_continual_loop(trained_clip):
     assert r.exit_code == 2 and "--null-energy is an option of --method nusa" in r.output
     r = run.invoke(app, ["split", str(merged), "--method", "nusa", "--rank", "4", "--null-energy", "1.5", "--out", str(t["tmp"] / "y")])
     assert r.exit_code == 2 and "strictly between 0 and 1" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Two sequential tasks, NuSA-CL against plain LoRA at equal rank.
+#
+# A random fixture has no relation between its weights and any data, so "what the model already
+# does" is not carried by its principal subspaces and no null-space method can protect it. The
+# test first gives the vision tower what pretraining gives a real model: each targeted layer, in
+# forward order, keeps its singular values but takes as right singular vectors the principal axes
+# of its inputs on a "pretraining" image family D0 (so activations concentrate in the principal
+# row space, as in trained networks). Tasks A and B are regressions (a random linear readout of the
+# latent coefficients added to the features) on two new image families, learned one after the other
+# with the continual loop (split → train → absorb → split the merged model → train → absorb) and,
+# as the baseline, with a fresh PEFT LoRA per task merged after each (merge_and_unload); same rank,
+# same steps, Adam (lr 0.1 on NuSA's cores, 0.01 on LoRA's factors, each arm's working rate).
+VISION = r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+
+
+def image_features(model, px):
+    return model.visual_projection(model.vision_model(pixel_values=px).pooler_output)  # (n, 24)
+
+
+def _vision_linears(model) -> list[str]:
+    import re
+
+    rx = re.compile(VISION)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(n)]
+
+
+@torch.no_grad()
+def align_to_data(model, x_cal) -> None:
+    """W = U diag(σ) Qᵀ, Q the principal axes of the layer's inputs on x_cal (forward order)."""
+    for name in _vision_linears(model):
+        mod = model.get_submodule(name)
+        seen = []
+        hook = mod.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+        image_features(model, x_cal)
+        hook.remove()
+        x = seen[0].double()  # (tokens, in)
+        _, q = torch.linalg.eigh(x.T @ x)  # (in, in), ascending variance
+        u, s, _ = torch.linalg.svd(mod.weight.double(), full_matrices=False)  # (out, k), (k,)
+        mod.weight.copy_((u * s) @ q.flip(1)[:, : s.numel()].T)  # (out, k)(k, in)
+
+
+def _family_data(seed: int):
+    """Image families: D0 (12 basis images, the "pretraining" data), A and B (6 new basis images each)."""
+    g = torch.Generator().manual_seed(seed)
+    bases = {"d0": torch.randn(12, 3, 16, 16, generator=g), "a": torch.randn(6, 3, 16, 16, generator=g), "b": torch.randn(6, 3, 16, 16, generator=g)}
+
+    def draw(n, fam):
+        basis = bases[fam]
+        c = torch.randn(n, basis.shape[0], generator=g)  # latent coefficients
+        x = torch.einsum("nb,bchw->nchw", c, basis) / basis.shape[0] ** 0.5 + 0.05 * torch.randn(n, 3, 16, 16, generator=g)
+        return x, c
+
+    return g, draw
+
+
+def _train(model, params, x, y, lr, steps) -> tuple[float, float]:
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad():
+        first = (image_features(model, x) - y).square().mean().item()
+    for _ in range(steps):
+        loss = (image_features(model, x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return first, (image_features(model, x) - y).square().mean().item()
+
+
+def sequential_tasks(fixture: Path, work: Path, seed: int = 0, steps: int = 60, rank: int = R) -> dict:
+    """Both arms on the same aligned model, data and targets; returns the measured numbers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPModel
+
+    from surgeon.runtime import load_split
+
+    torch.manual_seed(seed)
+    g, draw = _family_data(seed)
+    m0 = CLIPModel.from_pretrained(fixture).eval()
+    align_to_data(m0, draw(256, "d0")[0])
+    m0.save_pretrained(work / "m0")
+    (xa, ca), (xb, cb), (x0, _) = draw(64, "a"), draw(64, "b"), draw(32, "d0")
+    with torch.no_grad():
+        fa, fb, f0 = image_features(m0, xa), image_features(m0, xb), image_features(m0, x0)
+    sc = float(fa.std())
+    ya = fa + 0.5 * sc * ca @ torch.randn(6, fa.shape[1], generator=g) / 6**0.5  # task A: a linear readout of A's latents
+    yb = fb + 0.5 * sc * cb @ torch.randn(6, fb.shape[1], generator=g) / 6**0.5  # task B: the same for B
+    out: dict = {}
+
+    def nusa_task(src: Path, x, y, tag: str) -> tuple[Path, tuple[float, float]]:
+        split(str(src), work / f"split{tag}", SplitOptions(method="nusa", rank=rank, target=[VISION]))
+        sm = load_split(work / f"split{tag}")
+        losses = _train(sm.model, sm.trainable_parameters(), x, y, 0.1, steps)
+        sm.save(work / f"trained{tag}")
+        absorb(work / f"trained{tag}", work / f"merged{tag}")
+        return work / f"merged{tag}", losses
+
+    def lora_task(model, x, y):
+        pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=VISION))
+        losses = _train(pm, [p for p in pm.parameters() if p.requires_grad], x, y, 0.01, steps)
+        return pm.merge_and_unload().eval(), losses
+
+    p1, out["nusa_A"] = nusa_task(work / "m0", xa, ya, "A")
+    p2, out["nusa_B"] = nusa_task(p1, xb, yb, "B")
+    n1, n2 = CLIPModel.from_pretrained(p1).eval(), CLIPModel.from_pretrained(p2).eval()
+    l1, out["lora_A"] = lora_task(CLIPModel.from_pretrained(work / "m0"), xa, ya)
+    w_l1 = {k: v.clone() for k, v in l1.state_dict().items()}
+    with torch.no_grad():
+        la1 = image_features(l1, xa)
+    l2, out["lora_B"] = lora_task(l1, xb, yb)
+    with torch.no_grad():
+        for arm, (m1, m2), a1 in (("nusa", (n1, n2), image_features(n1, xa)), ("lora", (None, l2), la1)):
+            a2 = image_features(m2, xa)
+            out[f"{arm}_drift_A"] = float((a2 - a1).norm() / a1.norm())  # task A's outputs moved by task B
+            out[f"{arm}_loss_A_after_B"] = float((a2 - ya).square().mean())
+            out[f"{arm}_drift_D0"] = float((image_features(m2, x0) - f0).norm() / f0.norm())
+        # weight space: how much task B's update overlaps task A's, ‖ΔB ΔAᵀ‖ + ‖ΔBᵀ ΔA‖ relative
+        w0, wn1, wn2, wl2 = m0.state_dict(), n1.state_dict(), n2.state_dict(), l2.state_dict()
+        for arm, (wa, wb) in (("nusa", (wn1, wn2)), ("lora", (w_l1, wl2))):
+            worst = 0.0
+            for name in _vision_linears(m0):
+                k = name + ".weight"
+                da, db = (wa[k] - w0[k]).double(), (wb[k] - wa[k]).double()  # (out, in) each
+                rel = (float((db @ da.T).norm()) + float((db.T @ da).norm())) / float(da.norm() * db.norm())
+                worst = max(worst, rel)
+            out[f"{arm}_overlap"] = worst
+    return out
+
+
+def test_two_sequential_tasks_vs_lora(tiny, tmp_path):
+    """Asserted: both arms learn both tasks at equal rank; task B's NuSA update leaves task A's merged
+    update alone (relative ‖ΔB ΔAᵀ‖ + ‖ΔBᵀ ΔA‖ < 1%: the merged ΔA became principal, so the next
+    null space avoids it), where LoRA's overlaps it by > 30%.
+
+    Measured, NOT asserted: the model outputs on task A's inputs move about as much with NuSA as with
+    LoRA (drift ≈ 0.4–0.5 vs 0.3–0.5 of the output norm over seeds 0–4), and the pretraining-family
+    outputs move less with NuSA in 3 of 5 seeds only: task A's inputs carry energy in the directions
+    that become task B's null space, and NuSA protects only inputs in the current principal subspace.
+    The numbers are printed (pytest -s) and reported with the method (see the NuSA report)."""
+    res = sequential_tasks(tiny["tiny-clip"], tmp_path, seed=0)
+    print({k: (tuple(round(x, 4) for x in v) if isinstance(v, tuple) else round(v, 4)) for k, v in res.items()})
+    for arm in ("nusa", "lora"):
+        for task in ("A", "B"):
+            first, last = res[f"{arm}_{task}"]
+            assert last <= 0.75 * first, (arm, task, first, last)
+    assert res["nusa_overlap"] < 0.01 and res["lora_overlap"] > 0.3
+    assert res["lora_overlap"] > 50 * res["nusa_overlap"]

@@ -56,10 +56,20 @@ def adapter_config(
 
 
 def task_type_for(config: dict) -> str | None:
-    """PEFT task_type for a model config: CAUSAL_LM for *ForCausalLM architectures, else None
-    (PEFT then wraps the model in the plain PeftModel, which e.g. CLIPModel needs)."""
+    """PEFT task_type for a model config: CAUSAL_LM for causal-LM architectures (transformers'
+    causal-LM auto mapping, or a *ForCausalLM / *LMHeadModel name), else None: PEFT then wraps the
+    model in the plain PeftModel, which e.g. CLIPModel needs. No architectures: CAUSAL_LM."""
     archs = config.get("architectures") or []
-    return "CAUSAL_LM" if not archs or any(a.endswith("ForCausalLM") for a in archs) else None
+    if not archs:
+        return "CAUSAL_LM"
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    except ImportError:
+        causal = set()
+    is_causal = any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return "CAUSAL_LM" if is_causal else None
 
 
 def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
