@@ -14,9 +14,10 @@ forward); "original" must be asked for and re-adds the dropped part: W' = W + Δ
 The output has the source's tensor names and dtypes, streamed tensor by tensor.
 
 export: the PiSSA→LoRA conversion from PEFT's docs: ΔW = s(B'A' − B₀A₀) = s'·[B' | B₀][A' ; −A₀],
-a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s. A method that
-is not LoRA-shaped but has a LoRA form (`Method.lora_form`, KaSA: B diag(d), A) exports instead
-a rank-r LoRA on its RESIDUAL, i.e. on the split folder itself as the base model.
+a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s. A method that is
+not LoRA-shaped exports through `Method.lora_change` when it has one (NuSA: lora_B = B,
+lora_A = (M − M₀)A: a rank-r LoRA of the trained change on the ORIGINAL model), else through
+`Method.lora_form` (KaSA: B diag(d), A: a rank-r LoRA on its RESIDUAL, the split folder itself).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from safetensors import safe_open
 from surgeon import __version__
 from surgeon.card import build_card
 from surgeon.errors import SplitDirError, UsageError
-from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, write_adapter
+from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for, write_adapter
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import torch_dtype
 from surgeon.io.writer import write_json
-from surgeon.methods import MethodConfig, get_method
+from surgeon.methods import Method, MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
 from surgeon.pipeline import FACTORS, INIT_FACTORS, MANIFEST, SPECTRA, parse_size
 from surgeon.progress import NullReporter, Reporter
@@ -201,9 +202,11 @@ def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.T
 
 
 def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
-    """A rank-2r PEFT LoRA for the original model: [B' | B₀] [A' ; −A₀], lora_alpha doubled."""
+    """A PEFT LoRA for the original model: rank 2r [B' | B₀] [A' ; −A₀] with lora_alpha doubled for
+    LoRA-shaped splits, the method's rank-r `lora_change` otherwise (or `lora_form` on the residual)."""
     sd = SplitDir(split_dir)
-    if not sd.lora:
+    change = type(sd.method).lora_change is not Method.lora_change
+    if not sd.lora and not change:
         return _export_residual_lora(sd, out, overwrite)
     if not sd.init_file.exists():
         raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors) needed for the conversion.")
@@ -212,21 +215,28 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     tensors = {}
     with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file, "pt") as ini:
         for module in sd.manifest["layers"]:
+            if not sd.lora:
+                a, b = sd.method.lora_change(sd.factors(cur, module), sd.factors(ini, module), cfg)
+                tensors[lora_key(module, "lora_A")], tensors[lora_key(module, "lora_B")] = a.contiguous(), b.contiguous()
+                continue
             a1, b1 = cur.get_tensor(lora_key(module, "lora_A")), cur.get_tensor(lora_key(module, "lora_B"))
             a0, b0 = ini.get_tensor(lora_key(module, "lora_A")), ini.get_tensor(lora_key(module, "lora_B"))
             tensors[lora_key(module, "lora_A")] = torch.cat([a1, -a0], 0)  # (2r, in)
             tensors[lora_key(module, "lora_B")] = torch.cat([b1, b0], 1)  # (out, 2r)
     # s' = alpha'/r' must equal s: r' = 2r, so alpha' = 2·alpha (√2·alpha with rsLoRA)
-    alpha2 = cfg.alpha * (2**0.5 if cfg.use_rslora else 2)
+    r_out = 2 * cfg.rank if sd.lora else cfg.rank
+    alpha2 = cfg.alpha * (2**0.5 if cfg.use_rslora else 2) if sd.lora else cfg.alpha
     src = sd.manifest["source"]
+    side_cfg = sd.path / "config.json"
     conf = adapter_config(
-        r=2 * cfg.rank,
+        r=r_out,
         alpha=alpha2,
         target_modules=sd.manifest["target_modules"],
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
+        task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
     )
     write_adapter(work.path, conf, tensors)
     work.finish()

@@ -23,7 +23,7 @@ import torch
 from surgeon import __version__
 from surgeon.card import build_card
 from surgeon.errors import UsageError
-from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key
+from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES, torch_dtype
 from surgeon.io.writer import write_json
@@ -44,8 +44,10 @@ FACTORS = "surgeon.factors.safetensors"  # factors of methods that are not LoRA-
 class SplitOptions:
     method: str = "milora"
     rank: int = 64
-    alpha: float | None = None  # default: rank (scale 1, as the MiLoRA authors)
+    alpha: float | None = None  # default: the method's (rank, scale 1, as the MiLoRA authors; nusa: 2)
     use_rslora: bool = False
+    null_energy: float | None = None  # nusa: energy cutoff ρ (default 0.95)
+    null_rank: int | None = None  # nusa: fixed null-space size
     target: list[str] = field(default_factory=lambda: ["all-linear"])
     dtype: str | None = None  # residual dtype ("bfloat16", ...); None keeps the checkpoint's
     device: str = "auto"
@@ -90,9 +92,13 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     opts = opts or SplitOptions()
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
-    alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora, seed=opts.seed, kasa_beta=opts.kasa_beta, kasa_gamma=opts.kasa_gamma,
-                       moe_top_k=opts.top_k, moe_pooling=opts.pooling)
+    for opt in ("null_energy", "null_rank"):
+        if getattr(opts, opt) is not None and opt not in method.options:
+            raise UsageError(f"--{opt.replace('_', '-')} is an option of --method nusa, not of {method.name}; drop it or choose nusa.")
+    alpha = float(opts.alpha if opts.alpha is not None else method.default_alpha(opts.rank))
+    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora or method.rslora_scale, seed=opts.seed, kasa_beta=opts.kasa_beta,
+                       kasa_gamma=opts.kasa_gamma, moe_top_k=opts.top_k, moe_pooling=opts.pooling,
+                       null_energy=opts.null_energy, null_rank=opts.null_rank)
     method.check(cfg)
     new_dtype = None
     if opts.dtype:
@@ -131,8 +137,9 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "method": method.name,
         "rank": opts.rank,
         "alpha": alpha,
-        "use_rslora": opts.use_rslora,
+        "use_rslora": cfg.use_rslora,
         "method_config": method_config(cfg),
+        **method.manifest_extra(cfg),
         "targets": sorted(targets),
         "dtype": new_dtype,
         "solver": opts.solver,
@@ -273,7 +280,10 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         any_t = next(iter(targets.values()))
         write_json(
             work.path / ADAPTER_CONFIG,
-            adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed, use_rslora=cfg.use_rslora),
+            adapter_config(
+                r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
+                use_rslora=cfg.use_rslora, task_type=task_type_for(model_cfg),
+            ),
         )
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
@@ -347,7 +357,7 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     w64 = stored.to(backend.device, non_blocking=True).double()
     w64 = w64.mT if target.transposed else w64  # (out, in)
     with clock("decompose"):
-        trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra)
+        trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
     with clock("method"):
         res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
         residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
@@ -400,6 +410,7 @@ def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules
         "use_rslora": cfg.use_rslora,
         "method_config": method_config(cfg),
         **({"method_details": method.describe(cfg)} if method.describe(cfg) else {}),
+        **method.manifest_extra(cfg),
         "peft_adapter": method.lora_shaped,
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",

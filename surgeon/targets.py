@@ -1,7 +1,11 @@
 """Which tensors are linear weights to rewrite.
 
 `all-linear` follows PEFT's meaning: every linear layer inside the repeated transformer blocks,
-never embeddings, norms or the output head. Otherwise the targets are module names matched as
+never embeddings, norms or the output head. PEFT's all-linear (tuners_utils.py,
+`_maybe_include_all_linear_layers`) takes every nn.Linear/Conv1D except the output embedding, so
+on a CLIP-style dual encoder (CLIPModel has no output embedding) it also takes the two projection
+heads into the shared space, `text_projection` and `visual_projection`: so does surgeon (HEADS).
+The patch embedding is a Conv2d (4-D) and never a target. Otherwise the targets are module names matched as
 PEFT matches `target_modules` (exact name, or a `.name` suffix), or one regular expression
 full-matched against module names (anything that is not a plain dotted name is taken as one).
 
@@ -22,6 +26,7 @@ BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
 EXCLUDE = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_|layernorm|rotary|score)", re.IGNORECASE)
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)$")
+HEADS = re.compile(r"(^|\.)(text_projection|visual_projection)$")  # linear layers outside the blocks that PEFT takes
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
@@ -45,7 +50,10 @@ def select_targets(tensors: dict[str, TensorInfo], spec: list[str] | None, model
     linear = {n: i for n, i in tensors.items() if _is_linear_weight(i)}
 
     if spec == ["all-linear"]:
-        chosen = [n for n in linear if BLOCK.search(n) and not EXCLUDE.search(n[: -len(".weight")].rsplit(".", 1)[-1])]
+        chosen = [
+            n for n in linear
+            if (BLOCK.search(n) and not EXCLUDE.search(n[: -len(".weight")].rsplit(".", 1)[-1])) or HEADS.search(n[: -len(".weight")])
+        ]
     elif len(spec) == 1 and not PLAIN_NAME.match(spec[0]):
         try:
             rx = re.compile(spec[0])

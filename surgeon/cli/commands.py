@@ -53,10 +53,12 @@ def _root(
 def split(
     model: Annotated[str, typer.Argument(help="Local folder, a .safetensors file (with --config), or a Hub id org/name (org/name@revision pins a revision).")],
     out: Out,
-    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components), pissa (the principal r), kasa (drop the minor r, train a gated rank-r update) or moe (gated LoRA experts, one prompt router per block).")] = "milora",
+    method: Annotated[str, typer.Option("--method", "-m", help="milora (train the minor r components), pissa (the principal r), kasa (drop the minor r, train a gated rank-r update), nusa (a core between null-space bases, for continual learning) or moe (gated LoRA experts, one prompt router per block).")] = "milora",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Number of singular components that become trainable factors.")] = 64,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha; scaling is alpha/rank as in PEFT. Default: rank (scaling 1).")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha; scaling is alpha/rank as in PEFT. Default: rank (scaling 1); nusa: 2, scaling alpha/sqrt(rank).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="rsLoRA scaling alpha/sqrt(rank).")] = False,
+    null_energy: Annotated[float | None, typer.Option("--null-energy", help="nusa: energy cutoff rho; the null space is what lies beyond the smallest principal part holding this fraction of sum(sigma^2). Default 0.95.")] = None,
+    null_rank: Annotated[int | None, typer.Option("--null-rank", help="nusa: null-space size n (the n smallest directions) instead of the energy rule; with --null-energy the smaller wins.")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="all-linear (default), module names (q_proj, ...; repeatable) or one regex full-matched against module names.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="dtype of the written base (float32, bfloat16, float16). Default: the checkpoint's.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -85,7 +87,7 @@ def split(
     from surgeon.pipeline import split as do_split
 
     opts = SplitOptions(
-        method=method, rank=rank, alpha=alpha, use_rslora=rslora, target=target or ["all-linear"], dtype=dtype,
+        method=method, rank=rank, alpha=alpha, use_rslora=rslora, null_energy=null_energy, null_rank=null_rank, target=target or ["all-linear"], dtype=dtype,
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
         config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
         seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, top_k=top_k, pooling=pooling,

@@ -55,6 +55,23 @@ def adapter_config(
     }
 
 
+def task_type_for(config: dict) -> str | None:
+    """PEFT task_type for a model config: CAUSAL_LM for causal-LM architectures (transformers'
+    causal-LM auto mapping, or a *ForCausalLM / *LMHeadModel name), else None: PEFT then wraps the
+    model in the plain PeftModel, which e.g. CLIPModel needs. No architectures: CAUSAL_LM."""
+    archs = config.get("architectures") or []
+    if not archs:
+        return "CAUSAL_LM"
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    except ImportError:
+        causal = set()
+    is_causal = any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return "CAUSAL_LM" if is_causal else None
+
+
 def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})

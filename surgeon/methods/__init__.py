@@ -10,9 +10,10 @@ def _registry() -> dict[str, type[Method]]:
     from surgeon.methods.kasa import KaSA
     from surgeon.methods.milora import MiLoRA
     from surgeon.methods.moe import MoE
+    from surgeon.methods.nusa import NuSA
     from surgeon.methods.pissa import PiSSA
 
-    return {m.name: m for m in (MiLoRA, PiSSA, KaSA, MoE)}
+    return {m.name: m for m in (MiLoRA, PiSSA, KaSA, NuSA, MoE)}
 
 
 def names() -> list[str]:

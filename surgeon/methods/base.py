@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from surgeon.errors import UsageError
 from surgeon.linalg import Triplets
 
 
@@ -26,6 +27,14 @@ class MethodConfig:
     # moe (methods/moe.py): experts kept per prompt (0 = all, dense) and the router's pooling
     moe_top_k: int = 2
     moe_pooling: str = "attention"
+    null_energy: float | None = None  # NuSA: energy cutoff ρ of the principal part (None: the method's default)
+    null_rank: int | None = None  # NuSA: fixed null-space size n (None: chosen by the energy cutoff)
+
+    def __post_init__(self):
+        if self.null_energy is not None and not 0.0 < self.null_energy < 1.0:
+            raise UsageError(f"--null-energy {self.null_energy} must lie strictly between 0 and 1 (e.g. 0.95, the NuSA-CL authors').")
+        if self.null_rank is not None and self.null_rank < 1:
+            raise UsageError(f"--null-rank {self.null_rank} must be at least 1.")
 
     @property
     def scale(self) -> float:
@@ -48,6 +57,8 @@ class Method:
     lora_shaped: bool = True  # its factors are a PEFT LoRA (lora_A, lora_B) on the residual
     truncates: bool = False  # residual + delta(initial factors) != W: the residual drops part of W on purpose
     # (KaSA). absorb then merges into the residual by default; --base original re-adds the dropped part.
+    needs_spectrum: bool = False  # split() reads every singular value (Triplets.spectrum), even with spectra off
+    rslora_scale: bool = False  # the scale is always alpha/sqrt(r) (the method's own definition)
     summary: str = ""
     options: tuple[str, ...] = ()  # MethodConfig fields beyond rank/alpha/rsLoRA it uses (kept in the manifest)
     notes: dict = {}  # design decisions written to the manifest ("method_notes")
@@ -56,6 +67,14 @@ class Method:
 
     def check(self, cfg: MethodConfig) -> None:
         """Refuse option values the method cannot use (raise UsageError); called before any work."""
+
+    def default_alpha(self, rank: int) -> float:
+        """--alpha when not given: rank, scale 1 (the MiLoRA authors' choice)."""
+        return float(rank)
+
+    def manifest_extra(self, cfg: MethodConfig) -> dict:
+        """Method options recorded at the top level of surgeon.json."""
+        return {}
 
     def factor_shapes(self, out_features: int, in_features: int, cfg: MethodConfig) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
@@ -83,6 +102,12 @@ class Method:
         from surgeon.runtime import LoRALinear
 
         return LoRALinear(base, factors["lora_A"], factors["lora_B"], cfg.scale, transposed)
+
+    def lora_change(self, cur: dict[str, torch.Tensor], init: dict[str, torch.Tensor], cfg: MethodConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For methods that are not LoRA-shaped: (lora_A (r, in), lora_B (out, r)) with
+        cfg.scale·B A = delta(cur) − delta(init), a rank-r PEFT LoRA on the ORIGINAL base with the
+        split's r, alpha and rsLoRA flag; None when the method has no such form."""
+        return None
 
     def regularizer(self, modules: list[torch.nn.Module]) -> torch.Tensor | None:
         """Extra training loss summed over the method's runtime modules (None: no extra loss)."""
