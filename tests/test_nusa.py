@@ -72,7 +72,7 @@ def test_null_bases_match_float64_svd(tiny, tmp_path, opts):
     assert man["use_rslora"] and man["alpha"] == 2.0 and man["scale"] == pytest.approx(2 / R**0.5)
     orig, res, fac = weights(src), weights(out), factors(out)
     assert (out / INIT_FACTORS).exists()
-    cfg = MethodConfig(R, 2.0, True, opts.get("null_energy"), opts.get("null_rank"))
+    cfg = MethodConfig(R, 2.0, True, null_energy=opts.get("null_energy"), null_rank=opts.get("null_rank"))
     seen_e = set()
     for module, lay in man["layers"].items():
         w = orig[module + ".weight"].double()  # (out, in)

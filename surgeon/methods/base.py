@@ -7,7 +7,7 @@ float64 tensors on the compute device and never touches files; the pipeline does
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ class MethodConfig:
     rank: int
     alpha: float
     use_rslora: bool = False
+    _: KW_ONLY  # method-specific options below: keyword only
     seed: int = 0  # base seed of methods with random initial factors (per-layer seeds derive from it)
     kasa_beta: float = 1e-4  # KaSA's regulariser weights (PEFT KasaConfig defaults), used by its runtime
     kasa_gamma: float = 1e-3
