@@ -73,7 +73,7 @@ def train(
         ev = f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""
         err_console().print(
             f"trained {summary['plan']['trainable']:,} parameters for {summary['steps_done']} steps: "
-            f"loss {summary['final_loss']:.4f}{ev}, {summary['tokens_per_s_this_run']:,.0f} tokens/s → {out}"
+            f"loss {summary['final_loss'] or float('nan'):.4f}{ev}, {summary['tokens_per_s_this_run']:,.0f} tokens/s → {out}"
         )
     if main and json_out:
         print_json(summary)

@@ -267,7 +267,7 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
 
     summary = {
         "surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {}), "plan": plan,
-        "options": asdict(opts), "device": str(d.device), "steps_done": total, "final_loss": loss_v,
+        "options": asdict(opts), "device": str(d.device), "steps_done": total, "final_loss": loss_v if math.isfinite(loss_v) else None,
         "seconds_this_run": round(time.perf_counter() - t_run, 3),
         "tokens_per_s_this_run": round(tokens_run / max(time.perf_counter() - t_run, 1e-9), 1),
     }
