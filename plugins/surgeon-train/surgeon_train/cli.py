@@ -1,0 +1,107 @@
+"""`surgeon train`: registered on the core CLI through the entry-point group `surgeon.commands`.
+
+    surgeon train SPLIT_DIR --data train.jsonl --out OUT --steps 200 [--eval-data dev.jsonl]
+    torchrun --nproc-per-node 2 -m surgeon train SPLIT_DIR --data train.jsonl --out OUT --steps 200
+
+Wiring only: options → TrainOptions → surgeon_train.train_files, a rich progress bar (step, loss,
+tokens/s, ETA) on rank 0, the core's error map (surgeon.cli.common.errors_to_exit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="train")(train)
+
+
+def train(
+    split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (any method).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help='Training JSONL: {"text": ...} or {"prompt": ..., "completion": ...} per line.')],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The trained split folder (same format; base shards hard-linked, not copied).")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one epoch).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the packed data (instead of --steps).")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of AdamW.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows of --seq-len tokens per micro-batch, per process.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed row.")] = 1024,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="JSONL evaluated (mean token loss) at the end.")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save (factors + optimizer state) every N steps; 0: at the end only.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out from its last save.")] = False,
+    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay (default: 5% of the steps).")] = None,
+    min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio", help="The cosine decays to this fraction of --lr.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the global gradient norm; 0: no clipping.")] = 1.0,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and of dropout.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's local GPU).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the frozen base: auto (bfloat16 on CUDA with bf16 autocast, float32 on CPU), float32, bfloat16.")] = "auto",
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Prompt + completion + EOS even when the tokenizer has a chat template.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (and its saved state).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+):
+    """Fine-tune only the factors of a split folder (the residual base stays frozen and is never rewritten)."""
+    from surgeon.cli.common import err_console, errors_to_exit, print_json
+    from surgeon_train import dist
+    from surgeon_train.loop import TrainOptions, train_files
+
+    opts = TrainOptions(
+        steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+        warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        grad_checkpointing=grad_checkpointing, seed=seed, save_every=save_every, device=device, dtype=dtype,
+        chat_template=not no_chat_template, resume=resume, overwrite=overwrite,
+    )
+    main = dist.env_rank() == 0
+    bar = _Bar() if main and not quiet else None
+    try:
+        with errors_to_exit():
+            try:
+                summary = train_files(split_dir, data, out, opts, eval_data, bar)
+            except KeyboardInterrupt:
+                err_console().print(f"[yellow]interrupted[/]: {out} holds the last save; add --resume to continue from it.")
+                raise typer.Exit(130) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        dist.close()
+    if main and not quiet:
+        ev = f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""
+        err_console().print(
+            f"trained {summary['plan']['trainable']:,} parameters for {summary['steps_done']} steps: "
+            f"loss {summary['final_loss'] or float('nan'):.4f}{ev}, {summary['tokens_per_s_this_run']:,.0f} tokens/s → {out}"
+        )
+    if main and json_out:
+        print_json(summary)
+
+
+class _Bar:
+    """Step, loss, tokens/s and ETA on stderr (rank 0 only)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from surgeon.cli.common import err_console
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=err_console(),
+        )
+        self.task = None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "start":
+            if info["step"]:
+                self.progress.console.print(f"resuming at step {info['step']} of {info['total']}")
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=info["total"], completed=info["step"], loss="-", rate="-")
+        elif event == "step" and self.task is not None:
+            self.progress.update(self.task, completed=info["step"], loss=f"{info['loss']:.4f}", rate=f"{info['tokens_per_s']:,.0f}")
+
+    def close(self) -> None:
+        self.progress.stop()

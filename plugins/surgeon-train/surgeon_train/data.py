@@ -1,0 +1,158 @@
+"""Training data: JSONL → token ids with a loss mask → rows packed to --seq-len.
+
+    {"text": "..."}                              loss on every token (but the first of each example)
+    {"prompt": "...", "completion": "..."}       loss on the completion only
+
+Prompt/completion pairs go through the tokenizer's chat template when it has one (the prompt as the
+user turn with the generation prompt, the completion as the assistant turn), as TRL's SFTTrainer
+does for conversational prompt-completion data; otherwise prompt + completion + EOS. Packing follows
+transformers' run_clm.py `group_texts` (concatenate everything, cut into rows of seq_len) with two
+changes: the last partial row is padded (loss-masked) instead of dropped, so a small set is not lost,
+and the first token of every example carries no loss, so no example learns to predict its neighbour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from surgeon.errors import SurgeonError
+
+IGNORE = -100  # the label of a position without loss (torch's cross_entropy ignore_index)
+FORMAT_HINT = 'one JSON object per line: {"text": ...} or {"prompt": ..., "completion": ...}'
+
+
+class DataError(SurgeonError):
+    """The training or evaluation data file is missing, malformed or empty."""
+
+
+def load_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line; raises DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL file with {FORMAT_HINT}.")
+    records = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); expected {FORMAT_HINT}.") from None
+                records.append((lineno, _check(obj, path, lineno)))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
+    if not records:
+        raise DataError(f"{path} holds no examples (it is empty or blank); expected {FORMAT_HINT}.")
+    return records
+
+
+def _check(obj, path: Path, lineno: int) -> dict:
+    where = f"{path}, line {lineno}"
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; expected {FORMAT_HINT}.")
+    if "text" in obj:
+        keys = ("text",)
+    elif "prompt" in obj and "completion" in obj:
+        keys = ("prompt", "completion")
+    else:
+        raise DataError(f"{where}: keys {sorted(obj)} — expected {FORMAT_HINT}.")
+    for k in keys:
+        if not isinstance(obj[k], str):
+            raise DataError(f"{where}: {k!r} must be a string, got {type(obj[k]).__name__}.")
+    if not obj[keys[-1]].strip():
+        raise DataError(f"{where}: {keys[-1]!r} is empty, so the example carries no loss; remove the line or fill it in.")
+    return {k: obj[k] for k in keys}
+
+
+def _ids(enc) -> list[int]:
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    return list(ids)
+
+
+def tokenize(records: list[tuple[int, dict]], tok, chat_template: bool = True, source: str = "data") -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per record; labels are IGNORE where no loss is taken."""
+    use_chat = chat_template and bool(getattr(tok, "chat_template", None))
+    eos = tok.eos_token_id
+    out = []
+    for lineno, r in records:
+        if "text" in r:
+            ids = _ids(tok(r["text"], add_special_tokens=True))
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids.append(eos)
+            n_prompt = 1  # the first token has nothing to be predicted from within its example
+        else:
+            ids, n_prompt = _pair(tok, r["prompt"], r["completion"], use_chat, eos)
+        if len(ids) <= n_prompt:
+            raise DataError(f"{source}, line {lineno}: the example has no token to learn after tokenisation.")
+        out.append((ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+    return out
+
+
+def _pair(tok, prompt: str, completion: str, use_chat: bool, eos: int | None) -> tuple[list[int], int]:
+    if use_chat:
+        user = [{"role": "user", "content": prompt}]
+        p = _ids(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True))
+        full = _ids(tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True))
+        if full[: len(p)] == p:
+            return full, len(p)
+        # a template that renders the prompt differently once an answer follows: append the answer
+        c = _ids(tok(completion, add_special_tokens=False))
+        return p + c + ([eos] if eos is not None else []), len(p)
+    p = _ids(tok(prompt, add_special_tokens=True))
+    c = _ids(tok(completion, add_special_tokens=False))
+    return p + c + ([eos] if eos is not None else []), len(p)
+
+
+@dataclass
+class Packed:
+    """Rows of packed training data: input_ids and labels, both (rows, seq_len) int64."""
+
+    input_ids: torch.Tensor  # (N, L)
+    labels: torch.Tensor  # (N, L), IGNORE where no loss
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def loss_tokens(self) -> torch.Tensor:
+        """(N,) positions per row whose next token carries loss (labels are shifted by one)."""
+        return (self.labels[:, 1:] != IGNORE).sum(1)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.input_ids.numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
+    """Concatenate every example and cut into rows of seq_len; the last row is padded with pad_id
+    (labels IGNORE). Padding is on the right of a causal model, so no real token attends to it."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len {seq_len}: need at least 2 tokens per row.")
+    ids = [t for e in examples for t in e[0]]
+    labels = [t for e in examples for t in e[1]]
+    if not any(x != IGNORE for x in labels[1:]):
+        raise DataError("no token of the data carries loss (every completion is empty?).")
+    rows = math.ceil(len(ids) / seq_len)
+    pad = rows * seq_len - len(ids)
+    t_ids = torch.tensor(ids + [pad_id] * pad, dtype=torch.long).view(rows, seq_len)
+    t_lab = torch.tensor(labels + [IGNORE] * pad, dtype=torch.long).view(rows, seq_len)
+    return Packed(t_ids, t_lab)
+
+
+def load_packed(path: Path, tok, seq_len: int, chat_template: bool = True) -> Packed:
+    """A JSONL file → packed rows, with the errors of load_jsonl."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return pack(tokenize(load_jsonl(path), tok, chat_template, str(path)), seq_len, pad)

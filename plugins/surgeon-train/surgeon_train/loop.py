@@ -1,0 +1,282 @@
+"""The training loop: only the factors learn, the residual base stays frozen and untouched.
+
+    surgeon train SPLIT_DIR --data train.jsonl --out OUT --steps 200 --lr 2e-4
+
+Nothing here knows the method: the model comes from surgeon.runtime.load_split, the trainable
+parameters are whatever the method's runtime modules left trainable (factors, a router, gates), and
+the method's own loss terms come from SplitModel.extra_loss(), added at every micro-batch (so a term
+that depends on the batch, such as a load-balancing loss, is seen on every batch). Choices, after
+nanoGPT's train.py and transformers' Trainer where they agree:
+  * bf16 autocast on CUDA with the frozen base loaded in bf16 (the factors stay float32, as PEFT's
+    autocast_adapter_dtype does); float32 everywhere on CPU.
+  * AdamW (fused on CUDA), linear warm-up then cosine decay to --min-lr-ratio·lr (transformers'
+    get_cosine_schedule_with_warmup, except that warm-up starts at lr/(w+1), not 0, so no step is
+    wasted), gradient clipping on the global norm.
+  * The loss of a step is the mean over every loss-carrying token of the step's global batch (all
+    micro-batches, all ranks), as transformers' Trainer does since 4.46 with num_items_in_batch:
+    each micro-batch's summed cross-entropy is divided by the step's token count, known in advance
+    from the packed data, so --grad-accum 2 on one process equals 2 processes with --grad-accum 1.
+  * Row order: a fresh permutation per epoch from --seed; step s uses rows s·R … s·R+R−1 of that
+    stream (R = batch·accum·world), so a resumed run needs nothing but the step count to continue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from surgeon.errors import NumericsError, SplitDirError, UsageError
+from surgeon_train import dist
+from surgeon_train.data import IGNORE, Packed, load_packed
+from surgeon_train.state import RunDir
+
+Callback = Callable[[str, dict], None]  # (event: "start" | "step" | "eval", info)
+
+
+@dataclass
+class TrainOptions:
+    steps: int | None = None  # optimizer steps; default: --epochs 1
+    epochs: float | None = None
+    lr: float = 2e-4
+    batch_size: int = 4  # rows per micro-batch per process
+    grad_accum: int = 1
+    seq_len: int = 1024
+    warmup_steps: int | None = None  # default: 5% of the steps
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    grad_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0  # 0: save at the end only
+    eval_batch_size: int = 8
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # dtype of the frozen base: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16
+    chat_template: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+
+def _check(o: TrainOptions) -> None:
+    bad = []
+    if o.steps is not None and o.epochs is not None:
+        bad.append("give --steps or --epochs, not both")
+    if o.steps is not None and o.steps < 1:
+        bad.append(f"--steps {o.steps} must be ≥ 1")
+    if o.epochs is not None and o.epochs <= 0:
+        bad.append(f"--epochs {o.epochs} must be > 0")
+    for name in ("batch_size", "grad_accum", "eval_batch_size"):
+        if getattr(o, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} must be ≥ 1")
+    if o.lr <= 0 or not math.isfinite(o.lr):
+        bad.append(f"--lr {o.lr} must be a positive number")
+    if o.save_every < 0 or o.max_grad_norm < 0 or o.weight_decay < 0 or (o.warmup_steps or 0) < 0:
+        bad.append("--save-every, --max-grad-norm, --weight-decay and --warmup-steps cannot be negative")
+    if o.resume and o.overwrite:
+        bad.append("--resume continues the run in --out, --overwrite discards it: choose one")
+    if o.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad.append(f"--dtype {o.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if bad:
+        raise UsageError("; ".join(bad) + ".")
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy over positions whose next token carries loss. logits (b, L, V), labels (b, L);
+    the labels are shifted left (padded with IGNORE) rather than the logits sliced, which would copy
+    them (transformers' ForCausalLMLoss does the same)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (b, L)
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def schedule(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class _Order:
+    """Global row stream: epoch e is a permutation of all rows drawn from (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.perms = n, seed, {}
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        g = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for e in g.div(self.n, rounding_mode="floor").unique().tolist():
+            if e not in self.perms:
+                self.perms = {k: v for k, v in self.perms.items() if k >= e - 1}
+                self.perms[e] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+            sel = g.div(self.n, rounding_mode="floor") == e
+            out[sel] = self.perms[e][g[sel] % self.n]
+        return out
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _base_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.Dist | None = None) -> tuple[float, int]:
+    """Mean cross-entropy per loss-carrying token over all rows (split across ranks), and the count."""
+    d = d or dist.Dist(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(2, dtype=torch.float64, device=d.device)
+    mine = torch.arange(d.rank, len(data), d.world)
+    for i in range(0, len(mine), batch_size):
+        rows = mine[i : i + batch_size]
+        x, y = data.input_ids[rows].to(d.device), data.labels[rows].to(d.device)
+        with _autocast(d.device):
+            logits = model(input_ids=x, use_cache=False).logits
+        acc[0] += token_ce_sum(logits, y).double()
+        acc[1] += (y[:, 1:] != IGNORE).sum()
+    dist.sum_(acc, d)
+    model.train(was_training)
+    return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
+
+
+def train_files(split_dir: Path, data: Path, out: Path, opts: TrainOptions | None = None, eval_data: Path | None = None, callback: Callback | None = None) -> dict:
+    """Tokenise JSONL files with SPLIT_DIR's tokenizer and train (see `train`)."""
+    from transformers import AutoTokenizer
+
+    opts = opts or TrainOptions()
+    _check(opts)
+    try:
+        tok = AutoTokenizer.from_pretrained(split_dir)
+    except (OSError, ValueError) as e:
+        raise SplitDirError(f"{split_dir} has no usable tokenizer ({e}); the split copies the source's tokenizer files, add them there.") from None
+    packed = load_packed(data, tok, opts.seq_len, opts.chat_template)
+    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template) if eval_data is not None else None
+    return train(split_dir, packed, out, opts, ev, callback, {"data": str(data), "eval_data": str(eval_data) if eval_data else None})
+
+
+def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = None, eval_data: Packed | None = None,
+          callback: Callback | None = None, meta: dict | None = None) -> dict:
+    """Train the factors of SPLIT_DIR on packed rows; OUT becomes the trained split folder."""
+    from surgeon.runtime import load_split
+    from surgeon_train import __version__
+
+    opts = opts or TrainOptions()
+    _check(opts)
+    callback = callback or (lambda event, info: None)
+    d = dist.init(opts.device)
+    R = opts.batch_size * opts.grad_accum * d.world  # rows per optimizer step, all ranks
+    total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(data) / R))
+    warmup = opts.warmup_steps if opts.warmup_steps is not None else round(0.05 * total)
+
+    torch.manual_seed(opts.seed)
+    sm = load_split(Path(split_dir), dtype=_base_dtype(opts.dtype, d.device), device=d.device)
+    model = sm.model
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and data.seq_len > max_pos:
+        raise UsageError(f"--seq-len {data.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise SplitDirError(f"the runtime of {split_dir} has no trainable parameter; nothing to train.")
+    params = [p for _, p in named]
+    dist.broadcast_params(params, d)  # a runtime that initialises anything at random agrees across ranks
+    model.train()
+    if opts.grad_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UsageError(f"{type(model).__name__} does not support gradient checkpointing; drop --grad-checkpointing.")
+        kw = {"use_reentrant": False}  # the frozen embeddings give the first block no input grad
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=d.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, warmup, opts.min_lr_ratio))
+    plan = {
+        "method": sm.split.manifest["method"], "rank": sm.split.manifest["rank"], "trainable": sum(p.numel() for p in params),
+        "data": data.fingerprint(), "rows": len(data), "seq_len": data.seq_len, "steps": total, "warmup_steps": warmup,
+        "world_size": d.world, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "lr": opts.lr,
+        "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "max_grad_norm": opts.max_grad_norm, "seed": opts.seed,
+    }
+    run = RunDir(out, sm, d)
+    if opts.resume:
+        start = run.resume(plan, named, opt, sched)
+    else:
+        run.create(opts.overwrite)
+        start = 0
+        torch.manual_seed(opts.seed + d.rank)  # dropout masks differ across ranks
+
+    order, counts = _Order(len(data), opts.seed), data.loss_tokens()
+    callback("start", {"step": start, "total": total, "rows": len(data), "trainable": plan["trainable"], "world_size": d.world})
+    t_run, tokens_run, loss_v = time.perf_counter(), 0, float("nan")
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        rows = order.rows(step * R, R)  # (R,) global rows of this step
+        n_tok = max(1, int(counts[rows].sum()))
+        acc = torch.zeros(2, device=d.device)  # Σ ce, mean extra loss
+        for k in range(opts.grad_accum):
+            mine = rows[(k * d.world + d.rank) * opts.batch_size :][: opts.batch_size]
+            x, y = data.input_ids[mine].to(d.device, non_blocking=True), data.labels[mine].to(d.device, non_blocking=True)
+            with _autocast(d.device):
+                logits = model(input_ids=x, use_cache=False).logits  # (b, L, V)
+            ce = token_ce_sum(logits, y)
+            loss = ce / n_tok
+            extra = sm.extra_loss()
+            if extra is not None:
+                share = extra / (opts.grad_accum * d.world)
+                loss = loss + share
+                acc[1] += share.detach().float()
+            loss.backward()
+            acc[0] += ce.detach()
+            del logits, loss
+        dist.sum_grads(params, d)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dist.sum_(acc, d)
+        ce_sum, extra_v, gn = torch.cat([acc, gnorm.reshape(1).to(acc)]).tolist()
+        loss_v = ce_sum / n_tok
+        if not math.isfinite(loss_v + extra_v):
+            raise NumericsError(f"the loss became {loss_v + extra_v} at step {step + 1}; lower --lr (now {opts.lr:g}) or keep --max-grad-norm on.")
+        dt = time.perf_counter() - t0
+        tokens_run += R * data.seq_len
+        info = {
+            "step": step + 1, "loss": round(loss_v, 6), "extra_loss": round(extra_v, 8), "lr": lr, "grad_norm": round(gn, 6),
+            "tokens": (step + 1) * R * data.seq_len, "loss_tokens": n_tok, "step_time_s": round(dt, 5),
+            "tokens_per_s": round(tokens_run / (time.perf_counter() - t_run), 1), "epoch": round((step + 1) * R / len(data), 4),
+        }
+        run.log(info)
+        if (opts.save_every and (step + 1) % opts.save_every == 0) or step + 1 == total:
+            run.save(step + 1, plan, named, opt, sched)
+        if d.main:
+            callback("step", info | {"total": total})
+
+    summary = {
+        "surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {}), "plan": plan,
+        "options": asdict(opts), "device": str(d.device), "steps_done": total, "final_loss": loss_v if math.isfinite(loss_v) else None,
+        "seconds_this_run": round(time.perf_counter() - t_run, 3),
+        "tokens_per_s_this_run": round(tokens_run / max(time.perf_counter() - t_run, 1e-9), 1),
+    }
+    if eval_data is not None:
+        ev_loss, ev_tok = evaluate(model, eval_data, opts.eval_batch_size, d)
+        summary |= {"eval_loss": ev_loss, "eval_tokens": ev_tok}
+        run.log({"event": "eval", "step": total, "eval_loss": ev_loss, "eval_tokens": ev_tok})
+        if d.main:
+            callback("eval", {"eval_loss": ev_loss, "eval_tokens": ev_tok})
+    run.finish(summary)
+    summary["out"] = str(run.out)
+    return summary

@@ -1,0 +1,141 @@
+"""The output folder of a training run, its saves, and resuming from the last one.
+
+    OUT/                      a split folder of the same format as SPLIT_DIR (absorb, export and
+                              PEFT load it unchanged); its base shards are hard links to SPLIT_DIR's
+    OUT/metrics.jsonl         one line per step, and one for the final evaluation
+    OUT/surgeon.train.json    the run's settings and results
+    OUT/train_state/state.pt  trainable parameters, AdamW and scheduler state, step, every rank's RNG
+
+OUT is written once at the start by the runtime's SplitModel.save (base shards linked, never
+copied); each later save rewrites only the factor file, in place and atomically (the same
+SplitModel.save, pointed at OUT), then the state file (temp + rename). The state holds its own copy
+of the trainable parameters, so a crash between the two leaves a consistent resume point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from surgeon.absorb import SplitDir
+from surgeon.errors import OutputExistsError, SplitDirError, UsageError
+from surgeon_train import dist
+
+STATE_DIR = "train_state"
+STATE = "state.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "surgeon.train.json"
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(s: dict, device: torch.device) -> None:
+    torch.set_rng_state(s["cpu"])
+    if device.type == "cuda" and s.get("cuda") is not None:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+class RunDir:
+    """OUT and what lives in it; only rank 0 writes."""
+
+    def __init__(self, out: Path, sm, d: dist.Dist):
+        self.out = Path(out).absolute()
+        self.sm = sm
+        self.d = d
+        self.state_file = self.out / STATE_DIR / STATE
+        self._metrics = None
+
+    # --- start --------------------------------------------------------------------------------
+    def create(self, overwrite: bool) -> None:
+        """A fresh run: OUT becomes a copy of the split (base shards hard-linked)."""
+        exists = self.out.exists()
+        dist.barrier(self.d)  # every rank has looked before rank 0 writes
+        if exists and not overwrite:
+            raise OutputExistsError(
+                f"{self.out} exists; add --resume to continue the run saved there, --overwrite to start over, or choose another --out."
+            )
+        if self.d.main:
+            self.sm.save(self.out, overwrite=overwrite)
+            for stale in (METRICS, SUMMARY):  # when SPLIT_DIR was itself a trained folder
+                (self.out / stale).unlink(missing_ok=True)
+            if (self.out / STATE_DIR).exists():
+                import shutil
+
+                shutil.rmtree(self.out / STATE_DIR)
+        dist.barrier(self.d)
+        self.sm.split = SplitDir(self.out)  # later saves write OUT's factor file in place
+
+    def resume(self, plan: dict, named: list[tuple[str, torch.nn.Parameter]], opt, sched) -> int:
+        """Load the last save; returns the number of steps it had done."""
+        if not self.state_file.exists():
+            raise UsageError(f"--resume: {self.out} holds no saved training state ({STATE_DIR}/{STATE}); run without --resume to start.")
+        st = torch.load(self.state_file, map_location="cpu", weights_only=True)
+        old = st["plan"]
+        diff = [f"{k} {old.get(k)!r} → {v!r}" for k, v in plan.items() if old.get(k) != v]
+        if diff:
+            raise UsageError(
+                f"--resume: these settings differ from the run saved in {self.out}: {'; '.join(diff)}. "
+                "Use the same settings, or start a new run with --overwrite."
+            )
+        missing = [n for n, _ in named if n not in st["params"]]
+        if missing:
+            raise SplitDirError(f"{self.state_file} lacks trainable parameters {missing[:3]}; it belongs to another split.")
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(st["params"][n])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        if len(st["rng"]) == self.d.world:
+            _set_rng_state(st["rng"][self.d.rank], self.d.device)
+        step = int(st["step"])
+        if self.d.main:
+            self._truncate_metrics(step)
+        dist.barrier(self.d)
+        self.sm.split = SplitDir(self.out)
+        return step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Steps after the last save are done again, so their lines go."""
+        f = self.out / METRICS
+        if f.exists():
+            keep = [ln for ln in f.read_text().splitlines() if ln.strip() and "event" not in json.loads(ln) and json.loads(ln)["step"] <= step]
+            f.write_text("".join(ln + "\n" for ln in keep))
+
+    # --- during the run -----------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if not self.d.main:
+            return
+        if self._metrics is None:
+            self._metrics = (self.out / METRICS).open("a", buffering=1)
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def save(self, step: int, plan: dict, named: list[tuple[str, torch.nn.Parameter]], opt, sched) -> None:
+        rng = dist.gather(_rng_state(self.d.device), self.d)  # every rank takes part
+        if not self.d.main:
+            return
+        self.sm.save(self.out)  # in place: the factor file only
+        state = {
+            "step": step,
+            "plan": plan,
+            "params": {n: p.detach().to("cpu", copy=True) for n, p in named},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rng,
+        }
+        self.state_file.parent.mkdir(exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_file)
+
+    def finish(self, summary: dict) -> None:
+        if self.d.main:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            (self.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        dist.barrier(self.d)
