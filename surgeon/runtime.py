@@ -77,6 +77,7 @@ class SplitModel:
         if out.resolve() == src.resolve():
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
             save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
+            os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
             os.replace(tmp / self.split.factors_file.name, self.split.factors_file)
             shutil.rmtree(tmp)
             return out
@@ -89,6 +90,7 @@ class SplitModel:
             if f.is_file() and f.name != self.split.factors_file.name:
                 _link_or_copy(f, tmp / f.name)
         save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
+        os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -84,6 +84,10 @@ def _trainable_factor_keys(split_dir: Path) -> dict[str, bool]:
         for fname in rt.factors():
             p = getattr(rt, fname, None)
             out[sm.split.factor_key(module, fname)] = isinstance(p, torch.nn.Parameter) and p.requires_grad
+    for block, mod in sm.blocks.items():  # per-block tensors (moe routers): parameters, all trained
+        params = dict(mod.named_parameters())
+        for fname in mod.factors():
+            out[f"{block}.{fname}"] = params[fname.removeprefix("router.")].requires_grad
     return out
 
 

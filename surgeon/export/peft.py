@@ -8,6 +8,7 @@ Key layout of a saved PEFT LoRA (peft/utils/save_and_load.py): `base_model.model
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -75,4 +76,5 @@ def task_type_for(config: dict) -> str | None:
 def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    os.chmod(folder / ADAPTER_WEIGHTS, 0o644)  # safetensors writes 0600
     write_json(folder / ADAPTER_CONFIG, config)

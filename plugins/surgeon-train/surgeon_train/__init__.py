@@ -9,9 +9,19 @@ the core never imports it. Python API:
     summary = train_files("split-dir", "train.jsonl", "trained-dir", TrainOptions(steps=100))
 """
 
-from surgeon_train.data import DataError, Packed, load_jsonl, pack, tokenize
-from surgeon_train.loop import TrainOptions, evaluate, train, train_files
+import importlib
 
 __version__ = "0.1.0"
+
+# imported on first use: the core CLI loads this package's entry point at every start, and torch /
+# transformers must not be imported just to print `surgeon --help`
+_LAZY = {"DataError": "data", "Packed": "data", "load_jsonl": "data", "pack": "data", "tokenize": "data",
+         "TrainOptions": "loop", "evaluate": "loop", "train": "loop", "train_files": "loop"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"surgeon_train.{_LAZY[name]}"), name)
+    raise AttributeError(name)
 
 __all__ = ["DataError", "Packed", "TrainOptions", "evaluate", "load_jsonl", "pack", "tokenize", "train", "train_files"]
