@@ -55,14 +55,14 @@ def spectrum(k: int, dev) -> torch.Tensor:
     return 20 * 10 ** (-2 * x) * (1 - 0.95 * x**20)  # 20 … 0.01: ~3.3 decades, steep tail
 
 
-def build(d: Path, layers: int) -> Path:
+def build(d: Path, layers: int, device: str = "cuda") -> Path:
     from surgeon.io import OutTensor, ShardSetWriter, plan_shards
     from surgeon.io.writer import write_json
 
     if (d / "model.safetensors.index.json").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     bases = {}
     for shp in {(H, H), (I, H), (H, I)}:

@@ -18,6 +18,9 @@ a rank-2r adapter for the ORIGINAL model with lora_alpha doubled so that s' = s.
 not LoRA-shaped exports through `Method.lora_change` when it has one (NuSA: lora_B = B,
 lora_A = (M − M₀)A: a rank-r LoRA of the trained change on the ORIGINAL model), else through
 `Method.lora_form` (KaSA: B diag(d), A: a rank-r LoRA on its RESIDUAL, the split folder itself).
+
+absorb runs under torchrun as split does (surgeon/distributed.py): each rank merges its share of
+the tensors into the same pre-laid-out shards; rank 0 writes the rest.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from surgeon import __version__
+from surgeon import __version__, distributed
 from surgeon.card import build_card
 from surgeon.errors import SplitDirError, UsageError
 from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for, write_adapter
@@ -103,7 +106,9 @@ class SplitDir:
         return resolve(str(self.path)).checkpoint()
 
 
+@distributed.collective
 def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, reporter: Reporter | None = None) -> dict:
+    dist = distributed.current()
     opts = opts or AbsorbOptions()
     reporter = reporter or NullReporter()
     sd = SplitDir(split_dir)
@@ -120,7 +125,7 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
         raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors); use --base residual.")
     mult, gates = None, None  # module -> fixed gate multiplying its delta (moe only)
     if sd.method.prompt_dependent:
-        mult, gates = sd.method.fixed_gates(sd, opts.fixed_gates)  # refuses without --fixed-gates
+        mult, gates = dist.from_main(lambda: sd.method.fixed_gates(sd, opts.fixed_gates))  # refuses without --fixed-gates
     elif opts.fixed_gates is not None:
         raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
     layers = sd.manifest["layers"]
@@ -131,17 +136,20 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     work_plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
     if gates is not None:
         work_plan["fixed_gates"] = gates
-    work = WorkDir(out, work_plan, opts.overwrite)
-    writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
-    todo = [n for n in ckpt.tensors if n not in work.journal.done]
-    reporter.start(len(ckpt.tensors), sum(ckpt.tensors[n].nbytes for n in todo), done=len(ckpt.tensors) - len(todo))
+    with dist.main_first():  # rank 0 creates the folder and lays out the shards, then the others open them
+        work = WorkDir(out, work_plan, opts.overwrite, rank=dist.journal_rank)
+        writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
+    left = [n for n in ckpt.tensors if n not in work.done]
+    rank = sd.cfg.rank * (2 if base == "original" else 1)  # B·A once, or twice (current and initial)
+    todo = dist.share(left, [distributed.matrix_cost(ckpt.tensors[n].shape, ckpt.tensors[n].nbytes, rank=rank if n in by_tensor else None) for n in left])
+    reporter.start(len(ckpt.tensors) - len(left) + len(todo), sum(ckpt.tensors[n].nbytes for n in todo), done=len(ckpt.tensors) - len(left))
     t0 = time.perf_counter()
-    changed = 0
     with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file if base == "original" else sd.factors_file, "pt") as ini:
         with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
             pending: list[Future] = []
             for info, tensor in ckpt.stream(todo):
                 hit = by_tensor.get(info.name)
+                changed = False
                 if hit is not None:
                     module, lay = hit
                     g = 1.0 if mult is None else mult[module]
@@ -151,20 +159,26 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
                         if g != 0 and any(not torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
                             delta = sd.method.delta(f_cur, sd.cfg) - sd.method.delta(f_ini, sd.cfg)  # (out, in)
                             tensor = _add(tensor, g * delta, lay["transposed"])
-                            changed += 1
+                            changed = True
                     else:
                         tensor = _add(tensor, g * sd.method.delta(f_cur, sd.cfg), lay["transposed"])
                 while len(pending) >= 2:
                     pending.pop(0).result()
                 pending.append(pool.submit(writer.write, info.name, tensor))
-                work.journal.add({"name": info.name})
+                work.journal.add({"name": info.name, "changed": changed})
                 reporter.advance(info.name, info.nbytes)
+                dist.check_peers()  # another rank failed: stop here
             for f in pending:
                 f.result()
     writer.sync()
     work.journal.commit()
     writer.close()
+    dist.sync()  # every rank's tensors are written
+    if not dist.is_main:
+        reporter.close()
+        return None  # rank 0 finishes the folder; every rank returns its manifest
     writer.write_index()
+    changed = sum(1 for rec in work.records().values() if rec.get("changed"))
     skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, "README.md"}
     side = [p for p in sd.path.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
     if base == "original" and resolve_side(sd):  # the source's config carries the original dtype

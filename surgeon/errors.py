@@ -55,3 +55,11 @@ class HubAuthError(HubError):
 
 class NotHubReadyError(HubError):
     """A folder fails the checks that come before an upload; the message lists every problem."""
+
+
+class DistributedError(SurgeonError):
+    """The ranks of a torchrun job cannot work together (different views of the files, GPUs)."""
+
+
+class PeerFailedError(DistributedError):
+    """Another rank of a torchrun job failed; the message and exit code are that rank's."""

@@ -5,6 +5,9 @@
 Tensors stream in checkpoint order; a reader thread prefetches the next ones while the current
 one is decomposed, and a writer thread puts finished tensors into pre-planned shards, so reading,
 solving and writing overlap and host memory stays at a few tensors.
+
+Under torchrun every rank runs `split` on its share of the tensors, into the same shard files
+(surgeon/distributed.py); the calls on `dist` below are no-ops in a single process.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon import __version__
+from surgeon import __version__, distributed
 from surgeon.card import build_card
 from surgeon.errors import UsageError
 from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for
@@ -87,8 +90,10 @@ def _out_dtype(stored: str, wanted: str | None) -> str:
     return wanted if (wanted and stored in FLOAT_DTYPES) else stored
 
 
+@distributed.collective
 def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Reporter | None = None) -> dict:
-    """Split `model` into residual + factors in `out`; returns the manifest."""
+    """Split `model` into residual + factors in `out`; returns the manifest (on every rank)."""
+    dist = distributed.current()
     opts = opts or SplitOptions()
     reporter = reporter or NullReporter()
     method = get_method(opts.method)
@@ -106,7 +111,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
             raise UsageError(f"--dtype {opts.dtype!r} unknown; choose float32, bfloat16 or float16.")
         new_dtype = USER_DTYPES[opts.dtype.lower()]
     shard_bytes = parse_size(opts.shard_size)
-    backend = get_backend(opts.device, opts.backend)
+    backend = get_backend(dist.device(opts.device), opts.backend)
 
     src: Source = resolve(model, opts.revision, opts.config, opts.allow_pickle)
     ckpt: Checkpoint = src.checkpoint()
@@ -149,21 +154,23 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "shard_bytes": shard_bytes,
         "source": src.fingerprint(),
     }
-    work = WorkDir(out, plan, opts.overwrite)
-    base_w = ShardSetWriter(work.path, plan_shards(base_plan, shard_bytes))
-    fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
-    spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")]) if opts.spectra else None
-    # the untrained factors once more, kept beside the trainable copy for absorb and export
-    init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")])
-    writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
-    for i, (b, info) in enumerate(blocks.items()):  # deterministic, cheap: (re)written on every run
-        for fname, t in method.init_block(i, info["hidden"], len(info["experts"]), cfg).items():
-            fac_w.write(f"{b}.{fname}", t)
-            init_w.write(f"{b}.{fname}", t)
+    with dist.main_first():  # rank 0 creates the folder and lays out every file, then the others open them
+        work = WorkDir(out, plan, opts.overwrite, rank=dist.journal_rank)
+        base_w = ShardSetWriter(work.path, plan_shards(base_plan, shard_bytes))
+        fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
+        spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")]) if opts.spectra else None
+        # the untrained factors once more, kept beside the trainable copy for absorb and export
+        init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")])
+        writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
+        for i, (b, info) in enumerate(blocks.items() if dist.is_main else ()):  # deterministic, cheap: (re)written on every run
+            for fname, t in method.init_block(i, info["hidden"], len(info["experts"]), cfg).items():
+                fac_w.write(f"{b}.{fname}", t)
+                init_w.write(f"{b}.{fname}", t)
 
-    todo = [n for n in ckpt.tensors if n not in work.journal.done]
+    left = [n for n in ckpt.tensors if n not in work.done]
+    todo = dist.share(left, [split_cost(ckpt.tensors[n], n in targets, backend.device.type) for n in left])  # this rank's, in file order
     total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
-    reporter.start(len(ckpt.tensors), total_bytes, done=len(ckpt.tensors) - len(todo))
+    reporter.start(len(ckpt.tensors) - len(left) + len(todo), total_bytes, done=len(ckpt.tensors) - len(left))
     clock = StageClock()
     backend.warmup()
     if backend.device.type == "cuda":
@@ -255,6 +262,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
                     with clock("wait_commit"):
                         commit()
                     last_commit = time.monotonic()
+                dist.check_peers()  # another rank failed: stop (what is committed stays done)
             while solving:
                 drain_one(wpool)
             with clock("wait_commit"):
@@ -263,14 +271,19 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         torch.set_num_threads(threads)
     for w in writers:
         w.close()
+    ranks = dist.sync(_rank_record(dist, backend, todo, total_bytes, time.perf_counter() - t_start, clock))  # all written
+    if not dist.is_main:
+        reporter.close()
+        return None  # rank 0 finishes the folder; every rank returns its manifest
     base_w.write_index()
     elapsed = time.perf_counter() - t_start
 
-    layers = {rec["layer"]["module"]: rec["layer"] for rec in work.journal.done.values() if "layer" in rec}
+    layers = {rec["layer"]["module"]: rec["layer"] for rec in work.records().values() if "layer" in rec}
     layers = {t.module: layers[t.module] for t in targets.values()}  # checkpoint order
     target_modules = peft_target_modules(ckpt.tensors, targets)
-    manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, total_bytes, work.resumed)
+    manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, sum(r["bytes_read"] for r in ranks), work.resumed)
     manifest["summary"]["stage_seconds"] = clock.totals()
+    distributed.rank_summary(manifest["summary"], ranks)
     if method.options or method.notes:
         manifest["method_options"], manifest["method_notes"] = method_options, dict(method.notes)
     if blocks:
@@ -319,6 +332,20 @@ class StageClock:
 
     def totals(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in sorted(self._t.items())}
+
+
+def split_cost(info, targeted: bool, device_type: str) -> int:
+    """How long a tensor keeps a rank busy (distributed.matrix_cost), to balance the ranks."""
+    return distributed.matrix_cost(info.shape, info.nbytes, device_type, solve=targeted)
+
+
+def _rank_record(dist, backend, todo: list[str], nbytes: int, seconds: float, clock: StageClock) -> dict:
+    """What this rank did, for the manifest of a distributed run."""
+    return {
+        "rank": dist.rank, "device": str(backend.device), "tensors": len(todo), "bytes_read": nbytes,
+        "cost": dist.loads[dist.rank], "seconds": round(seconds, 3), "stage_seconds": clock.totals(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(backend.device) if backend.device.type == "cuda" else None,
+    }
 
 
 def _hidden_size(model_cfg: dict) -> int:

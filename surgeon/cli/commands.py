@@ -18,6 +18,7 @@ from rich.table import Table
 
 from surgeon import __version__
 from surgeon.cli.common import err_console, errors_to_exit, print_json, reporter
+from surgeon.distributed import is_main_process
 
 app = typer.Typer(
     name="surgeon",
@@ -98,6 +99,8 @@ def split(
 
             preflight()  # token and not offline: before hours of work, not after
         manifest = do_split(model, out, opts, reporter(f"split {method}", quiet))
+    if not is_main_process():  # torchrun: rank 0 speaks and pushes
+        return
     if not quiet:
         _summary(manifest, out)
     if push_to_hub:
@@ -141,6 +144,8 @@ def absorb(
 
             preflight()
         m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite, fixed_gates=fixed_gates), reporter("absorb", quiet))
+    if not is_main_process():
+        return
     if not quiet:
         err_console().print(f"absorbed {m['layers']} layers into the {m['base']} weights ({m['layers_changed']} changed) → {out}")
     if push_to_hub:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from surgeon.distributed import is_main_process, linger
 from surgeon.errors import SurgeonError
 from surgeon.progress import NullReporter, Reporter
 
@@ -26,10 +28,14 @@ def errors_to_exit():
     try:
         yield
     except SurgeonError as e:
-        err_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        if getattr(e, "reported", False) and not is_main_process():  # under torchrun rank 0 prints it
+            linger()
+        else:
+            err_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err_console().print("[yellow]interrupted[/]: the partial output is kept; run the same command again to resume.")
+        if is_main_process():  # torchrun hands Ctrl-C to every rank: one note is enough
+            err_console().print("[yellow]interrupted[/]: the partial output is kept; run the same command again to resume.")
         raise typer.Exit(130) from None
 
 
@@ -72,7 +78,11 @@ class RichReporter(Reporter):
 
 
 def reporter(label: str, quiet: bool) -> Reporter:
-    return NullReporter() if quiet else RichReporter(label)
+    """The progress bar; under torchrun only rank 0 draws one (of its own share of the tensors)."""
+    if quiet or not is_main_process():
+        return NullReporter()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return RichReporter(f"{label} (rank 0 of {world})" if world > 1 else label)
 
 
 def print_json(obj) -> None:
