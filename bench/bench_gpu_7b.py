@@ -122,6 +122,7 @@ def timed_split(src: Path, out: Path, extra: list[str]) -> dict:
         "peak_rss_GiB_children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
         "worst_reconstruction_error": s["worst_reconstruction_error"], "worst_subspace_bound": s["worst_subspace_bound"],
         "stage_seconds": s.get("stage_seconds"),
+        "setup_s": s.get("setup_seconds"), "finish_s": s.get("finish_seconds"),
     }
 
 
@@ -197,6 +198,10 @@ def main():
     src = build(d / "model", args.layers)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build_s": round(time.perf_counter() - t0, 1),
            "checkpoint_GB": round(sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e9, 2)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import surgeon.cli.commands, surgeon.pipeline, torch; torch.zeros(1, device='cuda')"],
+                   check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res["process_start_imports_cuda_init_s"] = round(time.perf_counter() - t0, 2)
     res["dropped_caches"] = drop_caches()
     res["cold"] = timed_split(src, d / "out", args.split_args.split())
     if args.only_split:

@@ -93,6 +93,7 @@ def _out_dtype(stored: str, wanted: str | None) -> str:
 @distributed.collective
 def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Reporter | None = None) -> dict:
     """Split `model` into residual + factors in `out`; returns the manifest (on every rank)."""
+    t_enter = time.perf_counter()
     dist = distributed.current()
     opts = opts or SplitOptions()
     reporter = reporter or NullReporter()
@@ -305,6 +306,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
                 use_rslora=cfg.use_rslora, task_type=task_type_for(model_cfg),
             ),
         )
+    manifest["summary"]["setup_seconds"] = round(t_start - t_enter, 3)  # before the first tensor
+    manifest["summary"]["finish_seconds"] = round(time.perf_counter() - t_start - elapsed, 3)  # after the last
     write_json(work.path / MANIFEST, manifest)
     build_card(manifest).save(work.path / "README.md")
     work.finish()

@@ -61,8 +61,8 @@ def task_type_for(config: dict) -> str | None:
     causal-LM auto mapping, or a *ForCausalLM / *LMHeadModel name), else None: PEFT then wraps the
     model in the plain PeftModel, which e.g. CLIPModel needs. No architectures: CAUSAL_LM."""
     archs = config.get("architectures") or []
-    if not archs:
-        return "CAUSAL_LM"
+    if not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "CAUSAL_LM"  # decided by the name: no transformers import (seconds) on the hot path
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
