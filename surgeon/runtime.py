@@ -39,7 +39,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        z = nn.functional.linear(nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        # under autocast the products run in the autocast dtype anyway: casting x to the factors'
+        # float32 first (as PEFT does) would only add a kernel; outside autocast, match dtypes
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        z = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
         return y + (self.scale * z).to(y.dtype)
 
     def factors(self) -> dict[str, torch.Tensor]:
