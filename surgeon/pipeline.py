@@ -225,15 +225,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     # once on one GPU run no faster in total (bench/RESULTS.md), so a second worker only adds contention.
     workers = opts.workers or (2 if backend.device.type == "cpu" else 1)
     threads = torch.get_num_threads()
-    blas_limit = contextlib.nullcontext()
     if workers > 1 and backend.device.type == "cpu":
         torch.set_num_threads(max(1, threads // workers))
-        try:  # SciPy's BLAS (the lapack backend) keeps a thread pool of its own
-            from threadpoolctl import threadpool_limits
-
-            blas_limit = threadpool_limits(max(1, threads // workers))
-        except ImportError:
-            pass
     solving: deque[tuple] = deque()
 
     def drain_one(pool) -> None:
@@ -248,7 +241,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         reporter.advance(info.name, info.nbytes)
 
     try:
-        with blas_limit, ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as wpool, ThreadPoolExecutor(workers, thread_name_prefix="surgeon-solve") as spool:
+        with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as wpool, ThreadPoolExecutor(workers, thread_name_prefix="surgeon-solve") as spool:
             stream = ckpt.stream(todo, prefetch=opts.prefetch, pin=backend.device.type == "cuda")
             while True:
                 with clock("wait_read"):

@@ -26,11 +26,6 @@ class Backend:
         """Thin SVD: U (m, k), S (k,) descending, Vh (k, n)."""
         raise NotImplementedError
 
-    def gram(self, w: torch.Tensor) -> torch.Tensor:
-        """The Gram matrix of the short side, WᵀW (tall) or WWᵀ (wide); only its lower triangle is
-        read by `eigh`/`eigh_range`."""
-        return w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
-
     def eigh_range(self, g: torch.Tensor, lo: int, hi: int, all_values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Eigenpairs lo..hi-1 (ascending order) of symmetric g: (every eigenvalue or None, values (hi-lo,), vectors (k, hi-lo)).
 
@@ -65,37 +60,6 @@ class TorchBackend(Backend):
         # gesvd is the accurate cuSOLVER driver; CPU LAPACK ignores the argument
         driver = "gesvd" if w.is_cuda else None
         return torch.linalg.svd(w, full_matrices=False, driver=driver)
-
-
-class LapackBackend(TorchBackend):
-    """CPU: LAPACK through SciPy where it does less work than torch's calls.
-
-    * the Gram matrix with dsyrk (the lower triangle only: half the flops of a GEMM);
-    * without the full spectrum (--no-spectra), only the wanted eigenpairs, with dsyevr (MRRR) on
-      the index range; with it, torch's full eigh (a second, values-only dsyevr costs as much).
-    Measured on the 2-core CI machine, one thread, 1536x576 float64: GEMM Gram 20 ms vs dsyrk 11 ms;
-    full eigh 31-45 ms vs 65 pairs 20 ms (+ 8-13 ms for all values). SVDs stay with torch.
-    """
-
-    name = "lapack"
-
-    def __init__(self, device: torch.device):
-        super().__init__(device)
-        from scipy.linalg import blas, eigh  # noqa: PLC0415 - optional: get_backend falls back to torch
-
-        self._syrk, self._eigh = blas.dsyrk, eigh
-
-    def gram(self, w):
-        a = w.numpy()  # C order (m, n): a.T is a Fortran-order view, so no copy reaches BLAS
-        tall = a.shape[0] >= a.shape[1]
-        g = self._syrk(1.0, a.T, trans=0 if tall else 1, lower=1)  # (k, k), lower triangle
-        return torch.from_numpy(g)
-
-    def eigh_range(self, g, lo, hi, all_values=True):
-        if all_values:  # every value and the wanted vectors: one full eigh is as cheap as two dsyevr calls
-            return super().eigh_range(g, lo, hi, all_values)
-        vals, vecs = self._eigh(g.numpy(), lower=True, subset_by_index=[lo, hi - 1], driver="evr", check_finite=False)
-        return None, torch.from_numpy(vals), torch.from_numpy(vecs)
 
 
 class CupyBackend(Backend):
@@ -139,18 +103,6 @@ def get_backend(device: str | torch.device = "auto", name: str = "auto") -> Back
     dev = resolve_device(device) if isinstance(device, str) else device
     if name == "auto":
         name = "torch"
-        if dev.type == "cpu":
-            try:
-                return LapackBackend(dev)
-            except ImportError:  # SciPy missing: torch does the same work, slower
-                pass
-    if name == "lapack":
-        if dev.type != "cpu":
-            raise UsageError("--backend lapack runs on the CPU; use torch or cupy on CUDA.")
-        try:
-            return LapackBackend(dev)
-        except ImportError as e:
-            raise UsageError("--backend lapack needs SciPy: pip install scipy.") from e
     if name == "torch":
         return TorchBackend(dev)
     if name == "cupy":
@@ -160,4 +112,4 @@ def get_backend(device: str | torch.device = "auto", name: str = "auto") -> Back
             return CupyBackend(dev)
         except ImportError as e:
             raise UsageError("--backend cupy needs CuPy: pip install 'surgeon[cuda]' (or cupy-cuda13x).") from e
-    raise UsageError(f"unknown backend {name!r}; choose auto, torch, lapack (CPU) or cupy (CUDA).")
+    raise UsageError(f"unknown backend {name!r}; choose auto, torch or cupy (CUDA).")

@@ -89,7 +89,7 @@ def svd_f64(w64: torch.Tensor, rank: int, which: str, backend: Backend) -> Tripl
 def gram_eigh(w64: torch.Tensor, rank: int, which: str, backend: Backend, spectrum: bool = True) -> Triplets:
     m, n = w64.shape
     tall = m >= n
-    g = backend.gram(w64)  # (k, k), k = min(m, n); lower triangle at least
+    g = w64.mT @ w64 if tall else w64 @ w64.mT  # (k, k), k = min(m, n)
     if not bool(torch.isfinite(g.diagonal()).all()):  # diag(WᵀW)_j = Σ_i w_ij²: catches any NaN/Inf in W
         raise NumericsError("the weight contains NaN or Inf values; the checkpoint is damaged.")
     k = g.shape[0]
