@@ -26,7 +26,7 @@ from surgeon.pipeline import SplitOptions, split, split_cost
 from surgeon.targets import select_targets
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"seconds", "stage_seconds", "ranks", "world_size", "peak_gpu_bytes"}
+TIMING = {"setup_seconds", "finish_seconds", "seconds", "stage_seconds", "ranks", "world_size", "peak_gpu_bytes"}
 
 
 def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
