@@ -70,12 +70,15 @@ class PushResult:
     warnings: list[str]
 
 
+LOCAL_ONLY = {"train_state"}  # `surgeon train`'s resume state (optimizer, RNG): not part of a model repo
+
+
 def _files(folder: Path) -> list[str]:
-    """Every file under `folder` except hidden ones (.git, .cache, editor droppings)."""
+    """Every file under `folder` except hidden ones (.git, .cache, editor droppings) and local state."""
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] not in LOCAL_ONLY:
             out.append(rel.as_posix())
     return out
 

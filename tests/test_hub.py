@@ -299,6 +299,23 @@ def test_cli_push_absorb_push_to_hub_and_exit_codes(hub, split_dir, tmp_path):
     assert {"pissa", "merged"} <= set(meta["tags"]) and 'repo = "me/merged"' in got["README.md"].decode()
 
 
+def test_train_push_to_hub_uploads_the_trained_folder_but_not_its_resume_state(hub, split_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import build_app
+
+    data = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "tiny_instruct.jsonl"
+    out = tmp_path / "trained"
+    r = CliRunner().invoke(build_app(), ["train", str(split_dir), "--data", str(data), "--out", str(out), "--steps", "2",
+                                         "--seq-len", "32", "--batch-size", "2", "--save-every", "1", "--push-to-hub", "me/trained", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (out / "train_state").is_dir()  # kept locally for --resume ...
+    got = hub.repos["me/trained"].files()
+    assert not any(f.startswith("train_state") for f in got)  # ... but never uploaded
+    assert got["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    assert got["adapter_model.safetensors"] != (split_dir / "adapter_model.safetensors").read_bytes()  # the trained factors
+
+
 def test_environment_variables_in_a_fresh_process(hub, source, tmp_path):
     """HF_ENDPOINT / HF_TOKEN / HF_HOME / HF_HUB_OFFLINE as a user sets them: split --push-to-hub, then offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}

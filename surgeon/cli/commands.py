@@ -116,7 +116,7 @@ def _summary(m: dict, out: Path) -> None:
     t.add_row("layers split", str(s["layers"]))
     t.add_row("solvers", ", ".join(f"{k}: {v}" for k, v in s["solvers"].items()))
     t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖", f"{s['worst_reconstruction_error']:.2e}")
-    t.add_row("mean factor energy", f"{s['mean_factor_energy']:.3%}")
+    t.add_row("mean factor energy (fraction of Σσ²)", f"{s['mean_factor_energy']:.3g}")
     t.add_row("time", f"{s['seconds']:.1f} s ({s['bytes_read'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
     err_console().print(t)
 

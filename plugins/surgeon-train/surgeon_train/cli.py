@@ -44,6 +44,8 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (and its saved state).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Then upload --out to this Hub model repo (org/name), as `surgeon push` does (train_state/ stays local).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")] = False,
 ):
     """Fine-tune only the factors of a split folder (the residual base stays frozen and is never rewritten)."""
     from surgeon.cli.common import err_console, errors_to_exit, print_json
@@ -60,6 +62,10 @@ def train(
     bar = _Bar() if main and not quiet else None
     try:
         with errors_to_exit():
+            if push_to_hub and main:
+                from surgeon.hub import preflight
+
+                preflight()  # token and not offline: before the training, not after
             try:
                 summary = train_files(split_dir, data, out, opts, eval_data, bar)
             except KeyboardInterrupt:
@@ -75,6 +81,12 @@ def train(
             f"trained {summary['plan']['trainable']:,} parameters for {summary['steps_done']} steps: "
             f"loss {summary['final_loss'] or float('nan'):.4f}{ev}, {summary['tokens_per_s_this_run']:,.0f} tokens/s → {out}"
         )
+    if main and push_to_hub:
+        from surgeon.hub import push
+
+        with errors_to_exit():
+            res = push(out, push_to_hub, private=private)
+        err_console().print(f"pushed {len(res.files)} files to {res.url}")
     if main and json_out:
         print_json(summary)
 
