@@ -40,7 +40,6 @@ from surgeon.card import build_card
 from surgeon.errors import SplitDirError, UsageError
 from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for, write_adapter
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.dtypes import torch_dtype
 from surgeon.io.writer import write_json
 from surgeon.methods import Method, MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files

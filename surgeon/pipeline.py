@@ -12,7 +12,6 @@ Under torchrun every rank runs `split` on its share of the tensors, into the sam
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -33,7 +32,9 @@ from surgeon.io.writer import write_json
 from surgeon.linalg import decompose, get_backend
 from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
+from surgeon.manifest import build_manifest, method_config
 from surgeon.progress import NullReporter, Reporter
+from surgeon.stages import HostCopy, StageClock, write_all
 from surgeon.source import Source, resolve
 from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
 
@@ -236,7 +237,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         with clock("wait_write"):
             while len(pending) >= 4:
                 pending.pop(0).result()
-        pending.append(pool.submit(_write_all, outputs, clock))
+        pending.append(pool.submit(write_all, outputs, clock))
         work.journal.add(record)
         reporter.advance(info.name, info.nbytes)
 
@@ -275,7 +276,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     layers = {rec["layer"]["module"]: rec["layer"] for rec in work.records().values() if "layer" in rec}
     layers = {t.module: layers[t.module] for t in targets.values()}  # checkpoint order
     target_modules = peft_target_modules(ckpt.tensors, targets)
-    manifest = _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, sum(r["bytes_read"] for r in ranks), work.resumed)
+    manifest = build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, sum(r["bytes_read"] for r in ranks), work.resumed)
     manifest["summary"]["stage_seconds"] = clock.totals()
     distributed.rank_summary(manifest["summary"], ranks)
     if method.options or method.notes:
@@ -308,28 +309,6 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     return manifest
 
 
-class StageClock:
-    """Seconds spent per stage, summed over threads: where the main loop waited (wait_read,
-    wait_solve, wait_write, wait_commit) and how busy the solver and writer threads were. The
-    largest wait names the bottleneck of a run."""
-
-    def __init__(self):
-        self._t: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._t[stage] = self._t.get(stage, 0.0) + time.perf_counter() - t0
-
-    def totals(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in sorted(self._t.items())}
-
-
 def split_cost(info, targeted: bool, device_type: str) -> int:
     """How long a tensor keeps a rank busy (distributed.matrix_cost), to balance the ranks."""
     return distributed.matrix_cost(info.shape, info.nbytes, device_type, solve=targeted)
@@ -351,35 +330,6 @@ def _hidden_size(model_cfg: dict) -> int:
     raise UsageError("config.json gives no hidden size (hidden_size / n_embd / d_model), which this method's per-block "
                      "tensors need; pass --config with a complete config.json.")
 
-
-
-def method_config(cfg: MethodConfig) -> dict:
-    """The persisted MethodConfig (everything but the per-layer `module`); SplitDir reads it back."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "module"}
-
-
-
-def _write_all(outputs: list[tuple[ShardSetWriter, str, torch.Tensor]], clock) -> None:
-    with clock("writer_busy"):
-        for writer, name, t in outputs:
-            if isinstance(t, HostCopy):
-                t = t.wait()
-            writer.write(name, t)
-
-
-class HostCopy:
-    """A device tensor being copied into page-locked host memory on the current CUDA stream; the
-    solver thread goes on at once and the writer thread waits for the copy."""
-
-    def __init__(self, t: torch.Tensor):
-        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # torch caches pinned blocks
-        self.host.copy_(t, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def wait(self) -> torch.Tensor:
-        self.event.synchronize()
-        return self.host
 
 
 def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, backend, opts: SplitOptions, out_dtype: str, clock):
@@ -422,46 +372,3 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
         if w64.is_cuda:
             return layer, {k: HostCopy(v) for k, v in outs.items()}
         return layer, outs
-
-
-def _manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:
-    solvers: dict[str, int] = {}
-    for lay in layers.values():
-        solvers[lay["solver"]] = solvers.get(lay["solver"], 0) + 1
-    errs = [lay["reconstruction_error"] for lay in layers.values()]
-    return {
-        "surgeon_version": __version__,
-        "operation": "split",
-        "method": method.name,
-        "method_summary": method.summary,
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "scale": cfg.scale,
-        "use_rslora": cfg.use_rslora,
-        "method_config": method_config(cfg),
-        **({"method_details": method.describe(cfg)} if method.describe(cfg) else {}),
-        **method.manifest_extra(cfg),
-        "peft_adapter": method.lora_shaped,
-        "factor_dtype": "float32",
-        "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
-        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint(), **src.card_metadata()},
-        "target": list(opts.target),
-        "target_modules": target_modules,
-        "transposed": any(t.transposed for t in targets.values()),
-        "device": str(backend.device),
-        "backend": backend.name,
-        "solver": opts.solver,
-        "tol": opts.tol,
-        "summary": {
-            "layers": len(layers),
-            "solvers": solvers,
-            "worst_reconstruction_error": max(errs) if errs else 0.0,
-            "worst_subspace_bound": max((lay["subspace_bound"] for lay in layers.values()), default=0.0),
-            "mean_factor_energy": sum(lay["factor_energy"] for lay in layers.values()) / max(len(layers), 1),
-            "seconds": round(elapsed, 3),
-            "bytes_read": nbytes,
-            "resumed_tensors": resumed,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(backend.device) if backend.device.type == "cuda" else None,
-        },
-        "layers": layers,
-    }

@@ -1,0 +1,61 @@
+"""The manifest of a split (surgeon.json): what was done, with which settings, per layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from surgeon import __version__
+from surgeon.io.dtypes import CONFIG_DTYPE
+from surgeon.methods import MethodConfig
+
+
+def method_config(cfg: MethodConfig) -> dict:
+    """The persisted MethodConfig (everything but the per-layer `module`); SplitDir reads it back."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "module"}
+
+
+
+
+def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:
+    solvers: dict[str, int] = {}
+    for lay in layers.values():
+        solvers[lay["solver"]] = solvers.get(lay["solver"], 0) + 1
+    errs = [lay["reconstruction_error"] for lay in layers.values()]
+    return {
+        "surgeon_version": __version__,
+        "operation": "split",
+        "method": method.name,
+        "method_summary": method.summary,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "scale": cfg.scale,
+        "use_rslora": cfg.use_rslora,
+        "method_config": method_config(cfg),
+        **({"method_details": method.describe(cfg)} if method.describe(cfg) else {}),
+        **method.manifest_extra(cfg),
+        "peft_adapter": method.lora_shaped,
+        "factor_dtype": "float32",
+        "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
+        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint(), **src.card_metadata()},
+        "target": list(opts.target),
+        "target_modules": target_modules,
+        "transposed": any(t.transposed for t in targets.values()),
+        "device": str(backend.device),
+        "backend": backend.name,
+        "solver": opts.solver,
+        "tol": opts.tol,
+        "summary": {
+            "layers": len(layers),
+            "solvers": solvers,
+            "worst_reconstruction_error": max(errs) if errs else 0.0,
+            "worst_subspace_bound": max((lay["subspace_bound"] for lay in layers.values()), default=0.0),
+            "mean_factor_energy": sum(lay["factor_energy"] for lay in layers.values()) / max(len(layers), 1),
+            "seconds": round(elapsed, 3),
+            "bytes_read": nbytes,
+            "resumed_tensors": resumed,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(backend.device) if backend.device.type == "cuda" else None,
+        },
+        "layers": layers,
+    }
