@@ -12,6 +12,7 @@ Under torchrun every rank runs `split` on its share of the tensors, into the sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -24,7 +25,7 @@ import torch
 
 from surgeon import __version__, distributed
 from surgeon.card import build_card
-from surgeon.errors import UsageError
+from surgeon.errors import NumericsError, UsageError
 from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES, torch_dtype
@@ -262,6 +263,13 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
                 drain_one(wpool)
             with clock("wait_commit"):
                 commit()
+    except BaseException:
+        # Ctrl-C or an error: keep what is already written (the executors above have finished their
+        # work), so that repeating the command resumes after it. If a write failed, commit() raises
+        # before journaling anything, and nothing unsafe is recorded.
+        with contextlib.suppress(Exception):
+            commit()
+        raise
     finally:
         torch.set_num_threads(threads)
     for w in writers:
@@ -337,7 +345,10 @@ def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, 
     w64 = stored.to(backend.device, non_blocking=True).double()
     w64 = w64.mT if target.transposed else w64  # (out, in)
     with clock("decompose"):
-        trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
+        try:
+            trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
+        except NumericsError as e:  # name the tensor: a damaged checkpoint is fixed one tensor at a time
+            raise NumericsError(f"{target.tensor}: {e}") from e
     with clock("method"):
         res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
         residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once

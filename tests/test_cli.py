@@ -139,7 +139,7 @@ def test_interrupted_split_resumes_and_matches_a_clean_run(tiny, tmp_path, monke
 
     monkeypatch.setattr(pipeline, "_split_one", flaky)
     out = tmp_path / "o"
-    opts = SplitOptions(rank=4, shard_size="100KB", commit_seconds=0, workers=1)
+    opts = SplitOptions(rank=4, shard_size="100KB", workers=1)  # default commit interval: the interrupt commits
     with pytest.raises(KeyboardInterrupt):
         split(str(tiny["tiny-llama"]), out, opts)
     assert not out.exists() and (tmp_path / ".o.partial" / "journal.jsonl").exists()
@@ -186,3 +186,20 @@ def test_hub_id_resolves_from_the_offline_cache(tiny, tmp_path, monkeypatch):
     assert "base_model: acme/tiny-llama" in card and "library_name: peft" in card
     r = run("split", "acme/not-cached", "--rank", "2", "--out", tmp_path / "o2")
     assert r.exit_code == 1 and "acme/not-cached" in one_error_line(r)
+
+
+def test_a_nan_weight_is_named(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["tiny-llama"], bad)
+    for f in sorted(bad.glob("model-*.safetensors")):
+        sd = load_file(f)
+        name = next((k for k in sd if k.endswith("mlp.up_proj.weight")), None)
+        if name:
+            sd[name][1, 2] = float("nan")
+            save_file(sd, f, metadata={"format": "pt"})
+            break
+    r = run("split", bad, "--rank", "2", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and name in one_error_line(r) and "NaN" in r.output
+    assert not (tmp_path / "o").exists()

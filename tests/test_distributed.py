@@ -118,7 +118,7 @@ def test_a_bad_tensor_on_rank_1_fails_every_rank_cleanly(tiny, tmp_path):
     r = torchrun("-m", "surgeon", "split", bad, "--rank", "4", "--out", tmp_path / "o", timeout=90)
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: rank 1 of 2 failed: the weight contains NaN or Inf values; the checkpoint is damaged."], r.stderr[-3000:]
+    assert errors == [f"error: rank 1 of 2 failed: {victim.name}: the weight contains NaN or Inf values; the checkpoint is damaged."], r.stderr[-3000:]
     assert "surgeon/" not in r.stderr  # no traceback from our code, only torchrun's report
     assert not (tmp_path / "o").exists()
 
