@@ -23,7 +23,7 @@ from surgeon.io.dtypes import FLOAT_DTYPES
 from surgeon.io.reader import TensorInfo
 
 BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
-EXCLUDE = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_|layernorm|rotary|score)", re.IGNORECASE)
+EXCLUDE = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_|layernorm|rotary|score|relative_attention_bias)", re.IGNORECASE)
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 CONV1D_NAMES = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)$")
 HEADS = re.compile(r"(^|\.)(text_projection|visual_projection)$")  # linear layers outside the blocks that PEFT takes

@@ -218,3 +218,17 @@ def test_single_file_with_config(tiny, tmp_path):
     m = split(str(f), tmp_path / "o", SplitOptions(rank=2, config=tiny["tiny-qwen2"] / "config.json"))
     assert m["summary"]["layers"] == 14
     assert (tmp_path / "o" / "config.json").exists() and (tmp_path / "o" / "tokenizer.json").exists()
+
+
+def test_all_linear_skips_embeddings_inside_blocks():
+    """T5 keeps an Embedding (relative_attention_bias) inside its blocks; PEFT's all-linear skips it."""
+    from pathlib import Path
+
+    from surgeon.io.reader import TensorInfo
+    from surgeon.targets import select_targets
+
+    names = {"encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 8),
+             "encoder.block.0.layer.1.DenseReluDense.wi.weight": (16, 8)}
+    t = {n: TensorInfo(n, "F32", s, Path("x"), 0, 4) for n, s in names.items()}
+    assert sorted(select_targets(t, None, "t5")) == sorted(n for n in names if "relative" not in n)
