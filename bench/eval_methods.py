@@ -68,6 +68,14 @@ PROBES = [
 ]
 
 
+PROBE_KEYS = [("paris",), ("7", "seven"), ("blue",), ("shakespeare",), ("100",), ("5", "five"), ("banana", "lemon", "pineapple", "mango"),
+              ("jupiter",), ("spanish", "castilian"), ("honey",)]  # any of these in the answer counts as correct
+
+
+def probe_correct(answers: list[str]) -> float:
+    return sum(any(k in norm(a).split() for k in keys) for a, keys in zip(answers, PROBE_KEYS)) / len(PROBE_KEYS)
+
+
 def general_text_file() -> Path:
     import numpy
 
@@ -180,7 +188,7 @@ class Evaluator:
         txt = general_text_file().read_text(encoding="utf-8")
         self.text_sha = hashlib.sha256(txt.encode()).hexdigest()
         ids = self.tok(txt, add_special_tokens=False)["input_ids"][:ppl_tokens]
-        w = min(256, len(ids))
+        w = min(2 * seq_len, len(ids))  # windows of 256 tokens by default
         ids = ids[: len(ids) // w * w]
         t = torch.tensor(ids).view(-1, w)
         self.ppl_data = Packed(t, t.clone())
@@ -189,8 +197,11 @@ class Evaluator:
 
     @torch.no_grad()
     def generate(self, model, prompts: list[str]) -> list[str]:
-        chats = [self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
-        enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if getattr(self.tok, "chat_template", None):  # as the trainer renders prompts (surgeon_train.data)
+            chats = [self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+            enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        else:
+            enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(self.device)
         out = model.generate(**enc, max_new_tokens=self.max_new, do_sample=False, pad_token_id=self.tok.pad_token_id)
         return [self.tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
 
@@ -260,6 +271,7 @@ def run(args) -> dict:
 
     base = load(model, args.device, split=False)
     ref = ev.measure(base, ("A", "B"))
+    ref["probe_correct"] = probe_correct(ref["probe_answers"])
     del base
     log(f"untrained: {json.dumps({k: v for k, v in ref.items() if not k.endswith('answers')})}")
 
@@ -272,6 +284,7 @@ def run(args) -> dict:
         r = ev.measure(m, tasks)
         del m
         r["probe_changed"], r["probe_drift"] = probe_drift(r["probe_answers"], ref["probe_answers"])
+        r["probe_correct"] = probe_correct(r["probe_answers"])
         r["ppl_increase_pct"] = 100 * (r["ppl"] / ref["ppl"] - 1)
         return r
 
@@ -364,15 +377,16 @@ def table(res: dict) -> str:
         f"general text = first {res['general_text']['tokens']} tokens of numpy's {res['general_text']['file']}.",
         "",
         f"Untrained: task A loss {u['taskA_loss']:.3f}, acc {u['taskA_acc']:.2f}, recall {u['taskA_recall']:.2f}; task B loss {u['taskB_loss']:.3f}; "
-        f"general-text ppl {u['ppl']:.3f}.",
+        f"general-text ppl {u['ppl']:.3f}; probes correct {u['probe_correct']:.1f}.",
         "",
         "Mean ± sample std over seeds. acc = greedy answer contains the whole expected completion; recall = fraction of "
         "the completion's new words (not in the question) that the greedy answer contains. Trainable = nominal (effective: NuSA's filled null space). "
-        "Δppl = forgetting on general text; probes changed = fraction of the 10 general questions whose greedy answer changed; "
+        "Δppl = forgetting on general text; probes correct = fraction of the 10 general questions answered correctly "
+        "(a keyword of PROBE_KEYS in the greedy answer); probes changed = fraction of the 10 general questions whose greedy answer changed; "
         "split ppl = ppl of the untrained split (what the split alone does).",
         "",
-        "| method | rank | trainable (effective) | task A loss | task A acc | task A recall | loss gain | Δppl % | probes changed | probe drift | split ppl |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | rank | trainable (effective) | task A loss | task A acc | task A recall | loss gain | Δppl % | probes correct | probes changed | probe drift | split ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in dict.fromkeys(r["method"] for r in res["runs"]):
         rs = [r for r in res["runs"] if r["method"] == m]
@@ -380,21 +394,22 @@ def table(res: dict) -> str:
         lines.append(
             f"| {m} | {rs[0]['rank']} | {rs[0]['trainable']:,} ({rs[0]['effective_trainable']:,}) | {_ms([r['taskA_loss'] for r in rs])} | "
             f"{_ms([r['taskA_acc'] for r in rs])} | {_ms([r['taskA_recall'] for r in rs])} | {_ms([r['taskA_gain_loss'] for r in rs])} | {_ms([r['ppl_increase_pct'] for r in rs])} | "
-            f"{_ms([r['probe_changed'] for r in rs])} | {_ms([r['probe_drift'] for r in rs])} | {_ms([init['ppl']] if init else [])} |")
+            f"{_ms([r['probe_correct'] for r in rs])} | {_ms([r['probe_changed'] for r in rs])} | {_ms([r['probe_drift'] for r in rs])} | {_ms([init['ppl']] if init else [])} |")
     if res["sequence"]:
         lines += [
             "",
             "## Sequence: task A, merge, then task B (same settings)",
             "",
-            "| method | task A loss after A | task A loss after B | A recall after A → after B | task B loss | task B recall | Δppl % after both | probes changed |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | task A loss after A | task A loss after B | A recall after A → after B | task B loss | task B recall | Δppl % after both | probes correct | probes changed |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for m in dict.fromkeys(q["method"] for q in res["sequence"]):
             qs = [q for q in res["sequence"] if q["method"] == m]
             lines.append(
                 f"| {m} | {_ms([q['taskA_loss_before_B'] for q in qs])} | {_ms([q['taskA_loss'] for q in qs])} | "
                 f"{_ms([q['taskA_recall_before_B'] for q in qs])} → {_ms([q['taskA_recall'] for q in qs])} | {_ms([q['taskB_loss'] for q in qs])} | "
-                f"{_ms([q['taskB_recall'] for q in qs])} | {_ms([q['ppl_increase_pct'] for q in qs])} | {_ms([q['probe_changed'] for q in qs])} |")
+                f"{_ms([q['taskB_recall'] for q in qs])} | {_ms([q['ppl_increase_pct'] for q in qs])} | {_ms([q['probe_correct'] for q in qs])} | "
+                f"{_ms([q['probe_changed'] for q in qs])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -408,7 +423,8 @@ def plot(res: dict, path: Path) -> None:
     for i, m in enumerate(dict.fromkeys(r["method"] for r in res["runs"])):
         rs = [r for r in res["runs"] if r["method"] == m]
         ax.scatter([r["ppl_increase_pct"] for r in rs], [r["taskA_gain_loss"] for r in rs], label=m, color=f"C{i}", s=40, alpha=0.8)
-    ax.set_xlabel("forgetting: general-text perplexity increase (%)")
+    ax.set_xscale("symlog", linthresh=10)  # KaSA's truncation can push this to ~10³ %
+    ax.set_xlabel("forgetting: general-text perplexity increase (%, symlog)")
     ax.set_ylabel("task gain: task-A loss drop (nats/token)")
     s = res["settings"]
     ax.set_title(f"SmolLM2-135M, {' '.join(s['targets'])}, {s['steps']} steps, one point per seed", fontsize=9)
@@ -456,12 +472,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep", action="store_true", help="keep the split/trained folders in --work")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "eval_methods", help="output prefix (.md, .png, .json)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--from-json", type=Path, default=None, help="only re-render the .md and .png of --out from this JSON")
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    args.command = "python bench/eval_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        for r in [res["untrained"], *res["runs"], *res["sequence"]]:  # runs recorded before the metric existed
+            r.setdefault("probe_correct", probe_correct(r["probe_answers"]))
+        args.from_json.write_text(json.dumps(res, indent=1))
+        args.out.with_suffix(".md").write_text(table(res))
+        plot(res, args.out.with_suffix(".png"))
+        return res
+    args.command = " ".join(["python bench/eval_methods.py", *(sys.argv[1:] if argv is None else argv)])
     if args.model is None:
         if args.device != "cpu":
             raise SystemExit("--device cuda needs --model PATH: the converted SmolLM2 folder (no Hub, no cache there).")
