@@ -43,7 +43,7 @@ from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.writer import write_json
 from surgeon.methods import Method, MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
-from surgeon.pipeline import FACTORS, INIT_FACTORS, MANIFEST, SPECTRA, parse_size
+from surgeon.pipeline import FACTORS, INIT_FACTORS, MANIFEST, SPECTRA, factor_key, parse_size
 from surgeon.progress import NullReporter, Reporter
 from surgeon.source import resolve
 
@@ -71,9 +71,8 @@ class SplitDir:
         self.lora = self.manifest.get("peft_adapter", False)
         self.factors_file = self.path / (ADAPTER_WEIGHTS if self.lora else FACTORS)
         self.init_file = self.path / INIT_FACTORS
-        for f in (self.factors_file,):
-            if not f.exists():
-                raise SplitDirError(f"{self.path} lacks {f.name}; the split is incomplete.")
+        if not self.factors_file.exists():
+            raise SplitDirError(f"{self.path} lacks {self.factors_file.name}; the split is incomplete.")
         self.cfg = self._config()
 
     def _config(self) -> MethodConfig:
@@ -83,11 +82,11 @@ class SplitDir:
             c = json.loads(ac.read_text())
             r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
         known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
-        saved = {**self.manifest.get("method_config", {}), **self.manifest.get("method_options", {})}
+        saved = self.manifest.get("method_config", {})
         return MethodConfig(int(r), float(alpha), bool(rs), **{k: v for k, v in saved.items() if k in known})
 
     def factor_key(self, module: str, fname: str) -> str:
-        return lora_key(module, fname) if self.lora else f"{module}.{fname}"
+        return factor_key(self.lora, module, fname)
 
     def factors(self, handle, module: str, device: str = "cpu") -> dict[str, torch.Tensor]:
         fnames = self.method.factor_shapes(1, 1, self.cfg).keys()
@@ -128,8 +127,7 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     elif opts.fixed_gates is not None:
         raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
     layers = sd.manifest["layers"]
-    residual = sd.residual()
-    ckpt = Checkpoint.open([Path(f["path"]) for f in sd.manifest["source"]["files"]]) if base == "original" else residual
+    ckpt = Checkpoint.open([Path(f["path"]) for f in sd.manifest["source"]["files"]]) if base == "original" else sd.residual()
     by_tensor = {f"{m}.weight": (m, lay) for m, lay in layers.items()}
     plan = [OutTensor(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
     work_plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
@@ -180,8 +178,9 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     changed = sum(1 for rec in work.records().values() if rec.get("changed"))
     skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, "README.md"}
     side = [p for p in sd.path.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
-    if base == "original" and resolve_side(sd):  # the source's config carries the original dtype
-        side = [p for p in side if p.name != "config.json"] + resolve_side(sd)
+    source_config = Path(sd.manifest["source"]["files"][0]["path"]).parent / "config.json"
+    if base == "original" and source_config.exists():  # the source's config carries the original dtype
+        side = [p for p in side if p.name != "config.json"] + [source_config]
     copy_side_files(side, work.path, skip)
     manifest = {
         "surgeon_version": __version__,
@@ -201,12 +200,6 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     work.finish()
     reporter.close()
     return manifest
-
-
-def resolve_side(sd: SplitDir) -> list[Path]:
-    first = Path(sd.manifest["source"]["files"][0]["path"])
-    cfg = first.parent / "config.json"
-    return [cfg] if cfg.exists() else []
 
 
 def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -88,6 +88,15 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def factor_key(lora: bool, module: str, fname: str) -> str:
+    """Where a factor lives in the factor file: PEFT's key for LoRA-shaped methods, else "<module>.<factor>"."""
+    return lora_key(module, fname) if lora else f"{module}.{fname}"
+
+
+def _stem(file_name: str) -> str:
+    return file_name[: -len(".safetensors")]
+
+
 def _out_dtype(stored: str, wanted: str | None) -> str:
     return wanted if (wanted and stored in FLOAT_DTYPES) else stored
 
@@ -126,8 +135,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     factor_plan, spectra_plan = [], []
     for t in targets.values():
         for fname, shape in method.factor_shapes(t.out_features, t.in_features, cfg).items():
-            key = lora_key(t.module, fname) if method.lora_shaped else f"{t.module}.{fname}"
-            factor_plan.append(OutTensor(key, "F32", shape))
+            factor_plan.append(OutTensor(factor_key(method.lora_shaped, t.module, fname), "F32", shape))
         if opts.spectra:
             spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
     blocks: dict[str, dict] = {}  # per-block tensors (methods with per_block): fixed shapes, planned too
@@ -153,17 +161,16 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         "solver": opts.solver,
         "tol": opts.tol,
         "spectra": opts.spectra,
-        "method_options": method_options,
         "shard_bytes": shard_bytes,
         "source": src.fingerprint(),
     }
     with dist.main_first():  # rank 0 creates the folder and lays out every file, then the others open them
         work = WorkDir(out, plan, opts.overwrite, rank=dist.journal_rank)
         base_w = ShardSetWriter(work.path, plan_shards(base_plan, shard_bytes))
-        fac_w = ShardSetWriter(work.path, [factor_plan], prefix=ADAPTER_WEIGHTS[: -len(".safetensors")] if method.lora_shaped else FACTORS[: -len(".safetensors")])
-        spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=SPECTRA[: -len(".safetensors")]) if opts.spectra else None
+        fac_w = ShardSetWriter(work.path, [factor_plan], prefix=_stem(ADAPTER_WEIGHTS if method.lora_shaped else FACTORS))
+        spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=_stem(SPECTRA)) if opts.spectra else None
         # the untrained factors once more, kept beside the trainable copy for absorb and export
-        init_w = ShardSetWriter(work.path, [factor_plan], prefix=INIT_FACTORS[: -len(".safetensors")])
+        init_w = ShardSetWriter(work.path, [factor_plan], prefix=_stem(INIT_FACTORS))
         writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
         for i, (b, info) in enumerate(blocks.items() if dist.is_main else ()):  # deterministic, cheap: (re)written on every run
             for fname, t in method.init_block(i, info["hidden"], len(info["experts"]), cfg).items():
@@ -193,18 +200,15 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     streams = threading.local()
 
     def process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
+        stream = contextlib.nullcontext()
         if backend.device.type == "cuda":  # each solve thread works on a stream of its own
             if not hasattr(streams, "s"):
                 streams.s = torch.cuda.Stream(backend.device)
-            with torch.cuda.stream(streams.s):
-                return _process(info, tensor)
-        return _process(info, tensor)
+            stream = torch.cuda.stream(streams.s)
+        with stream, clock("solver_busy"):
+            return _process(info, tensor)
 
     def _process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
-        with clock("solver_busy"):
-            return __process(info, tensor)
-
-    def __process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
         record: dict = {"name": info.name}
         outputs: list[tuple[ShardSetWriter, str, torch.Tensor]] = []
         target = targets.get(info.name)
@@ -217,7 +221,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         if opts.spectra:
             outputs.append((spec_w, target.module, outs.pop("__spectrum__")))
         for fname, f in outs.items():
-            key = lora_key(target.module, fname) if method.lora_shaped else f"{target.module}.{fname}"
+            key = factor_key(method.lora_shaped, target.module, fname)
             outputs.append((fac_w, key, f))
             outputs.append((init_w, key, f))
         return record, outputs

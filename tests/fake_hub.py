@@ -216,6 +216,17 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _at(self, repo_id: str, rev: str, write: bool = False) -> tuple[Repo, object] | None:
+        """The repo and the commit `rev` names, or None after answering the error (401/404)."""
+        repo = self._repo(repo_id, write)
+        if repo is None:
+            return None
+        c = repo.resolve(rev)
+        if c is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return None
+        return repo, c
+
     # --- upload side --------------------------------------------------------------
     def post_create(self, body, query):
         if not self._authorized():
@@ -230,12 +241,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
 
     def get_info(self, repo_id, rev, body, query):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev or "main")
+        if found is None:
             return
-        c = repo.resolve(rev or "main")
-        if c is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        repo, c = found
         self._send(200, {"id": repo_id, "sha": c.oid, "private": repo.private, "siblings": [{"rfilename": p} for p in c.files]})
 
     def post_branch(self, repo_id, branch, body, query):
@@ -253,12 +262,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200 if ok else 400, {"errors": [] if ok else [{"message": "no YAML front matter"}], "warnings": []})
 
     def post_preupload(self, repo_id, rev, body, query):
-        repo = self._repo(repo_id, write=True)
-        if repo is None:
+        found = self._at(repo_id, rev, write=True)
+        if found is None:
             return
-        c = repo.resolve(rev)
-        if c is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        repo, c = found
         files = []
         for f in json.loads(body)["files"]:
             lfs = f["path"].endswith(LFS_SUFFIXES)
@@ -312,12 +319,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- download side ------------------------------------------------------------
     def get_tree(self, repo_id, rev, body, query):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        c = repo.resolve(rev)
-        if c is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        repo, c = found
         out = []
         for path, (key, lfs) in sorted(c.files.items()):
             data = repo.blobs[key]
@@ -328,12 +333,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, out)
 
     def get_resolve(self, repo_id, rev, path, body, query, head=False):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._at(repo_id, rev)
+        if found is None:
             return
-        c = repo.resolve(rev)
-        if c is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        repo, c = found
         if path not in c.files:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {rev}")
         key, lfs = c.files[path]
