@@ -25,7 +25,6 @@ the tensors into the same pre-laid-out shards; rank 0 writes the rest.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,17 +34,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from surgeon import __version__, distributed
+from surgeon import __version__, distributed, faults
 from surgeon.card import build_card
-from surgeon.errors import SplitDirError, UsageError
-from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for, write_adapter
+from surgeon.errors import SourceChangedError, SplitDirError, UsageError
+from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.writer import write_json
-from surgeon.methods import Method, MethodConfig, get_method
+from surgeon.io.writer import check_free_space, write_json
+from surgeon.methods import Method
 from surgeon.outdir import WorkDir, copy_side_files
-from surgeon.pipeline import FACTORS, INIT_FACTORS, MANIFEST, SPECTRA, factor_key, parse_size
+from surgeon.pipeline import parse_size
 from surgeon.progress import NullReporter, Reporter
-from surgeon.source import resolve
+from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
+                              lora_key)
 
 
 @dataclass
@@ -56,52 +56,61 @@ class AbsorbOptions:
     fixed_gates: Path | None = None  # prompt-dependent methods (moe): gates JSON or calibration JSONL
 
 
-class SplitDir:
-    """A surgeon split folder: manifest, residual checkpoint, current and initial factors."""
+@dataclass
+class AbsorbJob:
+    sd: SplitDir
+    base: str  # "original" or "residual"
+    why: str  # why this base (auto picks it): said in the manifest and by the CLI
+    ckpt: Checkpoint
+    hashes: dict[str, str]  # source tensor -> content hash at split time (verified while reading)
+    mult: dict[str, float] | None  # module -> fixed gate multiplying its delta (moe only)
+    plan: dict
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        mf = self.path / MANIFEST
-        if not mf.exists():
-            raise SplitDirError(f"{self.path} is not a surgeon split folder (no {MANIFEST}); give the --out folder of `surgeon split`.")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("operation") != "split":
-            raise SplitDirError(f"{self.path} was made by `surgeon {self.manifest.get('operation')}`, not split.")
-        self.method = get_method(self.manifest["method"])
-        self.lora = self.manifest.get("peft_adapter", False)
-        self.factors_file = self.path / (ADAPTER_WEIGHTS if self.lora else FACTORS)
-        self.init_file = self.path / INIT_FACTORS
-        if not self.factors_file.exists():
-            raise SplitDirError(f"{self.path} lacks {self.factors_file.name}; the split is incomplete.")
-        self.cfg = self._config()
 
-    def _config(self) -> MethodConfig:
-        r, alpha, rs = self.manifest["rank"], self.manifest["alpha"], self.manifest.get("use_rslora", False)
-        ac = self.path / ADAPTER_CONFIG
-        if self.lora and ac.exists():  # a trainer may have saved its own config
-            c = json.loads(ac.read_text())
-            r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
-        known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
-        saved = self.manifest.get("method_config", {})
-        return MethodConfig(int(r), float(alpha), bool(rs), **{k: v for k, v in saved.items() if k in known})
+def choose_base(sd: SplitDir, wanted: str) -> tuple[str, str]:
+    """(base, why). "auto": the original weights when the source files are all there (verified by
+    content hash while merging), else the residual, and it says so. KaSA-like methods: residual."""
+    if wanted not in ("auto", "original", "residual"):
+        raise UsageError(f"--base {wanted!r}: choose auto, original or residual.")
+    missing = sd.missing_source_files()
+    if wanted == "residual":
+        return "residual", "asked for"
+    if wanted == "auto" and sd.method.truncates:
+        return "residual", f"{sd.method.name} trains on its truncated residual"
+    if missing:
+        if wanted == "original":
+            raise UsageError(f"--base original: the source file {missing[0]} recorded in {MANIFEST} is gone; restore it, or use --base residual.")
+        return "residual", f"the source file {missing[0]} is gone"
+    if not sd.init_file.exists():
+        if wanted == "original":
+            raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors); use --base residual.")
+        return "residual", f"{INIT_FACTORS} is missing"
+    return "original", "the source files are there (each tensor verified by its content hash)"
 
-    def factor_key(self, module: str, fname: str) -> str:
-        return factor_key(self.lora, module, fname)
 
-    def factors(self, handle, module: str, device: str = "cpu") -> dict[str, torch.Tensor]:
-        fnames = self.method.factor_shapes(1, 1, self.cfg).keys()
-        return {f: handle.get_tensor(self.factor_key(module, f)).to(device) for f in fnames}
+def _source_checkpoint(sd: SplitDir) -> Checkpoint:
+    """The source weights as recorded, refused early when a file's size changed."""
+    for f in sd.source_files():
+        size = Path(f["path"]).stat().st_size
+        if size != f["size"]:
+            raise SourceChangedError(f"the source file {f['path']} changed since the split ({f['size']} → {size} bytes); "
+                                     "restore it, or absorb with --base residual.")
+    return Checkpoint.open([Path(f["path"]) for f in sd.source_files()])
 
-    def source_available(self) -> bool:
-        files = self.manifest["source"]["files"]
-        for f in files:
-            p = Path(f["path"])
-            if not p.exists() or p.stat().st_size != f["size"] or p.stat().st_mtime_ns != f["mtime_ns"]:
-                return False
-        return bool(files)
 
-    def residual(self) -> Checkpoint:
-        return resolve(str(self.path)).checkpoint()
+def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
+    sd = SplitDir(split_dir)
+    base, why = choose_base(sd, opts.base)
+    mult, gates = None, None
+    if sd.method.prompt_dependent:
+        mult, gates = dist.from_main(lambda: sd.method.fixed_gates(sd, opts.fixed_gates))  # refuses without --fixed-gates
+    elif opts.fixed_gates is not None:
+        raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
+    ckpt = _source_checkpoint(sd) if base == "original" else sd.residual()
+    plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
+    if gates is not None:
+        plan["fixed_gates"] = gates
+    return AbsorbJob(sd, base, why, ckpt, sd.source_hashes() if base == "original" else {}, mult, plan)
 
 
 @distributed.collective
@@ -109,94 +118,109 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     dist = distributed.current()
     opts = opts or AbsorbOptions()
     reporter = reporter or NullReporter()
-    sd = SplitDir(split_dir)
-    if opts.base not in ("auto", "original", "residual"):
-        raise UsageError(f"--base {opts.base!r}: choose auto, original or residual.")
-    have_source = sd.source_available()
-    base = opts.base if opts.base != "auto" else ("original" if have_source and not sd.method.truncates else "residual")
-    if base == "original" and not have_source:
-        raise UsageError(
-            f"--base original: the source weights recorded in {MANIFEST} are missing or changed; use --base residual "
-            "(merges into the residual; equal to the original up to rounding of the residual dtype)."
-        )
-    if base == "original" and not sd.init_file.exists():
-        raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors); use --base residual.")
-    mult, gates = None, None  # module -> fixed gate multiplying its delta (moe only)
-    if sd.method.prompt_dependent:
-        mult, gates = dist.from_main(lambda: sd.method.fixed_gates(sd, opts.fixed_gates))  # refuses without --fixed-gates
-    elif opts.fixed_gates is not None:
-        raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
-    layers = sd.manifest["layers"]
-    ckpt = Checkpoint.open([Path(f["path"]) for f in sd.manifest["source"]["files"]]) if base == "original" else sd.residual()
-    by_tensor = {f"{m}.weight": (m, lay) for m, lay in layers.items()}
-    plan = [OutTensor(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
-    work_plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
-    if gates is not None:
-        work_plan["fixed_gates"] = gates
-    with dist.main_first():  # rank 0 creates the folder and lays out the shards, then the others open them
-        work = WorkDir(out, work_plan, opts.overwrite, rank=dist.journal_rank)
-        writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
+    job = plan_absorb(split_dir, opts, dist)
+    inputs = [job.sd.path] + ([Path(f["path"]).parent for f in job.sd.source_files()] if job.base == "original" else [])
+    with dist.main_first():  # rank 0 locks and creates the folder and lays out the shards, then the others open them
+        work = WorkDir(out, job.plan, opts.overwrite, rank=dist.journal_rank, inputs=inputs)
+        try:
+            writer = None if work.complete else ShardSetWriter(work.path, plan_shards([OutTensor(n, i.dtype, i.shape) for n, i in job.ckpt.tensors.items()], parse_size(opts.shard_size)))
+            if writer is not None and dist.is_main:
+                check_free_space(work.path, writer.sizes)
+        except BaseException:
+            work.close()
+            raise
+    with work:
+        if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
+            work.finish()
+            return json.loads((work.out / MANIFEST).read_text())
+        t0 = time.perf_counter()
+        try:
+            _merge_all(job, work, writer, reporter, dist)
+        except SourceChangedError:
+            work.discard()  # its plan can never complete: a rerun with --base residual must not meet it
+            raise
+        return _finish(job, work, writer, reporter, dist, time.perf_counter() - t0)
+
+
+def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist) -> None:
+    sd, ckpt = job.sd, job.ckpt
+    by_tensor = {f"{m}.weight": m for m in sd.layers}
     left = [n for n in ckpt.tensors if n not in work.done]
-    rank = sd.cfg.rank * (2 if base == "original" else 1)  # B·A once, or twice (current and initial)
+    rank = sd.cfg.rank * (2 if job.base == "original" else 1)  # B·A once, or twice (current and initial)
     todo = dist.share(left, [distributed.matrix_cost(ckpt.tensors[n].shape, ckpt.tensors[n].nbytes, rank=rank if n in by_tensor else None) for n in left])
     reporter.start(len(ckpt.tensors) - len(left) + len(todo), sum(ckpt.tensors[n].nbytes for n in todo), done=len(ckpt.tensors) - len(left))
-    t0 = time.perf_counter()
-    with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file if base == "original" else sd.factors_file, "pt") as ini:
-        with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
-            pending: list[Future] = []
-            for info, tensor in ckpt.stream(todo):
-                hit = by_tensor.get(info.name)
-                changed = False
-                if hit is not None:
-                    module, lay = hit
-                    g = 1.0 if mult is None else mult[module]
-                    f_cur = sd.factors(cur, module)
-                    if base == "original":
-                        f_ini = sd.factors(ini, module)
-                        if g != 0 and any(not torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
-                            delta = sd.method.delta(f_cur, sd.cfg) - sd.method.delta(f_ini, sd.cfg)  # (out, in)
-                            tensor = _add(tensor, g * delta, lay["transposed"])
-                            changed = True
-                    else:
-                        tensor = _add(tensor, g * sd.method.delta(f_cur, sd.cfg), lay["transposed"])
-                while len(pending) >= 2:
-                    pending.pop(0).result()
-                pending.append(pool.submit(writer.write, info.name, tensor))
-                work.journal.add({"name": info.name, "changed": changed})
-                reporter.advance(info.name, info.nbytes)
-                dist.check_peers()  # another rank failed: stop here
-            for f in pending:
-                f.result()
+    init_file = sd.init_file if job.base == "original" else sd.factors_file
+    with safe_open(sd.factors_file, "pt") as cur, safe_open(init_file, "pt") as ini, ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
+        pending: list[Future] = []
+        for info, tensor in ckpt.stream(todo, digest=bool(job.hashes)):
+            _verify(job, info.name)
+            module = by_tensor.get(info.name)
+            changed = False
+            if module is not None:
+                tensor, changed = _merge_one(job, module, tensor, cur, ini)
+            while len(pending) >= 2:
+                pending.pop(0).result()
+            pending.append(pool.submit(writer.write, info.name, tensor))
+            work.journal.add({"name": info.name, "changed": changed})
+            reporter.advance(info.name, info.nbytes)
+            faults.point("tensor")
+            dist.check_peers()  # another rank failed: stop here
+        for f in pending:
+            f.result()
     writer.sync()
     work.journal.commit()
     writer.close()
+
+
+def _verify(job: AbsorbJob, name: str) -> None:
+    """An original tensor must be the one that was split (its content hash, recorded by split)."""
+    if not job.hashes:
+        return
+    got, want = job.ckpt.digests.pop(name), job.hashes.get(name)
+    if got != want:
+        raise SourceChangedError(f"the source tensor {name} changed since the split (content hash {got} ≠ {want}); "
+                                 "restore the source, or absorb with --base residual.")
+
+
+def _merge_one(job: AbsorbJob, module: str, tensor: torch.Tensor, cur, ini) -> tuple[torch.Tensor, bool]:
+    """W' = W + g·s(B'A' − B₀A₀) into the original, W_res + g·s·B'A' into the residual."""
+    sd, lay = job.sd, job.sd.layers[module]
+    g = 1.0 if job.mult is None else job.mult[module]
+    f_cur = sd.factors(cur, module)
+    if job.base == "residual":
+        return _add(tensor, g * sd.method.delta(f_cur, sd.cfg), lay["transposed"]), True
+    f_ini = sd.factors(ini, module)
+    if g == 0 or all(torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
+        return tensor, False  # untrained: the original, bit for bit
+    delta = sd.method.delta(f_cur, sd.cfg) - sd.method.delta(f_ini, sd.cfg)  # (out, in)
+    return _add(tensor, g * delta, lay["transposed"]), True
+
+
+def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist, seconds: float) -> dict | None:
     dist.sync()  # every rank's tensors are written
     if not dist.is_main:
         reporter.close()
         return None  # rank 0 finishes the folder; every rank returns its manifest
+    sd = job.sd
     writer.write_index()
     changed = sum(1 for rec in work.records().values() if rec.get("changed"))
-    skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, "README.md"}
+    skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, RUN_LOG, CARD}
     side = [p for p in sd.path.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
-    source_config = Path(sd.manifest["source"]["files"][0]["path"]).parent / "config.json"
-    if base == "original" and source_config.exists():  # the source's config carries the original dtype
+    source_config = Path(sd.source_files()[0]["path"]).parent / "config.json"
+    if job.base == "original" and source_config.is_file():  # the source's config carries the original dtype
         side = [p for p in side if p.name != "config.json"] + [source_config]
     copy_side_files(side, work.path, skip)
     manifest = {
-        "surgeon_version": __version__,
-        "operation": "absorb",
-        "split": str(sd.path.resolve()),
-        "method": sd.method.name,
-        "base": base,
-        "layers_changed": changed if base == "original" else len(layers),
-        "layers": len(layers),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "source": sd.manifest["source"],
+        "surgeon_version": __version__, "operation": "absorb", "split": str(sd.path.resolve()), "method": sd.method.name,
+        "base": job.base, "base_reason": job.why, "layers_changed": changed if job.base == "original" else len(sd.layers),
+        "layers": len(sd.layers), "source": sd.manifest["source"],
     }
-    if gates is not None:
-        manifest["fixed_gates"] = gates
+    if "fixed_gates" in job.plan:
+        manifest["fixed_gates"] = job.plan["fixed_gates"]
     write_json(work.path / MANIFEST, manifest)
-    build_card(manifest).save(work.path / "README.md")
+    build_card(manifest).save(work.path / CARD)
+    write_json(work.path / RUN_LOG, {"seconds": round(seconds, 3), "resumed_tensors": work.resumed})
+    faults.point("after-manifest")
     work.finish()
     reporter.close()
     return manifest
@@ -217,7 +241,6 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     if not sd.init_file.exists():
         raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors) needed for the conversion.")
     cfg = sd.cfg
-    work = WorkDir(out, {"op": "export", "split": str(sd.path.resolve())}, overwrite)
     tensors = {}
     with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file, "pt") as ini:
         for module in sd.manifest["layers"]:
@@ -244,9 +267,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         revision=src.get("revision") if src.get("hub_id") else None,
         task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
     )
-    write_adapter(work.path, conf, tensors)
-    work.finish()
-    return conf
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve())}, overwrite, [sd.path], conf, tensors)
 
 
 def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
@@ -256,7 +277,6 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         first = next(iter(sd.manifest["layers"]))
         if sd.method.lora_form(sd.factors(cur, first), sd.cfg) is None:
             raise UsageError(f"method {sd.method.name} has no LoRA form; export --to lora needs a LoRA-shaped split.")
-        work = WorkDir(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual"}, overwrite)
         tensors = {}
         for module in sd.manifest["layers"]:
             f = sd.method.lora_form(sd.factors(cur, module), sd.cfg)
@@ -270,6 +290,4 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         use_rslora=sd.cfg.use_rslora,
         base_model=str(sd.path.resolve()),
     )
-    write_adapter(work.path, conf, tensors)
-    work.finish()
-    return conf
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual"}, overwrite, [sd.path], conf, tensors)

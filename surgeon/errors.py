@@ -21,6 +21,18 @@ class OutputExistsError(UsageError):
     """The output folder exists and --overwrite was not given."""
 
 
+class UnsafeOutputError(UsageError):
+    """--out names a folder surgeon must not replace (the input, /, home, a folder it did not write)."""
+
+
+class OutputLockedError(UsageError):
+    """Another surgeon process is writing the same --out."""
+
+
+class DiskSpaceError(SurgeonError):
+    """Not enough free space for the planned output, or the disk filled up during the run."""
+
+
 class SourceError(SurgeonError):
     """The model could not be found, resolved or read."""
 
@@ -43,6 +55,10 @@ class NumericsError(SurgeonError):
 
 class SplitDirError(SurgeonError):
     """A folder given to absorb/export is not a complete surgeon split."""
+
+
+class SourceChangedError(SurgeonError):
+    """The source weights a split was made from changed since (absorb into the original refuses)."""
 
 
 class HubError(SurgeonError):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from surgeon import __version__
 from surgeon.io.dtypes import CONFIG_DTYPE
 from surgeon.methods import MethodConfig
@@ -16,9 +14,9 @@ def method_config(cfg: MethodConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "module"}
 
 
-
-
-def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, nbytes, resumed) -> dict:
+def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, tensor_hashes) -> dict:
+    """surgeon.json of a split. Deterministic: a resumed run writes the same bytes; timings go to
+    the run log (surgeon.run.json)."""
     solvers: dict[str, int] = {}
     for lay in layers.values():
         solvers[lay["solver"]] = solvers.get(lay["solver"], 0) + 1
@@ -38,7 +36,8 @@ def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_mo
         "peft_adapter": method.lora_shaped,
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
-        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint(), **src.card_metadata()},
+        "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint(), **src.card_metadata(),
+                   "tensor_hashes": tensor_hashes},
         "target": list(opts.target),
         "target_modules": target_modules,
         "transposed": any(t.transposed for t in targets.values()),
@@ -52,10 +51,6 @@ def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_mo
             "worst_reconstruction_error": max(errs) if errs else 0.0,
             "worst_subspace_bound": max((lay["subspace_bound"] for lay in layers.values()), default=0.0),
             "mean_factor_energy": sum(lay["factor_energy"] for lay in layers.values()) / max(len(layers), 1),
-            "seconds": round(elapsed, 3),
-            "bytes_read": nbytes,
-            "resumed_tensors": resumed,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(backend.device) if backend.device.type == "cuda" else None,
         },
         "layers": layers,
     }

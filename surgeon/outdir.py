@@ -1,13 +1,21 @@
-"""Output folders that appear whole or not at all, and runs that resume.
+"""Output folders as transactions: locked, written under a temporary name, renamed when complete,
+resumed after a kill at any moment, and never replacing what surgeon did not write.
 
-Everything is written into a hidden sibling `.NAME.partial/`, which holds `plan.json` (what this
-run will write) and a journal of finished tensors. Only when all is written and fsynced is it
-renamed to NAME. A later run with the same plan picks up the partial folder where it stopped; a
-run with a different plan refuses to touch it unless --overwrite.
+    PARENT/.OUT.lock                 an exclusive lock (filelock) for the whole run; holds the holder's pid
+    PARENT/.OUT.partial/             everything is written here
+        .surgeon/plan.json           what this run writes; a resumed run must plan exactly the same
+        .surgeon/journal*.jsonl      finished tensors, appended only after their bytes are fsynced
+    PARENT/OUT/                      .OUT.partial renamed once complete; its .surgeon/ is removed last
+
+A run killed anywhere resumes with the same command: before the rename the partial folder is picked
+up (its plan equal); after it, OUT still holds .surgeon/ with the same plan, and the run only cleans
+up. `--overwrite` replaces an existing OUT only when surgeon wrote it (its surgeon.json) or it is
+empty, and never the input, a folder holding the input or inside it, /, home or the current folder.
+The old OUT is moved aside (.OUT.replaced) just before the rename and deleted just after.
 
 Under torchrun (surgeon/distributed.py) each rank keeps its own journal, journal.rankN.jsonl, and
 what is done is the union of every journal in the folder: a run resumes with any number of ranks,
-one process included. Rank 0 creates (or clears) the folder; the others only join it.
+one process included. Rank 0 locks and creates (or clears) the folder; the others only join it.
 """
 
 from __future__ import annotations
@@ -15,84 +23,246 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from surgeon.errors import DistributedError, OutputExistsError
-from surgeon.io.writer import Journal, write_json
+from surgeon import faults
+from surgeon.errors import DistributedError, OutputExistsError, OutputLockedError, UnsafeOutputError
+from surgeon.io.writer import Journal, fsync_tree, write_json
+from surgeon.splitdir import is_surgeon_output
 
-
+WORK = ".surgeon"  # bookkeeping inside the work folder
 JOURNALS = "journal*.jsonl"  # journal.jsonl (one process) and journal.rankN.jsonl (torchrun ranks)
 
 
+def _normal(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _listing(folder: Path, n: int = 3) -> str:
+    items = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def unsafe_reason(out: Path, inputs: list[Path]) -> str | None:
+    """Why `out` must never be replaced (None when nothing forbids it beyond its content)."""
+    if out.is_symlink():
+        return f"{out} is a symbolic link; give the folder it points to, or another --out"
+    r = out.resolve()
+    named = {Path("/").resolve(): "the root folder", Path.home().resolve(): "your home folder", Path.cwd().resolve(): "the current folder"}
+    if r in named:
+        return f"{out} is {named[r]}"
+    for i in inputs:
+        i = Path(i).resolve()
+        if r == i or i.is_relative_to(r):
+            return f"{out} is or holds the input {i}"
+        if r.is_relative_to(i):
+            return f"{out} lies inside the input {i}"
+    return None
+
+
+def check_replaceable(out: Path, inputs: list[Path]) -> None:
+    """Raise unless `out` is a folder --overwrite may delete: empty, or written by surgeon, and no input."""
+    why = unsafe_reason(out, inputs)
+    if why is None and not out.is_dir():
+        why = f"{out} is a file, not an output folder"
+    if why is None and any(out.iterdir()) and not is_surgeon_output(out):
+        why = f"{out} was not written by surgeon (no surgeon.json) and holds {_listing(out)}"
+    if why:
+        raise UnsafeOutputError(f"refusing to replace: {why}; surgeon replaces only empty folders and its own outputs, so choose another --out.")
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output path (filelock: flock, released by the kernel if
+    the process dies). A second run on the same --out fails at once, naming the holder."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.lock"
+        self._lock = None
+
+    def acquire(self) -> OutputLock:
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise OutputLockedError(f"{self.path.parent / self.path.name[1:-5]} is being written by another surgeon run ({self._holder()}); "
+                                    "wait for it to finish, or choose another --out.") from None
+        self._lock = lock
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:6]}
+        with open(self.path, "w") as f:  # the lock is on the open file description, not the content
+            json.dump(info, f)
+        return self
+
+    def _holder(self) -> str:
+        try:
+            h = json.loads(self.path.read_text())
+            return f"pid {h['pid']} on {h['host']}, since {h['since']}: {' '.join(h['argv'])}"
+        except Exception:
+            return "process unknown"
+
+    def release(self) -> None:
+        """Unlink the lock file, then unlock: filelock (>= 4.3) retries an acquire that won the
+        flock of an unlinked file, so a racing run never holds a lock nobody else can see."""
+        if self._lock is not None:
+            self.path.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+
 class WorkDir:
-    def __init__(self, out: Path, plan: dict, overwrite: bool, rank: int | None = None):
+    """The work folder of one output; `finish()` renames it into place. Use as a context manager
+    (or call `close()`) so that the lock is released on failure."""
+
+    def __init__(self, out: Path, plan: dict, overwrite: bool, rank: int | None = None, inputs: list[Path] = ()):
         """rank: None for a single process, else this torchrun rank (rank 0 creates the folder)."""
         self.out = Path(out).absolute()
         self.path = self.out.parent / f".{self.out.name}.partial"
-        self.overwrite = overwrite
+        self.plan = _normal(plan)
+        self.inputs = [Path(i) for i in inputs]
+        self.complete = False  # OUT already holds this very run, finished but for its cleanup
+        self.lock = None
         if rank:
-            self._join(plan, rank)
+            self._join(rank)
             return
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(f"output folder {self.out} exists; pass --overwrite to replace it, or choose another --out.")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        plan_file = self.path / "plan.json"
-        self.resumed = 0
-        if self.path.exists():
-            old = json.loads(plan_file.read_text()) if plan_file.exists() else None
-            if old != plan:
-                if not overwrite:
-                    raise OutputExistsError(
-                        f"{self.path} holds an interrupted run with different settings; pass --overwrite to discard it, "
-                        "or repeat the earlier command to resume it."
-                    )
-                shutil.rmtree(self.path)
-        self.path.mkdir(exist_ok=True)
-        if not plan_file.exists():
-            write_json(plan_file, plan)
-        self.journal = Journal(self.path / ("journal.jsonl" if rank is None else f"journal.rank{rank}.jsonl"))
+        self.lock = OutputLock(self.out).acquire()
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+        faults.point("workdir-open")
+        self.journal = Journal(self.path / WORK / ("journal.jsonl" if rank is None else f"journal.rank{rank}.jsonl"))
         self.done = self.records()
         self.resumed = len(self.done)
 
-    def _join(self, plan: dict, rank: int) -> None:
+    def __enter__(self) -> WorkDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # --- opening ------------------------------------------------------------------------------
+    def _open(self, overwrite: bool) -> None:
+        if self.out.exists() or self.out.is_symlink():
+            if self._plan_at(self.out) == self.plan:  # killed after the rename: only the cleanup is left
+                self.complete, self.path = True, self.out
+                return
+            why = unsafe_reason(self.out, self.inputs)
+            if why:
+                raise UnsafeOutputError(f"{why}; choose another --out (surgeon never replaces its input, /, home or the current folder).")
+            if not overwrite and self.out.is_dir() and any(self.out.iterdir()):
+                if is_surgeon_output(self.out):
+                    raise OutputExistsError(f"output folder {self.out} exists; pass --overwrite to replace it, or choose another --out.")
+                raise OutputExistsError(f"{self.out} exists and was not written by surgeon (it holds {_listing(self.out)}); choose another --out.")
+            check_replaceable(self.out, self.inputs)
+        self._clear_stale()
+        if self.path.exists():
+            old = self._plan_at(self.path)
+            if old == self.plan:
+                return  # resume
+            if old is None:
+                raise UnsafeOutputError(f"{self.path} exists but was not made by surgeon; move it away, or choose another --out.")
+            if not overwrite:
+                raise OutputExistsError(f"{self.path} holds an interrupted run with different settings; repeat that command to resume it, "
+                                        "or pass --overwrite to discard it.")
+            shutil.rmtree(self.path)
+        self._create()
+
+    def _create(self) -> None:
+        """The work folder appears whole, plan included (a kill never leaves one without its plan)."""
+        tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.partial.new-"))
+        (tmp / WORK).mkdir()
+        write_json(tmp / WORK / "plan.json", self.plan)
+        os.rename(tmp, self.path)
+
+    def _clear_stale(self) -> None:
+        """Half-made work folders of killed runs (holding only their plan) go."""
+        for p in self.out.parent.glob(f".{self.out.name}.partial.new-*"):
+            if {q.relative_to(p).as_posix() for q in p.rglob("*")} <= {WORK, f"{WORK}/plan.json", f"{WORK}/plan.json.tmp"}:
+                shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def _plan_at(folder: Path) -> dict | None:
+        try:
+            return json.loads((folder / WORK / "plan.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _join(self, rank: int) -> None:
         """A rank > 0 opens the folder rank 0 prepared; it never creates or deletes anything."""
-        plan_file = self.path / "plan.json"
-        if not plan_file.exists():
+        old = self._plan_at(self.path)
+        if old is None and self._plan_at(self.out) == self.plan:  # rank 0 found the run finished
+            self.complete, self.path, old = True, self.out, self.plan
+        if old is None:
             raise DistributedError(
                 f"rank {rank} does not see {self.path}, which rank 0 created: every rank must see --out on one shared "
                 "filesystem (on several hosts: NFS, Lustre, ...)."
             )
-        if json.loads(plan_file.read_text()) != plan:
+        if old != self.plan:
             raise DistributedError(f"rank {rank} plans different work than rank 0 in {self.path}: every rank must see the same source files.")
-        self.journal = Journal(self.path / f"journal.rank{rank}.jsonl")
+        self.journal = Journal(self.path / WORK / f"journal.rank{rank}.jsonl")
         self.done = self.records()
         self.resumed = len(self.done)
 
     def records(self) -> dict[str, dict]:
         """Every finished tensor's record, read from all journals in the folder."""
         done: dict[str, dict] = {}
-        for f in sorted(self.path.glob(JOURNALS)):
+        for f in sorted((self.path / WORK).glob(JOURNALS)):
             done.update(Journal(f).done)
         return done
 
+    # --- finishing ----------------------------------------------------------------------------
     def finish(self) -> Path:
-        """Drop the bookkeeping, fsync the folder and rename it into place."""
-        for p in [self.path / "plan.json", *self.path.glob(JOURNALS)]:
-            p.unlink(missing_ok=True)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self.out.exists():  # only reached with --overwrite
-            trash = self.out.parent / f".{self.out.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.out, trash)
+        """fsync everything, rename the work folder into place (moving an old OUT aside), then drop
+        the bookkeeping. Each step is safe to repeat after a kill."""
+        if not self.complete:
+            fsync_tree(self.path)
+            faults.point("before-rename")
+            trash = self.out.parent / f".{self.out.name}.replaced"
+            if self.out.exists():  # only reached with --overwrite, over a folder check_replaceable allowed
+                if trash.exists():
+                    self._drop(trash)
+                os.replace(self.out, trash)
+                faults.point("after-move-aside")
             os.replace(self.path, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.path, self.out)
+            _fsync_dir(self.out.parent)
+            faults.point("after-rename")
+            if trash.exists():
+                self._drop(trash)
+        shutil.rmtree(self.out / WORK, ignore_errors=True)
+        _fsync_dir(self.out)
+        self.close()
         return self.out
+
+    def discard(self) -> None:
+        """Delete this run's work folder (a run that can never complete), then unlock."""
+        if not self.complete and self.lock is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.close()
+
+    @staticmethod
+    def _drop(trash: Path) -> None:
+        if is_surgeon_output(trash) or not any(trash.iterdir()):
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_side_files(files: list[Path], dest: Path, skip: set[str] = frozenset()) -> list[str]:

@@ -1,10 +1,12 @@
-"""The split, in a straight line: read → decompose → method → write.
+"""The split, as plan → run → finish.
 
-    surgeon split --method milora fixtures/build/tiny-llama --rank 8 --out /tmp/split
+    surgeon split --method milora fixtures/tiny-llama --rank 8 --out /tmp/split
 
-Tensors stream in checkpoint order; a reader thread prefetches the next ones while the current
-one is decomposed, and a writer thread puts finished tensors into pre-planned shards, so reading,
-solving and writing overlap and host memory stays at a few tensors.
+plan: resolve the source, validate every header, choose the targets, and lay out every output
+file (names, shapes, byte offsets) before any data is read. run (surgeon/runner.py): stream the
+tensors through the solvers into their places. finish: index, config, adapter, manifest, card,
+then the atomic rename (surgeon/outdir.py). A kill at any moment resumes with the same command
+to byte-identical files.
 
 Under torchrun every rank runs `split` on its share of the tensors, into the same shard files
 (surgeon/distributed.py); the calls on `dist` below are no-ops in a single process.
@@ -12,37 +14,29 @@ Under torchrun every rank runs `split` on its share of the tensors, into the sam
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from surgeon import __version__, distributed
+from surgeon import __version__, distributed, faults
 from surgeon.card import build_card
-from surgeon.errors import NumericsError, UsageError
-from surgeon.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, lora_key, task_type_for
+from surgeon.errors import UsageError
+from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES, torch_dtype
-from surgeon.io.writer import write_json
-from surgeon.linalg import decompose, get_backend
+from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
+from surgeon.io.writer import check_free_space, write_json
+from surgeon.linalg import get_backend
+from surgeon.manifest import build_manifest, method_config
 from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files
-from surgeon.manifest import build_manifest, method_config
 from surgeon.progress import NullReporter, Reporter
-from surgeon.stages import HostCopy, StageClock, write_all
+from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
+from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_key, read_manifest
 from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
-
-MANIFEST = "surgeon.json"
-INIT_FACTORS = "surgeon.init.safetensors"  # the untrained factors, kept for absorb and export
-SPECTRA = "surgeon.spectra.safetensors"  # every targeted weight's singular values
-FACTORS = "surgeon.factors.safetensors"  # factors of methods that are not LoRA-shaped
 
 
 @dataclass
@@ -67,7 +61,7 @@ class SplitOptions:
     prefetch: int = 2
     workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2 on CPU, 1 on CUDA
     spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
-    commit_seconds: float = 30.0  # how often finished tensors are fsynced and journaled (resume points)
+    commit_seconds: float = 2.0  # how often finished tensors are fsynced and journaled (resume points)
     seed: int = 0  # methods with random initial factors (KaSA): per-layer seeds derive from it
     kasa_beta: float = 1e-4  # KaSA's regulariser weights, recorded for the runtime (PEFT's defaults)
     kasa_gamma: float = 1e-3
@@ -88,26 +82,76 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def factor_key(lora: bool, module: str, fname: str) -> str:
-    """Where a factor lives in the factor file: PEFT's key for LoRA-shaped methods, else "<module>.<factor>"."""
-    return lora_key(module, fname) if lora else f"{module}.{fname}"
-
-
 def _stem(file_name: str) -> str:
     return file_name[: -len(".safetensors")]
 
 
-def _out_dtype(stored: str, wanted: str | None) -> str:
-    return wanted if (wanted and stored in FLOAT_DTYPES) else stored
+@dataclass
+class SplitJob:
+    """Everything planned before any data is read."""
+
+    opts: SplitOptions
+    method: object
+    cfg: MethodConfig
+    new_dtype: str | None
+    backend: object
+    src: Source
+    ckpt: Checkpoint
+    model_cfg: dict
+    targets: dict[str, Target]
+    base_plan: list[OutTensor]
+    factor_plan: list[OutTensor]
+    spectra_plan: list[OutTensor]
+    blocks: dict[str, dict]
+    plan: dict = field(default_factory=dict)
+
+    def out_dtype(self, stored: str) -> str:
+        return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored
+
+    def inputs(self) -> list[Path]:
+        """Folders --overwrite must never touch: the model folder and wherever its files live."""
+        return [self.src.root, *{p.parent for p in self.src.weights}, *([self.src.config_file.parent] if self.src.config_file else [])]
+
+
+@dataclass
+class Writers:
+    base: ShardSetWriter
+    factors: ShardSetWriter
+    init: ShardSetWriter  # the untrained factors once more, kept beside the trainable copy for absorb and export
+    spectra: ShardSetWriter | None
+
+    @property
+    def all(self) -> list[ShardSetWriter]:
+        return [w for w in (self.base, self.factors, self.spectra, self.init) if w is not None]
 
 
 @distributed.collective
 def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Reporter | None = None) -> dict:
-    """Split `model` into residual + factors in `out`; returns the manifest (on every rank)."""
+    """Split `model` into residual + factors in `out`; returns the manifest (on every rank), with
+    this run's timings under "run" (also in surgeon.run.json)."""
     t_enter = time.perf_counter()
     dist = distributed.current()
-    opts = opts or SplitOptions()
     reporter = reporter or NullReporter()
+    job = plan_split(model, opts or SplitOptions(), dist)
+    with dist.main_first():  # rank 0 locks and creates the folder and lays out every file, then the others open them
+        work = WorkDir(out, job.plan, job.opts.overwrite, rank=dist.journal_rank, inputs=job.inputs())
+        try:
+            writers = None if work.complete else _open_writers(job, work, dist)
+        except BaseException:
+            work.close()
+            raise
+    with work:
+        if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
+            work.finish()
+            return _finished(work.out)
+        runner = SplitRunner(job, work, writers, reporter, dist)
+        t_start = time.perf_counter()
+        todo = _run(job, work, runner, reporter, dist)
+        return _finish(job, work, writers, runner, todo, reporter, dist, (t_enter, t_start))
+
+
+def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
+    """Resolve and validate the source, choose the targets and lay out every output tensor."""
     method = get_method(opts.method)
     for opt in ("null_energy", "null_rank"):
         if getattr(opts, opt) is not None and opt not in method.options:
@@ -124,201 +168,145 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
         new_dtype = USER_DTYPES[opts.dtype.lower()]
     shard_bytes = parse_size(opts.shard_size)
     backend = get_backend(dist.device(opts.device), opts.backend)
-
-    src: Source = resolve(model, opts.revision, opts.config, opts.allow_pickle)
-    ckpt: Checkpoint = src.checkpoint()
+    warm = threading.Thread(target=backend.warmup, name="surgeon-warmup", daemon=True)
+    warm.start()  # CUDA context and solver libraries load while the headers are read
+    src = resolve(model, opts.revision, opts.config, opts.allow_pickle)
+    ckpt = src.checkpoint()
     model_cfg = src.config()
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
     check_targets(ckpt.tensors, targets, opts.rank)
-
-    base_plan = [OutTensor(n, _out_dtype(i.dtype, new_dtype), i.shape) for n, i in ckpt.tensors.items()]
-    factor_plan, spectra_plan = [], []
-    for t in targets.values():
-        for fname, shape in method.factor_shapes(t.out_features, t.in_features, cfg).items():
-            factor_plan.append(OutTensor(factor_key(method.lora_shaped, t.module, fname), "F32", shape))
-        if opts.spectra:
-            spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
-    blocks: dict[str, dict] = {}  # per-block tensors (methods with per_block): fixed shapes, planned too
-    if method.per_block:
-        hidden = _hidden_size(model_cfg)
-        for b, experts in group_by_block(targets).items():
-            blocks[b] = {"experts": experts, "hidden": hidden}
-            for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
-                factor_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
-    method_options = {k: getattr(cfg, k) for k in method.options}
-
-    plan = {
-        "op": "split",
-        "surgeon": __version__,
-        "method": method.name,
-        "rank": opts.rank,
-        "alpha": alpha,
-        "use_rslora": cfg.use_rslora,
-        "method_config": method_config(cfg),
-        **method.manifest_extra(cfg),
-        "targets": sorted(targets),
-        "dtype": new_dtype,
-        "solver": opts.solver,
-        "tol": opts.tol,
-        "spectra": opts.spectra,
-        "shard_bytes": shard_bytes,
-        "source": src.fingerprint(),
+    job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {})
+    _layout(job)
+    job.plan = {
+        "op": "split", "surgeon": __version__, "method": method.name, "rank": opts.rank, "alpha": alpha,
+        "use_rslora": cfg.use_rslora, "method_config": method_config(cfg), **method.manifest_extra(cfg),
+        "targets": sorted(targets), "dtype": new_dtype, "solver": opts.solver, "tol": opts.tol,
+        "spectra": opts.spectra, "shard_bytes": shard_bytes, "source": src.fingerprint(),
     }
-    with dist.main_first():  # rank 0 creates the folder and lays out every file, then the others open them
-        work = WorkDir(out, plan, opts.overwrite, rank=dist.journal_rank)
-        base_w = ShardSetWriter(work.path, plan_shards(base_plan, shard_bytes))
-        fac_w = ShardSetWriter(work.path, [factor_plan], prefix=_stem(ADAPTER_WEIGHTS if method.lora_shaped else FACTORS))
-        spec_w = ShardSetWriter(work.path, [spectra_plan], prefix=_stem(SPECTRA)) if opts.spectra else None
-        # the untrained factors once more, kept beside the trainable copy for absorb and export
-        init_w = ShardSetWriter(work.path, [factor_plan], prefix=_stem(INIT_FACTORS))
-        writers = [w for w in (base_w, fac_w, spec_w, init_w) if w is not None]
-        for i, (b, info) in enumerate(blocks.items() if dist.is_main else ()):  # deterministic, cheap: (re)written on every run
-            for fname, t in method.init_block(i, info["hidden"], len(info["experts"]), cfg).items():
-                fac_w.write(f"{b}.{fname}", t)
-                init_w.write(f"{b}.{fname}", t)
+    warm.join()
+    return job
 
-    left = [n for n in ckpt.tensors if n not in work.done]
-    todo = dist.share(left, [split_cost(ckpt.tensors[n], n in targets, backend.device.type) for n in left])  # this rank's, in file order
-    total_bytes = sum(ckpt.tensors[n].nbytes for n in todo)
-    reporter.start(len(ckpt.tensors) - len(left) + len(todo), total_bytes, done=len(ckpt.tensors) - len(left))
-    clock = StageClock()
-    backend.warmup()
-    if backend.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(backend.device)
-    t_start = time.perf_counter()
-    pending: list[Future] = []
-    last_commit = time.monotonic()
 
-    def commit() -> None:
-        for f in pending:
-            f.result()
-        pending.clear()
-        for w in writers:
-            w.sync()
-        work.journal.commit()
+def _layout(job: SplitJob) -> None:
+    """Every output tensor's name, dtype and shape, from the input headers alone."""
+    method, cfg = job.method, job.cfg
+    job.base_plan = [OutTensor(n, job.out_dtype(i.dtype), i.shape) for n, i in job.ckpt.tensors.items()]
+    for t in job.targets.values():
+        for fname, shape in method.factor_shapes(t.out_features, t.in_features, cfg).items():
+            job.factor_plan.append(OutTensor(factor_key(method.lora_shaped, t.module, fname), "F32", shape))
+        if job.opts.spectra:
+            job.spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
+    if method.per_block:  # per-block tensors (moe routers): fixed shapes, planned too
+        hidden = _hidden_size(job.model_cfg)
+        for b, experts in group_by_block(job.targets).items():
+            job.blocks[b] = {"experts": experts, "hidden": hidden}
+            for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
+                job.factor_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
 
-    streams = threading.local()
 
-    def process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
-        stream = contextlib.nullcontext()
-        if backend.device.type == "cuda":  # each solve thread works on a stream of its own
-            if not hasattr(streams, "s"):
-                streams.s = torch.cuda.Stream(backend.device)
-            stream = torch.cuda.stream(streams.s)
-        with stream, clock("solver_busy"):
-            return _process(info, tensor)
+def _open_writers(job: SplitJob, work: WorkDir, dist) -> Writers:
+    """Lay out (or reopen) every output file; refuse at once when they cannot fit on the disk."""
+    lora = job.method.lora_shaped
+    w = Writers(
+        base=ShardSetWriter(work.path, plan_shards(job.base_plan, job.plan["shard_bytes"])),
+        factors=ShardSetWriter(work.path, [job.factor_plan], prefix=_stem(ADAPTER_WEIGHTS if lora else FACTORS)),
+        init=ShardSetWriter(work.path, [job.factor_plan], prefix=_stem(INIT_FACTORS)),
+        spectra=ShardSetWriter(work.path, [job.spectra_plan], prefix=_stem(SPECTRA)) if job.opts.spectra else None,
+    )
+    if dist.is_main:
+        check_free_space(work.path, [s for x in w.all for s in x.sizes])
+        for i, (b, info) in enumerate(job.blocks.items()):  # deterministic, cheap: (re)written on every run
+            for fname, t in job.method.init_block(i, info["hidden"], len(info["experts"]), job.cfg).items():
+                w.factors.write(f"{b}.{fname}", t)
+                w.init.write(f"{b}.{fname}", t)
+    return w
 
-    def _process(info, tensor) -> tuple[dict, list[tuple[ShardSetWriter, str, torch.Tensor]]]:
-        record: dict = {"name": info.name}
-        outputs: list[tuple[ShardSetWriter, str, torch.Tensor]] = []
-        target = targets.get(info.name)
-        out_dt = _out_dtype(info.dtype, new_dtype)
-        if target is None:
-            outputs.append((base_w, info.name, tensor.to(torch_dtype(out_dt))))
-            return record, outputs
-        record["layer"], outs = _split_one(target, tensor, method, cfg, backend, opts, out_dt, clock)
-        outputs.append((base_w, info.name, outs.pop("__residual__")))
-        if opts.spectra:
-            outputs.append((spec_w, target.module, outs.pop("__spectrum__")))
-        for fname, f in outs.items():
-            key = factor_key(method.lora_shaped, target.module, fname)
-            outputs.append((fac_w, key, f))
-            outputs.append((init_w, key, f))
-        return record, outputs
 
-    # CPU: two solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales poorly
-    # over threads). CUDA: one, on its own stream; transfers are asynchronous. Two eigensolvers at
-    # once on one GPU run no faster in total (bench/RESULTS.md), so a second worker only adds contention.
-    workers = opts.workers or (2 if backend.device.type == "cpu" else 1)
-    threads = torch.get_num_threads()
-    if workers > 1 and backend.device.type == "cpu":
-        torch.set_num_threads(max(1, threads // workers))
-    solving: deque[tuple] = deque()
+def _run(job: SplitJob, work: WorkDir, runner: SplitRunner, reporter: Reporter, dist) -> list[str]:
+    """Stream this rank's share of the tensors not yet done; returns that share."""
+    left = [n for n in job.ckpt.tensors if n not in work.done]
+    device_type = job.backend.device.type
+    todo = dist.share(left, [split_cost(job.ckpt.tensors[n], n in job.targets, device_type) for n in left])  # this rank's, in file order
+    done = len(job.ckpt.tensors) - len(left)
+    reporter.start(done + len(todo), sum(job.ckpt.tensors[n].nbytes for n in todo), done=done)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.backend.device)
+    runner.run(todo)
+    return todo
 
-    def drain_one(pool) -> None:
-        info, fut = solving.popleft()
-        with clock("wait_solve"):
-            record, outputs = fut.result()
-        with clock("wait_write"):
-            while len(pending) >= 4:
-                pending.pop(0).result()
-        pending.append(pool.submit(write_all, outputs, clock))
-        work.journal.add(record)
-        reporter.advance(info.name, info.nbytes)
 
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as wpool, ThreadPoolExecutor(workers, thread_name_prefix="surgeon-solve") as spool:
-            stream = ckpt.stream(todo, prefetch=opts.prefetch, pin=backend.device.type == "cuda")
-            while True:
-                with clock("wait_read"):
-                    item = next(stream, None)
-                if item is None:
-                    break
-                info, tensor = item
-                solving.append((info, spool.submit(process, info, tensor)))
-                if len(solving) > workers:
-                    drain_one(wpool)
-                if time.monotonic() - last_commit >= opts.commit_seconds:
-                    with clock("wait_commit"):
-                        commit()
-                    last_commit = time.monotonic()
-                dist.check_peers()  # another rank failed: stop (what is committed stays done)
-            while solving:
-                drain_one(wpool)
-            with clock("wait_commit"):
-                commit()
-    except BaseException:
-        # Ctrl-C or an error: keep what is already written (the executors above have finished their
-        # work), so that repeating the command resumes after it. If a write failed, commit() raises
-        # before journaling anything, and nothing unsafe is recorded.
-        with contextlib.suppress(Exception):
-            commit()
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    for w in writers:
-        w.close()
-    ranks = dist.sync(_rank_record(dist, backend, todo, total_bytes, time.perf_counter() - t_start, clock))  # all written
+def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo: list[str], reporter, dist, times) -> dict | None:
+    """Index, side files, adapter config, manifest, card, run log, rename: each step repeatable."""
+    t_enter, t_start = times
+    elapsed = time.perf_counter() - t_start
+    for x in w.all:
+        x.close()
+    ranks = dist.sync(_rank_record(dist, job.backend, todo, sum(job.ckpt.tensors[n].nbytes for n in todo), elapsed, runner.clock))
     if not dist.is_main:
         reporter.close()
         return None  # rank 0 finishes the folder; every rank returns its manifest
-    base_w.write_index()
-    elapsed = time.perf_counter() - t_start
-
-    layers = {rec["layer"]["module"]: rec["layer"] for rec in work.records().values() if "layer" in rec}
-    layers = {t.module: layers[t.module] for t in targets.values()}  # checkpoint order
-    target_modules = peft_target_modules(ckpt.tensors, targets)
-    manifest = build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_modules, targets, elapsed, sum(r["bytes_read"] for r in ranks), work.resumed)
-    manifest["summary"]["stage_seconds"] = clock.totals()
-    distributed.rank_summary(manifest["summary"], ranks)
-    if method.options or method.notes:
-        manifest["method_options"], manifest["method_notes"] = method_options, dict(method.notes)
-    if blocks:
-        manifest["blocks"] = blocks
-
-    skip = {"README.md", ADAPTER_CONFIG}
-    copied = copy_side_files(src.side_files, work.path, skip)
-    if new_dtype and "config.json" in copied:
-        conf = dict(model_cfg)
-        key = "dtype" if "dtype" in conf else "torch_dtype"
-        conf[key] = CONFIG_DTYPE[new_dtype]
-        write_json(work.path / "config.json", conf)
-    if method.lora_shaped:
-        any_t = next(iter(targets.values()))
-        write_json(
-            work.path / ADAPTER_CONFIG,
-            adapter_config(
-                r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
-                use_rslora=cfg.use_rslora, task_type=task_type_for(model_cfg),
-            ),
-        )
-    manifest["summary"]["setup_seconds"] = round(t_start - t_enter, 3)  # before the first tensor
-    manifest["summary"]["finish_seconds"] = round(time.perf_counter() - t_start - elapsed, 3)  # after the last
+    w.base.write_index()
+    faults.point("after-index")
+    records = work.records()
+    manifest = _manifest(job, records)
+    _side_files(job, work.path, manifest["target_modules"])
     write_json(work.path / MANIFEST, manifest)
-    build_card(manifest).save(work.path / "README.md")
+    faults.point("after-manifest")
+    build_card(manifest).save(work.path / CARD)
+    faults.point("after-card")
+    run_log = {
+        "seconds": round(elapsed, 3), "setup_seconds": round(t_start - t_enter, 3),
+        "bytes_read": sum(r["bytes_read"] for r in ranks), "resumed_tensors": work.resumed,
+        "peak_gpu_bytes": ranks[0]["peak_gpu_bytes"], "stage_seconds": runner.clock.totals(),
+        "layer_seconds": {rec["layer"]["module"]: rec["layer"].get("seconds") for rec in records.values() if "layer" in rec},
+    }
+    distributed.rank_summary(run_log, ranks)
+    run_log["finish_seconds"] = round(time.perf_counter() - t_start - elapsed, 3)  # after the last tensor
+    write_json(work.path / RUN_LOG, run_log)
     work.finish()
     reporter.close()
+    return {**manifest, "run": run_log}
+
+
+def _finished(out: Path) -> dict:
+    """The manifest (and run log) of a folder that an earlier, killed run completed."""
+    import json
+
+    manifest = read_manifest(out)
+    try:
+        manifest["run"] = json.loads((out / RUN_LOG).read_text())
+    except (OSError, ValueError):
+        manifest["run"] = {}
     return manifest
+
+
+def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
+    """surgeon.json: deterministic (no timings), so a resumed run writes the same bytes."""
+    layers = {rec["layer"]["module"]: {k: v for k, v in rec["layer"].items() if k != "seconds"} for rec in records.values() if "layer" in rec}
+    layers = {t.module: layers[t.module] for t in job.targets.values()}  # checkpoint order
+    hashes = {n: records[n]["hash"] for n in job.ckpt.tensors}
+    target_modules = peft_target_modules(job.ckpt.tensors, job.targets)
+    manifest = build_manifest(job.src, job.method, job.cfg, job.opts, job.new_dtype, job.backend, layers, target_modules, job.targets, hashes)
+    if job.method.options or job.method.notes:
+        manifest["method_options"] = {k: getattr(job.cfg, k) for k in job.method.options}
+        manifest["method_notes"] = dict(job.method.notes)
+    if job.blocks:
+        manifest["blocks"] = job.blocks
+    return manifest
+
+
+def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
+    """config (with the new dtype), tokenizer files and the PEFT adapter config."""
+    copied = copy_side_files(job.src.side_files, folder, {CARD, ADAPTER_CONFIG})
+    if job.new_dtype and "config.json" in copied:
+        conf = dict(job.model_cfg)
+        conf["dtype" if "dtype" in conf else "torch_dtype"] = CONFIG_DTYPE[job.new_dtype]
+        write_json(folder / "config.json", conf)
+    if job.method.lora_shaped:
+        cfg, any_t = job.cfg, next(iter(job.targets.values()))
+        conf = adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
+                              use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg))
+        write_json(folder / ADAPTER_CONFIG, conf)
 
 
 def split_cost(info, targeted: bool, device_type: str) -> int:
@@ -326,8 +314,8 @@ def split_cost(info, targeted: bool, device_type: str) -> int:
     return distributed.matrix_cost(info.shape, info.nbytes, device_type, solve=targeted)
 
 
-def _rank_record(dist, backend, todo: list[str], nbytes: int, seconds: float, clock: StageClock) -> dict:
-    """What this rank did, for the manifest of a distributed run."""
+def _rank_record(dist, backend, todo: list[str], nbytes: int, seconds: float, clock) -> dict:
+    """What this rank did, for the run log of a distributed run."""
     return {
         "rank": dist.rank, "device": str(backend.device), "tensors": len(todo), "bytes_read": nbytes,
         "cost": dist.loads[dist.rank], "seconds": round(seconds, 3), "stage_seconds": clock.totals(),
@@ -341,49 +329,3 @@ def _hidden_size(model_cfg: dict) -> int:
             return model_cfg[key]
     raise UsageError("config.json gives no hidden size (hidden_size / n_embd / d_model), which this method's per-block "
                      "tensors need; pass --config with a complete config.json.")
-
-
-
-def _split_one(target: Target, stored: torch.Tensor, method, cfg: MethodConfig, backend, opts: SplitOptions, out_dtype: str, clock):
-    t0 = time.perf_counter()
-    w64 = stored.to(backend.device, non_blocking=True).double()
-    w64 = w64.mT if target.transposed else w64  # (out, in)
-    with clock("decompose"):
-        try:
-            trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
-        except NumericsError as e:  # name the tensor: a damaged checkpoint is fixed one tensor at a time
-            raise NumericsError(f"{target.tensor}: {e}") from e
-    with clock("method"):
-        res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
-        residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
-    # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
-    # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
-    # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.
-    total = trip.energy  # = ‖W‖_F²
-    err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / max(total**0.5, 1e-300)
-    kept = float(trip.S.square().sum())
-    layer = {
-        "module": target.module,
-        "shape": [target.out_features, target.in_features],
-        "transposed": target.transposed,
-        "solver": trip.solver,
-        "subspace_bound": trip.subspace_bound,
-        "orth_error": trip.orth_error,
-        "reconstruction_error": err,
-        "factor_energy": kept / total if total > 0 else 0.0,
-        "sigma_max": float(trip.spectrum[0]) if opts.spectra else None,
-        "sigma_min": float(trip.spectrum[-1]) if opts.spectra else None,
-        "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
-        "seconds": round(time.perf_counter() - t0, 4),
-        **res.stats,
-    }
-    outs = {"__residual__": (residual.mT if target.transposed else residual).contiguous()}
-    if opts.spectra:
-        outs["__spectrum__"] = trip.spectrum
-    outs.update(res.factors)
-    # to the host in the order of this thread's stream, so the writer never reads a tensor that
-    # is still being computed
-    with clock("to_host"):
-        if w64.is_cuda:
-            return layer, {k: HostCopy(v) for k, v in outs.items()}
-        return layer, outs

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,12 +21,12 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
         raise UsageError("plotting needs matplotlib: pip install 'surgeon[plot]'.") from e
     from safetensors import safe_open
 
-    from surgeon.pipeline import MANIFEST, SPECTRA
+    from surgeon.splitdir import SPECTRA, read_manifest
 
     split_dir = Path(split_dir)
+    manifest = read_manifest(split_dir, "a folder written by `surgeon split`")
     if not (split_dir / SPECTRA).exists():
-        raise SplitDirError(f"{split_dir} has no {SPECTRA}; give a folder written by `surgeon split`.")
-    manifest = json.loads((split_dir / MANIFEST).read_text())
+        raise SplitDirError(f"{split_dir} has no {SPECTRA} (split with --no-spectra?); split again with spectra to plot them.")
     rx = re.compile(layers)
     groups: dict[str, list] = {}
     with safe_open(split_dir / SPECTRA, "pt") as f:

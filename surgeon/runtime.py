@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgeon.errors import SplitDirError
+from surgeon.errors import OutputExistsError, SplitDirError
 
 
 class LoRALinear(nn.Module):
@@ -54,7 +54,7 @@ class SplitModel:
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], split, blocks: dict[str, nn.Module] | None = None):
         self.model = model
         self.modules = modules  # module name -> runtime module
-        self.split = split  # surgeon.absorb.SplitDir
+        self.split = split  # surgeon.splitdir.SplitDir
         self.blocks = blocks or {}  # block name -> per-block runtime module (methods with per_block, e.g. moe routers)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -85,19 +85,30 @@ class SplitModel:
             os.replace(tmp / self.split.factors_file.name, self.split.factors_file)
             shutil.rmtree(tmp)
             return out
+        from surgeon.outdir import check_replaceable
+
         if out.exists() and not overwrite:
-            raise SplitDirError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
+            raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
+        if out.exists():
+            check_replaceable(out, [src])
         tmp = out.parent / f".{out.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            check_replaceable(tmp, [src])  # an earlier, killed save: surgeon's own
+            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         for f in src.iterdir():
             if f.is_file() and f.name != self.split.factors_file.name:
                 _link_or_copy(f, tmp / f.name)
         save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
         os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # replaced only after the new copy is complete
+            trash = out.parent / f".{out.name}.replaced"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
         return out
 
 
@@ -134,7 +145,7 @@ def load_residual_model(path: Path, dtype: torch.dtype = torch.float32, model_cl
 def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trainable: bool = True, model_cls=None) -> SplitModel:
     from safetensors import safe_open
 
-    from surgeon.absorb import SplitDir
+    from surgeon.splitdir import SplitDir
 
     split = SplitDir(Path(path))
     model = load_residual_model(split.path, dtype, model_cls)

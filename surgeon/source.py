@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgeon.errors import PickleRefusedError, SourceError, UsageError
-from surgeon.io.reader import Checkpoint
+from surgeon.errors import CorruptCheckpointError, PickleRefusedError, SourceError, UsageError
+from surgeon.io.reader import Checkpoint, regular_file
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*"]
 # files copied next to the rewritten weights
@@ -31,17 +31,26 @@ class Source:
     revision: str | None = None
     config_file: Path | None = None
     side_files: list[Path] = field(default_factory=list)
+    index: Path | None = None  # model.safetensors.index.json, when the weights are sharded
 
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint.open_pickled(self.weights) if self.pickled else Checkpoint.open(self.weights)
+        if self.pickled:
+            return Checkpoint.open_pickled(self.weights)
+        ckpt = Checkpoint.open(self.weights)
+        if self.index is not None:
+            check_index(self.index, read_index(self.index), ckpt)
+        return ckpt
 
     def config(self) -> dict:
         if self.config_file is None or not self.config_file.exists():
             return {}
         try:
-            return json.loads(self.config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{self.config_file}: not valid JSON ({e}).") from e
+            conf = json.loads(self.config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SourceError(f"{self.config_file}: not valid JSON ({e}); fix it or pass --config.") from None
+        if not isinstance(conf, dict):
+            raise SourceError(f"{self.config_file}: not a JSON object; fix it or pass --config.")
+        return conf
 
     def card_metadata(self) -> dict:
         """License fields of the source's model card (README.md front matter), carried to the output card."""
@@ -75,25 +84,69 @@ def read_card_license(readme: Path) -> dict:
     return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta.get(k), (str, list)) and meta[k]}
 
 
-def _weights_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
-    for index_name in ("model.safetensors.index.json",):
-        index = folder / index_name
-        if index.exists():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise SourceError(f"{index}: not a valid safetensors index ({e}).") from e
-            missing = [f for f in files if not (folder / f).exists()]
-            if missing:
-                raise SourceError(f"{index} lists shards that are missing: {', '.join(missing)}; download them again.")
-            return [folder / f for f in files], False
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, links followed, lies in `folder`. A Hub cache snapshot
+    (models--org--name/snapshots/REV/) may link into its repo's own blobs/ folder too."""
+    real, root = path.resolve(), folder.resolve()
+    if real.is_relative_to(root):
+        return True
+    if root.parent.name == "snapshots":  # huggingface_hub's cache layout
+        return real.is_relative_to(root.parent.parent / "blobs")
+    return False
+
+
+def confined(folder: Path, name: str, what: str) -> Path:
+    """folder/name, refused unless it is a regular file inside `folder` (no absolute names, no ..,
+    no link out of the folder): surgeon reads only the model's own files."""
+    p = Path(name)
+    if not name or p.is_absolute() or ".." in p.parts:
+        raise SourceError(f"{what} names {name!r}, which is outside {folder}; surgeon reads only files inside the model folder.")
+    path = folder / p
+    if not inside(path, folder):
+        raise SourceError(f"{what} names {name!r}, which links to {path.resolve()} outside {folder}; surgeon reads only files inside the model folder.")
+    if not path.exists():
+        raise SourceError(f"{what} names {name!r}, which is missing from {folder}; download it again.")
+    regular_file(path)
+    return path
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json: {tensor: shard file name}, validated."""
+    try:
+        obj = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{index}: not a valid safetensors index ({e}); download it again.") from None
+    wmap = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise SourceError(f"{index}: not a valid safetensors index (it needs a \"weight_map\" object of tensor → file names); download it again.")
+    return wmap
+
+
+def check_index(index: Path, wmap: dict[str, str], ckpt: Checkpoint) -> None:
+    """The index must name exactly the tensors its shards hold, each in the shard it says."""
+    for name, shard in wmap.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise CorruptCheckpointError(f"{index} maps {name!r} to {shard}, which does not hold it; the download is incomplete, download it again.")
+        if info.file.name != Path(shard).name:
+            raise CorruptCheckpointError(f"{index} maps {name!r} to {shard}, but it is in {info.file.name}; download the index again.")
+    extra = sorted(set(ckpt.tensors) - set(wmap))
+    if extra:
+        raise CorruptCheckpointError(f"{ckpt.tensors[extra[0]].file} holds {extra[0]!r}, which {index.name} does not list ({len(extra)} such); download the index again.")
+
+
+def _weights_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool, Path | None]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        confined(folder, index.name, "the folder")
+        files = sorted(set(read_index(index).values()))
+        return [confined(folder, f, index.name) for f in files], False, index
     single = folder / "model.safetensors"
     if single.exists():
-        return [single], False
-    st = sorted(folder.glob("*.safetensors"))
-    st = [p for p in st if not p.name.startswith("adapter_")]
+        return [confined(folder, single.name, "the folder")], False, None
+    st = [p for p in sorted(folder.glob("*.safetensors")) if not p.name.startswith("adapter_")]
     if st:
-        return st, False
+        return [confined(folder, p.name, "the folder") for p in st], False, None
     pick = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.bin")) or sorted(folder.glob("*.pt"))
     if pick:
         if not allow_pickle:
@@ -101,17 +154,23 @@ def _weights_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
                 f"{folder} holds only pickled weights ({pick[0].name}); pickle can run code when loaded. "
                 "Convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)."
             )
-        return pick, True
+        return [confined(folder, p.name, "the folder") for p in pick], True, None
     raise SourceError(f"{folder} holds no model weights (no *.safetensors, no pytorch_model*.bin).")
+
+
+def _side_files(folder: Path) -> list[Path]:
+    """config, tokenizer and template files to copy beside the output; links out of the folder are refused."""
+    names = sorted(p.name for p in folder.iterdir() if SIDE_FILES.search(p.name) and not WEIGHT_FILES.search(p.name))
+    return [confined(folder, n, "the folder") for n in names if (folder / n).is_file()]
 
 
 def resolve(model: str, revision: str | None = None, config: Path | None = None, allow_pickle: bool = False) -> Source:
     path = Path(model).expanduser()
     if path.is_dir():
-        weights, pickled = _weights_in(path, allow_pickle)
-        cfg = Path(config) if config else path / "config.json"
-        sides = sorted(p for p in path.iterdir() if p.is_file() and SIDE_FILES.search(p.name) and not WEIGHT_FILES.search(p.name))
-        return Source(model, path, weights, pickled, config_file=cfg, side_files=sides)
+        weights, pickled, index = _weights_in(path, allow_pickle)
+        cfg = _config_path(config, path / "config.json", path)
+        sides = [p for p in _side_files(path) if p.name != "config.json"] + [cfg]
+        return Source(model, path, weights, pickled, config_file=cfg, side_files=sides, index=index)
     if path.is_file():
         if path.suffix in (".bin", ".pt", ".pth"):
             if not allow_pickle:
@@ -124,19 +183,28 @@ def resolve(model: str, revision: str | None = None, config: Path | None = None,
             pickled = False
         else:
             raise UsageError(f"{path}: expected a .safetensors file or a model folder.")
-        cfg = Path(config) if config else (path.parent / "config.json")
-        if not cfg.exists():
-            raise UsageError(f"{path} is a single weights file and no config.json sits beside it; pass --config PATH/TO/config.json.")
-        if cfg.is_dir():
-            cfg = cfg / "config.json"
-        sides = sorted(p for p in cfg.parent.iterdir() if p.is_file() and SIDE_FILES.search(p.name) and not WEIGHT_FILES.search(p.name))
-        if cfg not in sides:
-            sides.append(cfg)
+        regular_file(path)
+        cfg = _config_path(config, path.parent / "config.json", path)
+        sides = [p for p in _side_files(cfg.parent) if p.name != "config.json"] + [cfg]
         return Source(model, cfg.parent, [path], pickled, config_file=cfg, side_files=sides)
     if HUB_ID.match(model) and not model.startswith((".", "/")):
         repo_id, _, rev = model.partition("@")
         return _from_hub(repo_id, revision or rev or None, config, allow_pickle, model)
     raise SourceError(f"model {model!r} not found: no such file or folder, and it is not a Hub id like org/name.")
+
+
+def _config_path(given: Path | None, default: Path, model: Path) -> Path:
+    """The config.json to use: --config (a file, or a folder holding one), else the one beside the weights."""
+    cfg = Path(given).expanduser() if given else default
+    if cfg.is_dir():
+        cfg = cfg / "config.json"
+    if not cfg.is_file():
+        where = f"--config {given}" if given else f"{model} (no config.json)"
+        raise UsageError(f"{where}: the output would have no config.json and transformers could not load it; pass --config PATH/TO/config.json.")
+    if not given and not inside(cfg, default.parent):
+        raise SourceError(f"{cfg} links to {cfg.resolve()} outside {default.parent}; surgeon reads only files inside the model folder.")
+    regular_file(cfg)
+    return cfg
 
 
 def _from_hub(repo_id: str, revision: str | None, config: Path | None, allow_pickle: bool, given: str) -> Source:

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgeon.pipeline as pipeline  # noqa: E402
+import surgeon.runner as runner  # noqa: E402
 from surgeon import distributed  # noqa: E402
 from surgeon.errors import NumericsError, SurgeonError  # noqa: E402
 
@@ -31,7 +32,7 @@ def main() -> int:
     ap.add_argument("--slow", type=float, default=0.0)
     a = ap.parse_args()
     rank = distributed.env_rank()
-    real, calls = pipeline._split_one, {"n": 0}
+    real, calls = runner.split_one, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -40,7 +41,7 @@ def main() -> int:
         time.sleep(a.slow)
         return real(*args, **kwargs)
 
-    pipeline._split_one = flaky
+    runner.split_one = flaky
     opts = pipeline.SplitOptions(rank=4, shard_size="100KB", commit_seconds=0, workers=1, prefetch=0)
     try:
         pipeline.split(a.src, Path(a.out), opts)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import surgeon.pipeline as pipeline
+import surgeon.runner as split_runner
 from surgeon.cli import build_app
 from surgeon.pipeline import SplitOptions, split
 
@@ -74,13 +75,12 @@ def test_bad_input_gives_one_clear_line(tiny, tmp_path, args, code, words):
 
 
 def test_out_dir_exists_needs_overwrite(tiny, tmp_path):
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "keep.txt").write_text("mine")
     r = run("split", tiny["tiny-llama"], "--rank", "2", "--out", tmp_path / "o", "-q")
+    assert r.exit_code == 0
+    r = run("split", tiny["tiny-llama"], "--rank", "4", "--out", tmp_path / "o", "-q")
     assert r.exit_code == 2 and "--overwrite" in one_error_line(r)
-    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
-    r = run("split", tiny["tiny-llama"], "--rank", "2", "--out", tmp_path / "o", "-q", "--overwrite")
-    assert r.exit_code == 0 and not (tmp_path / "o" / "keep.txt").exists()
+    r = run("split", tiny["tiny-llama"], "--rank", "4", "--out", tmp_path / "o", "-q", "--overwrite")
+    assert r.exit_code == 0 and json.loads((tmp_path / "o" / "surgeon.json").read_text())["rank"] == 4
     assert not list(tmp_path.glob(".o.*"))  # no leftovers beside it
 
 
@@ -129,7 +129,7 @@ def _hashes(d: Path) -> dict[str, str]:
 def test_interrupted_split_resumes_and_matches_a_clean_run(tiny, tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     split(str(tiny["tiny-llama"]), clean, SplitOptions(rank=4, shard_size="100KB"))
-    real, calls = pipeline._split_one, {"n": 0}
+    real, calls = split_runner.split_one, {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -137,15 +137,15 @@ def test_interrupted_split_resumes_and_matches_a_clean_run(tiny, tmp_path, monke
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "_split_one", flaky)
+    monkeypatch.setattr(split_runner, "split_one", flaky)
     out = tmp_path / "o"
     opts = SplitOptions(rank=4, shard_size="100KB", workers=1)  # default commit interval: the interrupt commits
     with pytest.raises(KeyboardInterrupt):
         split(str(tiny["tiny-llama"]), out, opts)
-    assert not out.exists() and (tmp_path / ".o.partial" / "journal.jsonl").exists()
-    monkeypatch.setattr(pipeline, "_split_one", real)
+    assert not out.exists() and (tmp_path / ".o.partial" / ".surgeon" / "journal.jsonl").exists()
+    monkeypatch.setattr(split_runner, "split_one", real)
     m = split(str(tiny["tiny-llama"]), out, opts)
-    assert m["summary"]["resumed_tensors"] >= 8
+    assert m["run"]["resumed_tensors"] >= 8
     assert _hashes(out) == _hashes(clean)
     assert not (tmp_path / ".o.partial").exists()
 
@@ -154,7 +154,7 @@ def test_changed_settings_do_not_resume_a_partial_run(tiny, tmp_path, monkeypatc
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_split_one", boom)
+    monkeypatch.setattr(split_runner, "split_one", boom)
     with pytest.raises(KeyboardInterrupt):
         split(str(tiny["tiny-llama"]), tmp_path / "o", SplitOptions(rank=4))
     monkeypatch.undo()

@@ -106,18 +106,19 @@ def split(
     if push_to_hub:
         _push(out, push_to_hub, private, None, None, quiet)
     if json_out:
-        print_json({k: manifest[k] for k in ("method", "rank", "alpha", "target_modules", "summary")} | {"out": str(out)})
+        print_json({k: manifest.get(k) for k in ("method", "rank", "alpha", "target_modules", "summary", "run")} | {"out": str(out)})
 
 
 def _summary(m: dict, out: Path) -> None:
-    s = m["summary"]
+    s, run = m["summary"], m.get("run", {})
     t = Table(title=f"surgeon split → {out}", show_header=False)
     t.add_row("method / rank / alpha", f"{m['method']} / {m['rank']} / {m['alpha']:g}")
     t.add_row("layers split", str(s["layers"]))
     t.add_row("solvers", ", ".join(f"{k}: {v}" for k, v in s["solvers"].items()))
     t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖", f"{s['worst_reconstruction_error']:.2e}")
     t.add_row("mean factor energy (fraction of Σσ²)", f"{s['mean_factor_energy']:.3g}")
-    t.add_row("time", f"{s['seconds']:.1f} s ({s['bytes_read'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
+    if run.get("seconds") is not None:
+        t.add_row("time", f"{run['seconds']:.1f} s ({run['bytes_read'] / max(run['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
     err_console().print(t)
 
 
@@ -147,7 +148,7 @@ def absorb(
     if not is_main_process():
         return
     if not quiet:
-        err_console().print(f"absorbed {m['layers']} layers into the {m['base']} weights ({m['layers_changed']} changed) → {out}")
+        err_console().print(f"absorbed {m['layers']} layers into the {m['base']} weights ({m['layers_changed']} changed; {m.get('base_reason', '')}) → {out}")
     if push_to_hub:
         _push(out, push_to_hub, private, None, None, quiet)
     if json_out:

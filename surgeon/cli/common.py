@@ -33,6 +33,10 @@ def errors_to_exit():
         else:
             err_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # the file system refused (permissions, read-only, I/O error): one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        err_console().print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; fix that and run the same command again.", soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         if is_main_process():  # torchrun hands Ctrl-C to every rank: one note is enough
             err_console().print("[yellow]interrupted[/]: the partial output is kept; run the same command again to resume.")

@@ -19,27 +19,24 @@ from pathlib import Path
 from safetensors import safe_open
 
 from surgeon.errors import UsageError
-from surgeon.export.peft import PREFIX, adapter_config, lora_key, write_adapter
+from surgeon.export.peft import adapter_config, lora_key, publish_adapter
+from surgeon.splitdir import PEFT_PREFIX, SplitDir
 
 
 def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
-    from surgeon.absorb import SplitDir
-    from surgeon.outdir import WorkDir
-
     sd = SplitDir(split_dir)
     if sd.method.name != "kasa":
         raise UsageError(f"--to kasa needs a KaSA split; {sd.path} was split with {sd.method.name}. Use --to lora.")
     if sd.manifest.get("transposed", False):
         raise UsageError("PEFT's KaSA does not support Conv1D (fan_in_fan_out) layers such as GPT-2's; use --to lora (a LoRA on the truncated base).")
     cfg = sd.cfg
-    work = WorkDir(out, {"op": "export", "split": str(sd.path.resolve()), "to": "kasa"}, overwrite)
     tensors = {}
     with safe_open(sd.factors_file, "pt") as cur:
         for module in sd.manifest["layers"]:
             f = sd.factors(cur, module)
             tensors[lora_key(module, "lora_A")] = f["lora_A"]  # (r, in)
             tensors[lora_key(module, "lora_B")] = f["lora_B"]  # (out, r)
-            tensors[f"{PREFIX}{module}.lora_diag"] = f["lora_diag"]  # (r,)
+            tensors[f"{PEFT_PREFIX}{module}.lora_diag"] = f["lora_diag"]  # (r,)
     src = sd.manifest["source"]
     conf = adapter_config(
         r=cfg.rank,
@@ -50,6 +47,4 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         revision=src.get("revision") if src.get("hub_id") else None,
     )
     conf["kasa_config"] = {"beta": cfg.kasa_beta, "gamma": cfg.kasa_gamma}
-    write_adapter(work.path, conf, tensors)
-    work.finish()
-    return conf
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "kasa"}, overwrite, [sd.path], conf, tensors)

@@ -16,14 +16,7 @@ from safetensors.torch import save_file
 
 from surgeon.io.writer import write_json
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-
-
-def lora_key(module: str, factor: str) -> str:
-    """factor: "lora_A" or "lora_B"."""
-    return f"{PREFIX}{module}.{factor}.weight"
+from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_key  # noqa: F401 - the split-folder format
 
 
 def adapter_config(
@@ -71,6 +64,22 @@ def task_type_for(config: dict) -> str | None:
         causal = set()
     is_causal = any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return "CAUSAL_LM" if is_causal else None
+
+
+def publish_adapter(out: Path, plan: dict, overwrite: bool, inputs: list[Path], config: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write an exported adapter as an output transaction (surgeon/outdir.py), with a small
+    surgeon.json naming what it came from, so a later --overwrite recognises it. Returns `config`."""
+    from surgeon import __version__
+    from surgeon.outdir import WorkDir
+    from surgeon.splitdir import MANIFEST
+
+    with WorkDir(out, plan, overwrite, inputs=inputs) as work:
+        if not work.complete:
+            write_adapter(work.path, config, tensors)
+            write_json(work.path / MANIFEST, {"surgeon_version": __version__, "operation": "export", **plan, "r": config["r"],
+                                              "base_model": config.get("base_model_name_or_path")})
+        work.finish()
+    return config
 
 
 def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

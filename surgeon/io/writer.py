@@ -9,15 +9,62 @@ computed: nothing is buffered beyond the tensor in hand, and a resumed run rewri
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from surgeon.errors import DiskSpaceError
 from surgeon.io.dtypes import DTYPES, dtype_name
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path):
+    """A full disk (or quota) while writing `path` becomes one line that says how to go on."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DiskSpaceError(
+            f"the disk is full writing {path} ({free / 1e9:.2f} GB free at {path.parent}); free some space and run the same "
+            "command again: it resumes after the tensors already written."
+        ) from None
+
+
+def check_free_space(folder: Path, files: list[tuple[Path, int]]) -> None:
+    """Refuse before writing when the planned files cannot fit (sparse files count what they hold)."""
+    need = sum(max(0, size - (p.stat().st_blocks * 512 if p.exists() else 0)) for p, size in files)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DiskSpaceError(f"needs {need / 1e9:.2f} GB at {folder}, {free / 1e9:.2f} GB free; free some space or choose another --out.")
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (the small files: shards were synced as written)."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with disk_errors(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -86,16 +133,19 @@ class ShardSetWriter:
         self.prefix = prefix
         self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (file idx, abs offset, spec)
         self._fds: list[int] = []
+        self.sizes: list[tuple[Path, int]] = []  # (file, planned size): what the disk must hold
         metadata = {"format": "pt", **(metadata or {})}
         for i, (path, tensors) in enumerate(zip(self.files, shards)):
             head, offsets = _header_bytes(tensors, metadata)
             total = len(head) + sum(t.nbytes for t in tensors)
+            self.sizes.append((path, total))
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             existing = os.pread(fd, len(head), 0) if os.fstat(fd).st_size == total else b""
             if existing != head:  # new file, or a layout from another plan: start it afresh
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, total)
-                os.pwrite(fd, head, 0)
+                with disk_errors(path):
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, total)
+                    os.pwrite(fd, head, 0)
             self._fds.append(fd)
             self._unsynced.append(0)
             for t in tensors:
@@ -107,15 +157,17 @@ class ShardSetWriter:
             raise ValueError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {dtype_name(tensor.dtype)}{list(tensor.shape)}")
         if spec.nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(self._fds[idx], memoryview(data), offset)
-            self._unsynced[idx] += spec.nbytes
-            if self._unsynced[idx] >= self.sync_bytes:
-                os.fdatasync(self._fds[idx])
-                self._unsynced[idx] = 0
+            with disk_errors(self.files[idx]):
+                _pwrite_all(self._fds[idx], memoryview(data), offset)
+                self._unsynced[idx] += spec.nbytes
+                if self._unsynced[idx] >= self.sync_bytes:
+                    os.fdatasync(self._fds[idx])
+                    self._unsynced[idx] = 0
 
     def sync(self) -> None:
         for i, fd in enumerate(self._fds):
-            os.fsync(fd)
+            with disk_errors(self.files[i]):
+                os.fsync(fd)
             self._unsynced[i] = 0
 
     def close(self) -> None:
@@ -139,13 +191,19 @@ class ShardSetWriter:
 
 def write_json(path: Path, obj) -> None:
     """Write JSON via a temporary name + fsync + rename, so a reader never sees half a file."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a small file via a temporary name + fsync + rename, so a reader never sees half of it."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_errors(path):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 class Journal:
@@ -159,24 +217,38 @@ class Journal:
         self.path = Path(path)
         self.done: dict[str, dict] = {}
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a torn last line (killed mid-append): cut it off
+                data = data[: data.rfind(b"\n") + 1]
+                os.truncate(self.path, len(data))
+            for line in data.decode(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                self.done[rec["name"]] = rec
+                if isinstance(rec, dict) and isinstance(rec.get("name"), str):
+                    self.done[rec["name"]] = rec
         self._pending: list[dict] = []
+        self._lock = threading.Lock()
 
     def add(self, record: dict) -> None:
-        self._pending.append(record)
+        with self._lock:
+            self._pending.append(record)
 
-    def commit(self) -> None:
-        if not self._pending:
+    def take(self) -> list[dict]:
+        """The records added so far, handed to a later `commit(records)` (e.g. on the writer thread,
+        after the writes they name)."""
+        with self._lock:
+            recs, self._pending = self._pending, []
+        return recs
+
+    def commit(self, records: list[dict] | None = None) -> None:
+        recs = self.take() if records is None else records
+        if not recs:
             return
-        with open(self.path, "a") as f:
-            for rec in self._pending:
-                f.write(json.dumps(rec) + "\n")
-                self.done[rec["name"]] = rec
+        with disk_errors(self.path), open(self.path, "a") as f:
+            f.write("".join(json.dumps(rec) + "\n" for rec in recs))
             f.flush()
             os.fsync(f.fileno())
-        self._pending = []
+        for rec in recs:
+            self.done[rec["name"]] = rec

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from surgeon.absorb import SplitDir
+from surgeon.outdir import OutputLock
+from surgeon.splitdir import SplitDir
 from surgeon.errors import OutputExistsError, SplitDirError, UsageError
 from surgeon_train import dist
 
@@ -49,10 +50,16 @@ class RunDir:
         self.d = d
         self.state_file = self.out / STATE_DIR / STATE
         self._metrics = None
+        self._lock = None  # rank 0 holds OUT's lock for the whole run: a second run on it fails at once
+
+    def _take_lock(self) -> None:
+        if self.d.main and self._lock is None:
+            self._lock = OutputLock(self.out).acquire()
 
     # --- start --------------------------------------------------------------------------------
     def create(self, overwrite: bool) -> None:
         """A fresh run: OUT becomes a copy of the split (base shards hard-linked)."""
+        self._take_lock()
         exists = self.out.exists()
         dist.barrier(self.d)  # every rank has looked before rank 0 writes
         if exists and not overwrite:
@@ -72,6 +79,7 @@ class RunDir:
 
     def resume(self, plan: dict, named: list[tuple[str, torch.nn.Parameter]], opt, sched) -> int:
         """Load the last save; returns the number of steps it had done."""
+        self._take_lock()
         if not self.state_file.exists():
             raise UsageError(f"--resume: {self.out} holds no saved training state ({STATE_DIR}/{STATE}); run without --resume to start.")
         st = torch.load(self.state_file, map_location="cpu", weights_only=True)
@@ -138,4 +146,7 @@ class RunDir:
                 self._metrics.close()
                 self._metrics = None
             (self.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         dist.barrier(self.d)

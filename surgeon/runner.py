@@ -1,0 +1,189 @@
+"""The streaming part of a split: read → decompose → method → write, overlapped.
+
+A reader thread prefetches the next tensors (and hashes their bytes) while the current ones are
+decomposed on solve threads, and a writer thread puts finished tensors into the pre-planned
+shards. Every `commit_seconds` the writer thread, after the writes queued before, fsyncs the
+shards and appends the finished tensors to the journal: a resume point that costs the main loop
+nothing. Host memory stays at a few tensors. Used by pipeline.split; knows no file format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from surgeon import faults
+from surgeon.errors import NumericsError
+from surgeon.io.dtypes import torch_dtype
+from surgeon.linalg import decompose
+from surgeon.splitdir import factor_key
+from surgeon.stages import HostCopy, StageClock, write_all
+
+
+class SplitRunner:
+    """Streams this rank's tensors through the solvers into the writers; `run(todo)` returns stats."""
+
+    def __init__(self, job, work, writers, reporter, dist):
+        self.job, self.work, self.w, self.reporter, self.dist = job, work, writers, reporter, dist
+        self.clock = StageClock()
+        self.device_type = job.backend.device.type
+        self.workers = job.opts.workers or (2 if self.device_type == "cpu" else 1)
+        self.solving: deque[tuple] = deque()
+        self.pending: deque[Future] = deque()
+        self.streams = threading.local()
+        self.last_commit = time.monotonic()
+
+    def run(self, todo: list[str]) -> None:
+        # CPU: two solves at once, one BLAS thread each (LAPACK's tridiagonal reduction scales poorly
+        # over threads). CUDA: one, on its own stream; transfers are asynchronous. Two eigensolvers at
+        # once on one GPU run no faster in total (bench/RESULTS.md), so a second worker only adds contention.
+        threads = torch.get_num_threads()
+        if self.workers > 1 and self.device_type == "cpu":
+            torch.set_num_threads(max(1, threads // self.workers))
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as wpool, \
+                    ThreadPoolExecutor(self.workers, thread_name_prefix="surgeon-solve") as spool:
+                try:
+                    self._loop(todo, wpool, spool)
+                except BaseException:
+                    # Ctrl-C or an error: keep what is already written, so that repeating the command
+                    # resumes after it. A failed write makes the commit raise before it journals.
+                    with contextlib.suppress(BaseException):
+                        self._wait_pending()
+                        self._commit_now()
+                    raise
+        finally:
+            torch.set_num_threads(threads)
+
+    def _loop(self, todo: list[str], wpool, spool) -> None:
+        job = self.job
+        stream = job.ckpt.stream(todo, prefetch=job.opts.prefetch, pin=self.device_type == "cuda", digest=True)
+        while True:
+            with self.clock("wait_read"):
+                item = next(stream, None)
+            if item is None:
+                break
+            info, tensor = item
+            self.solving.append((info, spool.submit(self._process, info, tensor)))
+            if len(self.solving) > self.workers:
+                self._drain_one(wpool)
+            if time.monotonic() - self.last_commit >= job.opts.commit_seconds:
+                self._commit_async(wpool)
+            self.dist.check_peers()  # another rank failed: stop (what is committed stays done)
+        while self.solving:
+            self._drain_one(wpool)
+        with self.clock("wait_commit"):
+            self._wait_pending()
+            self._commit_now()
+
+    def _drain_one(self, wpool) -> None:
+        info, fut = self.solving.popleft()
+        with self.clock("wait_solve"):
+            record, outputs = fut.result()
+        record["hash"] = self.job.ckpt.digests.pop(info.name)
+        with self.clock("wait_write"):
+            while len(self.pending) >= 4:
+                self.pending.popleft().result()
+        self.pending.append(wpool.submit(write_all, outputs, self.clock))
+        self.work.journal.add(record)
+        self.reporter.advance(info.name, info.nbytes)
+        faults.point("tensor")
+
+    def _commit_async(self, wpool) -> None:
+        """A resume point: on the writer thread, after every write queued so far."""
+        records = self.work.journal.take()
+        self.pending.append(wpool.submit(self._sync_and_journal, records))
+        self.last_commit = time.monotonic()
+
+    def _commit_now(self) -> None:
+        self._sync_and_journal(self.work.journal.take())
+
+    def _sync_and_journal(self, records: list[dict]) -> None:
+        with self.clock("commit_busy"):
+            for w in self.w.all:
+                w.sync()
+            self.work.journal.commit(records)
+
+    def _wait_pending(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    # --- on the solve threads -----------------------------------------------------------------
+    def _process(self, info, tensor) -> tuple[dict, list]:
+        stream = contextlib.nullcontext()
+        if self.device_type == "cuda":  # each solve thread works on a stream of its own
+            if not hasattr(self.streams, "s"):
+                self.streams.s = torch.cuda.Stream(self.job.backend.device)
+            stream = torch.cuda.stream(self.streams.s)
+        with stream, self.clock("solver_busy"):
+            return self._outputs(info, tensor)
+
+    def _outputs(self, info, tensor) -> tuple[dict, list]:
+        """(journal record, [(writer, name, tensor)]) of one input tensor."""
+        job, w = self.job, self.w
+        record: dict = {"name": info.name}
+        target = job.targets.get(info.name)
+        out_dt = job.out_dtype(info.dtype)
+        if target is None:
+            return record, [(w.base, info.name, tensor.to(torch_dtype(out_dt)))]
+        record["layer"], outs = split_one(target, tensor, job, out_dt, self.clock)
+        outputs = [(w.base, info.name, outs.pop("__residual__"))]
+        if job.opts.spectra:
+            outputs.append((w.spectra, target.module, outs.pop("__spectrum__")))
+        for fname, f in outs.items():
+            key = factor_key(job.method.lora_shaped, target.module, fname)
+            outputs += [(w.factors, key, f), (w.init, key, f)]
+        return record, outputs
+
+
+def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClock) -> tuple[dict, dict]:
+    """Decompose one targeted weight and apply the method: (layer record, {name: tensor})."""
+    t0 = time.perf_counter()
+    backend, opts, method, cfg = job.backend, job.opts, job.method, job.cfg
+    faults.slow()
+    w64 = stored.to(backend.device, non_blocking=True).double()
+    w64 = w64.mT if target.transposed else w64  # (out, in)
+    with clock("decompose"):
+        try:
+            trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
+        except NumericsError as e:  # name the tensor: a damaged checkpoint is fixed one tensor at a time
+            raise NumericsError(f"{target.tensor}: {e}") from e
+    with clock("method"):
+        res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
+        residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
+    # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
+    # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
+    # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.
+    total = trip.energy  # = ‖W‖_F²
+    err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / max(total**0.5, 1e-300)
+    layer = {
+        "module": target.module,
+        "shape": [target.out_features, target.in_features],
+        "transposed": target.transposed,
+        "solver": trip.solver,
+        "subspace_bound": trip.subspace_bound,
+        "orth_error": trip.orth_error,
+        "reconstruction_error": err,
+        "factor_energy": float(trip.S.square().sum()) / total if total > 0 else 0.0,
+        "sigma_max": float(trip.spectrum[0]) if opts.spectra else None,
+        "sigma_min": float(trip.spectrum[-1]) if opts.spectra else None,
+        "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
+        "seconds": round(time.perf_counter() - t0, 4),  # run-dependent: goes to the run log, not the manifest
+        **res.stats,
+    }
+    outs = {"__residual__": (residual.mT if target.transposed else residual).contiguous()}
+    if opts.spectra:
+        outs["__spectrum__"] = trip.spectrum
+    outs.update(res.factors)
+    # to the host in the order of this thread's stream, so the writer never reads a tensor that
+    # is still being computed
+    with clock("to_host"):
+        if w64.is_cuda:
+            return layer, {k: HostCopy(v) for k, v in outs.items()}
+        return layer, outs

@@ -1,0 +1,129 @@
+"""The split-folder format, in one place: file names, factor keys, and reading the manifest.
+
+    from surgeon.splitdir import SplitDir
+    sd = SplitDir("split-dir")              # validated manifest, method, config, factor files
+
+split writes this format; absorb, export, the runtime, the trainer, `surgeon spectra` and `surgeon
+push` read it through here, so a folder that is not a complete split is refused in one line naming
+the problem, wherever it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from surgeon.errors import SplitDirError
+
+MANIFEST = "surgeon.json"  # what was done, with which settings, per layer: deterministic, so resumed runs match
+RUN_LOG = "surgeon.run.json"  # this run's timings, resumed tensors and ranks: differs from run to run, stays local
+INIT_FACTORS = "surgeon.init.safetensors"  # the untrained factors, kept for absorb and export
+SPECTRA = "surgeon.spectra.safetensors"  # every targeted weight's singular values
+FACTORS = "surgeon.factors.safetensors"  # factors of methods that are not LoRA-shaped
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's files, for LoRA-shaped methods
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CARD = "README.md"
+PEFT_PREFIX = "base_model.model."
+OPERATIONS = ("split", "absorb", "export", "train")
+
+
+def lora_key(module: str, factor: str) -> str:
+    """PEFT's key of a saved LoRA factor (peft/utils/save_and_load.py); factor: "lora_A" or "lora_B"."""
+    return f"{PEFT_PREFIX}{module}.{factor}.weight"
+
+
+def factor_key(lora: bool, module: str, fname: str) -> str:
+    """Where a factor lives in the factor file: PEFT's key for LoRA-shaped methods, else "<module>.<factor>"."""
+    return lora_key(module, fname) if lora else f"{module}.{fname}"
+
+
+def read_manifest(folder: Path, what: str = "a folder written by surgeon") -> dict:
+    """surgeon.json of `folder` as a dict; SplitDirError naming the problem if it is missing or damaged."""
+    path = Path(folder) / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SplitDirError(f"{folder} is not a surgeon split or output folder (no {MANIFEST}); give {what}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SplitDirError(f"{path} is damaged ({e}); re-run the command that wrote {folder}.") from None
+    if not isinstance(m, dict) or m.get("operation") not in OPERATIONS or "surgeon_version" not in m:
+        raise SplitDirError(f"{path} is not a surgeon manifest (no operation/surgeon_version); give {what}.")
+    return m
+
+
+def is_surgeon_output(folder: Path) -> bool:
+    """True when `folder` holds a manifest that surgeon wrote (what --overwrite may replace)."""
+    try:
+        read_manifest(folder)
+    except SplitDirError:
+        return False
+    return True
+
+
+class SplitDir:
+    """A surgeon split folder: manifest, residual checkpoint, current and initial factors."""
+
+    def __init__(self, path: Path):
+        from surgeon.methods import get_method
+
+        self.path = Path(path)
+        self.manifest = m = read_manifest(self.path, "the --out folder of `surgeon split`")
+        if m["operation"] not in ("split", "train"):
+            raise SplitDirError(f"{self.path} was made by `surgeon {m['operation']}`, not split; give a split folder.")
+        for key, kind in (("method", str), ("rank", int), ("alpha", (int, float)), ("layers", dict), ("source", dict)):
+            if not isinstance(m.get(key), kind):
+                raise SplitDirError(f"{self.path / MANIFEST} lacks a valid {key!r}; re-run the split.")
+        self.method = get_method(m["method"])
+        self.lora = bool(m.get("peft_adapter", False))
+        self.factors_file = self.path / (ADAPTER_WEIGHTS if self.lora else FACTORS)
+        self.init_file = self.path / INIT_FACTORS
+        if not self.factors_file.is_file():
+            raise SplitDirError(f"{self.path} lacks {self.factors_file.name}; the split is incomplete, re-run it.")
+        self.cfg = self._config()
+
+    def _config(self):
+        from surgeon.methods import MethodConfig
+
+        r, alpha, rs = self.manifest["rank"], self.manifest["alpha"], self.manifest.get("use_rslora", False)
+        ac = self.path / ADAPTER_CONFIG
+        if self.lora and ac.exists():  # a trainer may have saved its own config
+            try:
+                c = json.loads(ac.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SplitDirError(f"{ac} is damaged ({e}); re-run the command that wrote {self.path}.") from None
+            if not isinstance(c, dict):
+                raise SplitDirError(f"{ac} is not a JSON object; re-run the command that wrote {self.path}.")
+            r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
+        known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
+        saved = self.manifest.get("method_config", {})
+        return MethodConfig(int(r), float(alpha), bool(rs), **{k: v for k, v in saved.items() if k in known})
+
+    @property
+    def layers(self) -> dict[str, dict]:
+        return self.manifest["layers"]
+
+    def factor_key(self, module: str, fname: str) -> str:
+        return factor_key(self.lora, module, fname)
+
+    def factors(self, handle, module: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        fnames = self.method.factor_shapes(1, 1, self.cfg).keys()
+        return {f: handle.get_tensor(self.factor_key(module, f)).to(device) for f in fnames}
+
+    def source_files(self) -> list[dict]:
+        """The source's weight files as recorded: [{"path", "size", "mtime_ns"}]."""
+        return list(self.manifest["source"].get("files") or [])
+
+    def source_hashes(self) -> dict[str, str]:
+        """Content hash of every source tensor at split time (empty for splits by surgeon < 0.2)."""
+        return dict(self.manifest["source"].get("tensor_hashes") or {})
+
+    def missing_source_files(self) -> list[str]:
+        return [f["path"] for f in self.source_files() if not Path(f["path"]).is_file()]
+
+    def residual(self):
+        from surgeon.source import resolve
+
+        return resolve(str(self.path)).checkpoint()
