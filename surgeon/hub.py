@@ -36,10 +36,11 @@ from pathlib import Path
 from surgeon.card import for_repo
 from surgeon.errors import CorruptCheckpointError, HubAuthError, HubError, NotHubReadyError, SourceError
 from surgeon.io.reader import read_header
+from surgeon.splitdir import CARD, MANIFEST, RUN_LOG
 
-MANIFEST = "surgeon.json"
-CARD = "README.md"
 INDEX = "model.safetensors.index.json"
+TIMEOUT_ENV = "SURGEON_HUB_TIMEOUT"  # seconds any one Hub request may wait for an answer
+DEFAULT_TIMEOUT = 60.0
 # HfApi.upload_file's docstring in huggingface_hub 2.4: "Upload a local file (up to 50 GB)".
 HUB_MAX_FILE = 50 * 10**9
 
@@ -70,7 +71,19 @@ class PushResult:
     warnings: list[str]
 
 
-LOCAL_ONLY = {"train_state"}  # `surgeon train`'s resume state (optimizer, RNG): not part of a model repo
+LOCAL_ONLY = {"train_state", RUN_LOG}  # train's resume state, this machine's run log: not part of a model repo
+
+
+def request_timeout(seconds: float | None = None) -> float:
+    """Give every huggingface_hub request of this process a timeout (its shared client has none, so a
+    server that accepts and never answers would hang a push for ever). Returns the timeout set."""
+    import os
+
+    from huggingface_hub import get_session
+
+    t = float(seconds if seconds is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    get_session().timeout = t  # httpx's public setter: connect, read, write and pool limits
+    return t
 
 
 def _files(folder: Path) -> list[str]:
@@ -175,7 +188,7 @@ def check_folder(folder: Path) -> FolderCheck:
         return chk
     chk.files = _files(folder)
     p = chk.problems
-    for marker in ("plan.json", "journal.jsonl"):
+    for marker in (".surgeon/plan.json", "plan.json", "journal.jsonl"):
         if (folder / marker).exists():
             p.append(f"{marker} is present: {folder} is an interrupted run; repeat the command that wrote it to finish.")
     if (folder / MANIFEST).is_file():
@@ -262,14 +275,17 @@ def push(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    timeout: float | None = None,
 ) -> PushResult:
-    """Check `folder`, then upload it to the model repo `repo_id` (created if needed) in one commit."""
+    """Check `folder`, then upload it to the model repo `repo_id` (created if needed) in one commit.
+    timeout: seconds one request may wait (default SURGEON_HUB_TIMEOUT or 60)."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     folder = Path(folder)
     chk = validate(folder)
     tok = preflight(token)
+    request_timeout(timeout)
     api = HfApi(token=tok)
     branch = revision or "main"
     step = "creating the repo"
@@ -356,6 +372,10 @@ def _is_network_error(e: Exception) -> bool:
 
 def _failed(folder: Path, repo_id: str, step: str, e: Exception) -> str:
     cause = f"{type(e).__name__}: {e}".strip()
+    if "Timeout" in type(e).__name__:
+        from huggingface_hub import get_session
+
+        cause += f"; no answer within {get_session().timeout.read or 0:g} s (--timeout or {TIMEOUT_ENV} sets the limit)"
     return (
         f"push to {repo_id} failed while {step} ({cause}). {folder} was not changed; run the same command again "
         "to finish: files the Hub already holds are not sent twice."

@@ -211,7 +211,10 @@ def _from_hub(repo_id: str, revision: str | None, config: Path | None, allow_pic
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from surgeon.hub import request_timeout
+
     patterns = ALLOW_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+    request_timeout()  # API calls (the file list) too: a server that never answers must not hang the split
     try:
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError as e:

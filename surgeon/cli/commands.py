@@ -198,6 +198,7 @@ def push(
     commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit summary. Default: what surgeon did, from surgeon.json.")] = None,
     regenerate_card: Annotated[bool, typer.Option("--regenerate-card", help="First rewrite README.md from surgeon.json (fixes a missing or outdated card).")] = False,
     check_only: Annotated[bool, typer.Option("--check", help="Only check the folder; upload nothing.")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds one Hub request may wait for an answer (default: SURGEON_HUB_TIMEOUT or 60).")] = None,
     quiet: Quiet = False,
 ):
     """Check an output folder (shards, config, model card) and upload it to the Hub in one commit."""
@@ -215,14 +216,14 @@ def push(
                 err_console().print(f"[yellow]warning:[/] {w}")
             err_console().print(f"{folder} is ready for the Hub: {len(chk.files)} files.")
             return
-    _push(folder, repo_id, private, revision, commit_message, quiet)
+    _push(folder, repo_id, private, revision, commit_message, quiet, timeout)
 
 
-def _push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, quiet: bool) -> None:
+def _push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, quiet: bool, timeout: float | None = None) -> None:
     from surgeon.hub import push as do_push
 
     with errors_to_exit():
-        r = do_push(folder, repo_id, private=private, revision=revision, commit_message=message)
+        r = do_push(folder, repo_id, private=private, revision=revision, commit_message=message, timeout=timeout)
     if not quiet:
         for w in r.warnings:
             err_console().print(f"[yellow]warning:[/] {w}")
