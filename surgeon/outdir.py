@@ -130,6 +130,10 @@ class WorkDir:
         if rank:
             self._join(rank)
             return
+        if self.out.exists() or self.out.is_symlink():  # refused before anything is created beside it
+            why = unsafe_reason(self.out, self.inputs)
+            if why:
+                raise UnsafeOutputError(f"{why}; choose another --out (surgeon never replaces its input, /, home or the current folder).")
         self.lock = OutputLock(self.out).acquire()
         try:
             self._open(overwrite)
@@ -158,9 +162,6 @@ class WorkDir:
             if self._plan_at(self.out) == self.plan:  # killed after the rename: only the cleanup is left
                 self.complete, self.path = True, self.out
                 return
-            why = unsafe_reason(self.out, self.inputs)
-            if why:
-                raise UnsafeOutputError(f"{why}; choose another --out (surgeon never replaces its input, /, home or the current folder).")
             if not overwrite and self.out.is_dir() and any(self.out.iterdir()):
                 if is_surgeon_output(self.out):
                     raise OutputExistsError(f"output folder {self.out} exists; pass --overwrite to replace it, or choose another --out.")
@@ -238,8 +239,9 @@ class WorkDir:
             os.replace(self.path, self.out)
             _fsync_dir(self.out.parent)
             faults.point("after-rename")
-            if trash.exists():
-                self._drop(trash)
+        trash = self.out.parent / f".{self.out.name}.replaced"
+        if trash.exists():
+            self._drop(trash)
         shutil.rmtree(self.out / WORK, ignore_errors=True)
         _fsync_dir(self.out)
         self.close()

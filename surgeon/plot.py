@@ -21,10 +21,10 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
         raise UsageError("plotting needs matplotlib: pip install 'surgeon[plot]'.") from e
     from safetensors import safe_open
 
-    from surgeon.splitdir import SPECTRA, read_manifest
+    from surgeon.splitdir import SPECTRA, SplitDir
 
     split_dir = Path(split_dir)
-    manifest = read_manifest(split_dir, "a folder written by `surgeon split`")
+    manifest = SplitDir(split_dir).manifest  # validated: a split folder, complete
     if not (split_dir / SPECTRA).exists():
         raise SplitDirError(f"{split_dir} has no {SPECTRA} (split with --no-spectra?); split again with spectra to plot them.")
     rx = re.compile(layers)

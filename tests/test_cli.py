@@ -10,25 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-import surgeon.pipeline as pipeline
 import surgeon.runner as split_runner
-from surgeon.cli import build_app
+from cliutil import one_error_line, run
 from surgeon.pipeline import SplitOptions, split
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(build_app(), [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error:"), result.output
-    return result.output
 
 
 def test_help_and_version():
