@@ -16,6 +16,7 @@ import queue
 import stat
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,7 @@ class Checkpoint:
         self.metadata = metadata
         self._pickled = pickled or {}
         self.digests: dict[str, str] = {}  # name -> content_hash of the bytes read, for reads with digest=True
+        self.hash_seconds = 0.0  # time spent hashing (on the reader thread when streaming)
 
     @classmethod
     def open(cls, files: Iterable[Path]) -> Checkpoint:
@@ -211,7 +213,9 @@ class Checkpoint:
             buf = bytearray(info.nbytes)
         _pread_into(info, memoryview(buf))
         if digest:
+            t0 = time.perf_counter()
             self.digests[name] = content_hash(buf)
+            self.hash_seconds += time.perf_counter() - t0
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype][0])
         if host is not None:
