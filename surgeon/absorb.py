@@ -41,7 +41,7 @@ from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.writer import check_free_space, write_json
 from surgeon.methods import Method
-from surgeon.outdir import WorkDir, copy_side_files
+from surgeon.outdir import WorkDir, copy_side_files, finished, open_work
 from surgeon.pipeline import parse_size
 from surgeon.progress import NullReporter, Reporter
 from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
@@ -120,19 +120,11 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     reporter = reporter or NullReporter()
     job = plan_absorb(split_dir, opts, dist)
     inputs = [job.sd.path] + ([Path(f["path"]).parent for f in job.sd.source_files()] if job.base == "original" else [])
-    with dist.main_first():  # rank 0 locks and creates the folder and lays out the shards, then the others open them
-        work = WorkDir(out, job.plan, opts.overwrite, rank=dist.journal_rank, inputs=inputs)
-        try:
-            writer = None if work.complete else ShardSetWriter(work.path, plan_shards([OutTensor(n, i.dtype, i.shape) for n, i in job.ckpt.tensors.items()], parse_size(opts.shard_size)))
-            if writer is not None and dist.is_main:
-                check_free_space(work.path, writer.sizes)
-        except BaseException:
-            work.close()
-            raise
+    work, writer = open_work(dist, out, job.plan, opts.overwrite, inputs, lambda w: _open_writer(job, w, opts, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
             work.finish()
-            return json.loads((work.out / MANIFEST).read_text())
+            return finished(work.out)
         t0 = time.perf_counter()
         try:
             _merge_all(job, work, writer, reporter, dist)
@@ -140,6 +132,14 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
             work.discard()  # its plan can never complete: a rerun with --base residual must not meet it
             raise
         return _finish(job, work, writer, reporter, dist, time.perf_counter() - t0)
+
+
+def _open_writer(job: AbsorbJob, work: WorkDir, opts: AbsorbOptions, dist) -> ShardSetWriter:
+    plan = [OutTensor(n, i.dtype, i.shape) for n, i in job.ckpt.tensors.items()]
+    writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
+    if dist.is_main:
+        check_free_space(work.path, writer.sizes)
+    return writer
 
 
 def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from surgeon import faults
 from surgeon.errors import DistributedError, OutputExistsError, OutputLockedError, UnsafeOutputError
 from surgeon.io.writer import Journal, fsync_tree, write_json
-from surgeon.splitdir import is_surgeon_output
+from surgeon.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 
 WORK = ".surgeon"  # bookkeeping inside the work folder
 JOURNALS = "journal*.jsonl"  # journal.jsonl (one process) and journal.rankN.jsonl (torchrun ranks)
@@ -257,6 +257,29 @@ class WorkDir:
     def _drop(trash: Path) -> None:
         if is_surgeon_output(trash) or not any(trash.iterdir()):
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def open_work(dist, out: Path, plan: dict, overwrite: bool, inputs: list[Path], layout):
+    """(WorkDir, layout(work)): rank 0 first locks and creates the work folder and lays out its files
+    (`layout`, skipped when an earlier run already finished); the lock is released if that fails."""
+    with dist.main_first():
+        work = WorkDir(out, plan, overwrite, rank=dist.journal_rank, inputs=inputs)
+        try:
+            files = None if work.complete else layout(work)
+        except BaseException:
+            work.close()
+            raise
+    return work, files
+
+
+def finished(out: Path) -> dict:
+    """The manifest of a folder an earlier, killed run completed, with its run log under "run"."""
+    manifest = read_manifest(out)
+    try:
+        manifest["run"] = json.loads((out / RUN_LOG).read_text())
+    except (OSError, ValueError):
+        manifest["run"] = {}
+    return manifest
 
 
 def _fsync_dir(path: Path) -> None:

@@ -31,11 +31,11 @@ from surgeon.io.writer import check_free_space, write_json
 from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config
 from surgeon.methods import MethodConfig, get_method
-from surgeon.outdir import WorkDir, copy_side_files
+from surgeon.outdir import WorkDir, copy_side_files, finished, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
-from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_key, read_manifest
+from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_key
 from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
 
 
@@ -133,17 +133,11 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     dist = distributed.current()
     reporter = reporter or NullReporter()
     job = plan_split(model, opts or SplitOptions(), dist)
-    with dist.main_first():  # rank 0 locks and creates the folder and lays out every file, then the others open them
-        work = WorkDir(out, job.plan, job.opts.overwrite, rank=dist.journal_rank, inputs=job.inputs())
-        try:
-            writers = None if work.complete else _open_writers(job, work, dist)
-        except BaseException:
-            work.close()
-            raise
+    work, writers = open_work(dist, out, job.plan, job.opts.overwrite, job.inputs(), lambda w: _open_writers(job, w, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
             work.finish()
-            return _finished(work.out)
+            return finished(work.out)
         runner = SplitRunner(job, work, writers, reporter, dist)
         t_start = time.perf_counter()
         todo = _run(job, work, runner, reporter, dist)
@@ -266,18 +260,6 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     work.finish()
     reporter.close()
     return {**manifest, "run": run_log}
-
-
-def _finished(out: Path) -> dict:
-    """The manifest (and run log) of a folder that an earlier, killed run completed."""
-    import json
-
-    manifest = read_manifest(out)
-    try:
-        manifest["run"] = json.loads((out / RUN_LOG).read_text())
-    except (OSError, ValueError):
-        manifest["run"] = {}
-    return manifest
 
 
 def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
