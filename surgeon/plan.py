@@ -7,8 +7,10 @@ exact sizes (every shard's header and data are planned before a split reads any 
 the sizes the split writes), the free space at --out, and an estimate of the time on this device:
 the cost model that balances torchrun ranks (surgeon/distributed.py: min(m,n)³ + m·n·min(m,n) per
 solve, a byte cost per byte moved), timed on one small solve here. The estimate counts each LoftQ
-alternation as one more solve; it ignores the page cache and the disk, so a cold read of a large
-checkpoint from a slow disk takes longer.
+alternation as one more solve, plus the timed quantize + dequantize per element. It ignores the page
+cache and the disk (a cold read of a large checkpoint from a slow disk takes longer); measured on the
+2-core CPU machine with SmolLM2-135M it was within 2x of the split's time, on a machine busy with other
+work too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from surgeon.methods import MethodConfig, get_method
 from surgeon.source import resolve
 from surgeon.targets import check_targets, group_by_block, select_targets
 
-CALIBRATE = (768, 512)  # the solve timed to turn cost units into seconds on this device
+CALIBRATE_K = 1024  # the timed solve: a target shape scaled to min(m, n) ≤ this
 
 
 def _files(prefix: str, shards: list[list[OutTensor]]) -> list[dict]:
@@ -43,16 +45,38 @@ def _free_bytes(out: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def _units_per_second(backend, rank: int, which: str) -> float:
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(*CALIBRATE, generator=g, dtype=torch.float64).to(backend.device)
+def _calibration_shape(targets) -> tuple[int, int]:
+    """The target shape that carries most of the solve cost, scaled down to min(m, n) ≤ 1024 (same aspect)."""
+    shapes = [(t.out_features, t.in_features) for t in targets.values()]
+    m, n = max(sorted(set(shapes)), key=lambda s: shapes.count(s) * distributed.matrix_cost(s, 0, solve=True))
+    f = min(1.0, CALIBRATE_K / min(m, n))
+    return max(2, round(m * f)), max(2, round(n * f))
+
+
+def _fastest(fn, device, repeats: int = 3) -> float:
+    """Seconds of fn(), the fastest of `repeats` after one warm-up call (a busy machine slows some)."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-6)
+
+
+def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec) -> tuple[float, float]:
+    """(cost units per second of a solve here, seconds per element of one quantize + dequantize)."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(backend.device)
     backend.warmup()
-    decompose(w, min(rank, min(CALIBRATE) - 1), which, backend)  # first call pays one-time costs
-    t0 = time.perf_counter()
-    decompose(w, min(rank, min(CALIBRATE) - 1), which, backend)
-    if backend.device.type == "cuda":
-        torch.cuda.synchronize(backend.device)
-    return distributed.matrix_cost(CALIBRATE, 0, backend.device.type, solve=True) / max(time.perf_counter() - t0, 1e-6)
+    r = max(1, min(rank, min(shape) - 1))
+    units = distributed.matrix_cost(shape, 0, backend.device.type, solve=True) / _fastest(lambda: decompose(w, r, which, backend), backend.device)
+    if qspec is None:
+        return units, 0.0
+    w32 = w.float()
+    per_elem = _fastest(lambda: quant.dequantize("w", quant.quantize("w", w32, qspec), backend.device), backend.device) / w.numel()
+    return units, per_elem
 
 
 def dry_run(model: str, out: Path, opts) -> dict:
@@ -102,10 +126,12 @@ def dry_run(model: str, out: Path, opts) -> dict:
     if opts.spectra:
         files += _files(Path(SPECTRA).stem, [[OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)) for t in targets.values()]])
     files.append({"file": "side files (config, tokenizer, ...)", "tensors": 0, "bytes": sum(f.stat().st_size for f in src.side_files)})
-    solves = 1 + (qspec.iters if qspec else 0)
+    solves = 1 + (qspec.iters if qspec else 0)  # each LoftQ alternation solves once more
     units = sum(distributed.matrix_cost(i.shape, i.nbytes, backend.device.type, solve=False) for i in ckpt.tensors.values())
     units += solves * sum(distributed.matrix_cost(i.shape, 0, backend.device.type, solve=True) for n, i in ckpt.tensors.items() if n in targets)
-    rate = _units_per_second(backend, opts.rank, method.which)
+    rate, per_elem = _rates(backend, _calibration_shape(targets), opts.rank, method.which, qspec)
+    workers = opts.workers or (2 if backend.device.type == "cpu" else 1)  # split's solve threads; quantization runs in them
+    quant_s = per_elem * (2 + solves) * sum(t.out_features * t.in_features for t in targets.values()) / workers  # plain Q(W), Q per solve, spare
     total = sum(f["bytes"] for f in files)
     return {
         "dry_run": True, "model": model, "out": str(out), "out_exists": Path(out).exists(), "method": method.name,
@@ -113,5 +139,5 @@ def dry_run(model: str, out: Path, opts) -> dict:
         "quantize": qspec.record() if qspec else None, "targets": rows, "layers": len(rows), "trainable_parameters": trainable,
         "source_bytes": sum(i.nbytes for i in ckpt.tensors.values()), "files": files, "output_bytes": total,
         "free_bytes_at_out": _free_bytes(out), "fits": total < _free_bytes(out), "device": str(backend.device),
-        "estimated_seconds": round(units / rate, 1),
+        "estimated_seconds": round(units / rate + quant_s, 1),
     }

@@ -72,7 +72,10 @@ class QuantSpec:
                 f"--quantize-iters refits the factors to the quantization error, which only principal factors can absorb; "
                 f"{method.name} takes its factors from the minor part of W. Use --method pissa, or drop --quantize-iters."
             )
-        require_bnb()
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:  # importing it costs seconds (torch.compile): only look
+            raise UsageError("--quantize needs bitsandbytes, which is not installed; install it with pip install 'surgeon[quant]'.")
 
     def record(self) -> dict:
         return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant, "iters": self.iters}

@@ -101,6 +101,7 @@ def load_quantized_model(path: Path, manifest: dict, ckpt, dtype: torch.dtype = 
     with _no_init():  # parameters are allocated, never initialised: all of them are loaded below
         build = model_cls.from_config if hasattr(model_cls, "from_config") else model_cls._from_config
         model = build(config, dtype=dtype)
+    model.tie_weights()  # transformers 5 ties inside init_weights, which no_init_weights skips
     spec = quant.QuantSpec(**{k: manifest["quantization"][k] for k in ("quant_type", "blocksize", "double_quant")})
     grouped: set[str] = set()
     for module in manifest["layers"]:
