@@ -126,6 +126,18 @@ def test_surgeon_train_on_the_4bit_base_learns_and_absorbs(qsplit, tmp_path):
     m = absorb(trained, tmp_path / "merged", AbsorbOptions(base="residual"))
     assert m["layers"] == 14
     assert torch.allclose(logits(tmp_path / "merged", IDS), logits(sm.model, IDS), atol=1e-4, rtol=0)
+    # default: the trained change on the ORIGINAL weights, no 4-bit error: = the original + the exported LoRA in PEFT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.absorb import export_lora
+
+    m = absorb(trained, tmp_path / "on-original")
+    assert m["base"] == "original" and m["layers_changed"] == 14
+    export_lora(trained, tmp_path / "lora")
+    src = json.loads((out / "surgeon.json").read_text())["source"]["model"]
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), tmp_path / "lora")
+    assert torch.allclose(logits(tmp_path / "on-original", IDS), logits(peft, IDS), atol=1e-4, rtol=0)
 
 
 def test_fp4_double_quant_on_conv1d(tiny, tmp_path):
