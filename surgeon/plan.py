@@ -23,12 +23,8 @@ import torch
 
 from surgeon import distributed, quant
 from surgeon.io import OutTensor, plan_shards
-from surgeon.io.dtypes import USER_DTYPES
 from surgeon.io.writer import _header_bytes, shard_names
-from surgeon.linalg import decompose, get_backend
-from surgeon.methods import MethodConfig, get_method
-from surgeon.source import resolve
-from surgeon.targets import check_targets, group_by_block, select_targets
+from surgeon.linalg import decompose
 
 CALIBRATE_K = 1024  # the timed solve: a target shape scaled to min(m, n) ≤ this
 
@@ -80,64 +76,41 @@ def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec) -> tup
 
 
 def dry_run(model: str, out: Path, opts) -> dict:
-    """The plan of `split(model, out, opts)` as one JSON-ready object."""
-    from surgeon.pipeline import FACTORS, INIT_FACTORS, SPECTRA, _out_dtype, factor_key, layer_configs, parse_size, quant_spec
-    from surgeon.export.peft import ADAPTER_WEIGHTS
+    """The plan of `split(model, out, opts)` as one JSON-ready object (pipeline.plan_split, then sizes and time)."""
+    from surgeon.pipeline import parse_size, plan_split
+    from surgeon.splitdir import ADAPTER_WEIGHTS, FACTORS, INIT_FACTORS, SPECTRA
 
-    method = get_method(opts.method)
-    alpha = float(opts.alpha if opts.alpha is not None else method.default_alpha(opts.rank))
-    cfg = MethodConfig(opts.rank, alpha, opts.use_rslora or method.rslora_scale, seed=opts.seed, moe_top_k=opts.top_k,
-                       moe_pooling=opts.pooling, null_energy=opts.null_energy, null_rank=opts.null_rank)
-    method.check(cfg)
-    qspec = quant_spec(opts, method)
-    new_dtype = USER_DTYPES.get((opts.dtype or "").lower())
-    src = resolve(model, opts.revision, opts.config, opts.allow_pickle)
-    ckpt = src.checkpoint()
-    model_cfg = src.config()
-    targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
-    layer_cfg, rank_pattern, alpha_pattern = layer_configs(targets, cfg, method, opts)
-    check_targets(ckpt.tensors, targets, opts.rank, ranks={m: c.rank for m, c in layer_cfg.items()})
-    backend = get_backend(opts.device, opts.backend)
-
-    base = [OutTensor(n, _out_dtype(i.dtype, new_dtype), i.shape) for n, i in ckpt.tensors.items()]
-    if qspec is not None:
-        base = quant.base_plan(base, {n: (t.out_features, t.in_features) for n, t in targets.items()},
-                               {n: quant.qdtype_name(_out_dtype(ckpt.tensors[n].dtype, new_dtype)) for n in targets}, qspec)
-    rows, factors, trainable = [], [], 0
-    for n, t in targets.items():
-        lc = layer_cfg[t.module]
+    job = plan_split(model, opts, distributed.current())
+    method, targets, backend, qspec = job.method, job.targets, job.backend, job.qspec
+    rows, trainable = [], 0
+    for t in targets.values():
+        lc = job.layer(t.module)
         shapes = method.factor_shapes(t.out_features, t.in_features, lc)
-        factors += [OutTensor(factor_key(method.lora_shaped, t.module, f), "F32", s) for f, s in shapes.items()]
         train = sum(torch.Size(s).numel() for f, s in shapes.items() if f not in method.frozen_factors)
         trainable += train
         rows.append({"module": t.module, "shape": [t.out_features, t.in_features], "rank": lc.rank, "alpha": lc.alpha,
                      "scale": lc.scale, "trainable": train, "transposed": t.transposed})
-    if method.per_block:
-        from surgeon.pipeline import _hidden_size
-
-        hidden = _hidden_size(model_cfg)
-        for b, experts in group_by_block(targets).items():
-            for f, s in method.block_shapes(hidden, len(experts), cfg).items():
-                factors.append(OutTensor(f"{b}.{f}", "F32", s))
-                trainable += torch.Size(s).numel()
-    files = _files("model", plan_shards(base, parse_size(opts.shard_size)))
-    files += _files(Path(ADAPTER_WEIGHTS if method.lora_shaped else FACTORS).stem, [factors])
-    files += _files(Path(INIT_FACTORS).stem, [factors])
+    block_keys = {f"{b}.{f}" for b in job.blocks for f in method.block_shapes(1, 1, job.cfg)}  # moe routers: all trained
+    trainable += sum(torch.Size(t.shape).numel() for t in job.factor_plan if t.name in block_keys)
+    files = _files("model", plan_shards(job.base_plan, parse_size(opts.shard_size)))
+    files += _files(Path(ADAPTER_WEIGHTS if method.lora_shaped else FACTORS).stem, [job.factor_plan])
+    files += _files(Path(INIT_FACTORS).stem, [job.factor_plan])
     if opts.spectra:
-        files += _files(Path(SPECTRA).stem, [[OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)) for t in targets.values()]])
-    files.append({"file": "side files (config, tokenizer, ...)", "tensors": 0, "bytes": sum(f.stat().st_size for f in src.side_files)})
+        files += _files(Path(SPECTRA).stem, [job.spectra_plan])
+    files.append({"file": "side files (config, tokenizer, ...)", "tensors": 0, "bytes": sum(f.stat().st_size for f in job.src.side_files)})
     solves = 1 + (qspec.iters if qspec else 0)  # each LoftQ alternation solves once more
-    units = sum(distributed.matrix_cost(i.shape, i.nbytes, backend.device.type, solve=False) for i in ckpt.tensors.values())
-    units += solves * sum(distributed.matrix_cost(i.shape, 0, backend.device.type, solve=True) for n, i in ckpt.tensors.items() if n in targets)
+    units = sum(distributed.matrix_cost(i.shape, i.nbytes, backend.device.type, solve=False) for i in job.ckpt.tensors.values())
+    units += solves * sum(distributed.matrix_cost(i.shape, 0, backend.device.type, solve=True) for n, i in job.ckpt.tensors.items() if n in targets)
     rate, per_elem = _rates(backend, _calibration_shape(targets), opts.rank, method.which, qspec)
     workers = opts.workers or (2 if backend.device.type == "cpu" else 1)  # split's solve threads; quantization runs in them
     quant_s = per_elem * (2 + solves) * sum(t.out_features * t.in_features for t in targets.values()) / workers  # plain Q(W), Q per solve, spare
     total = sum(f["bytes"] for f in files)
+    free = _free_bytes(out)
     return {
         "dry_run": True, "model": model, "out": str(out), "out_exists": Path(out).exists(), "method": method.name,
-        "rank": opts.rank, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "rank": opts.rank, "alpha": job.cfg.alpha, "rank_pattern": job.rank_pattern, "alpha_pattern": job.alpha_pattern,
         "quantize": qspec.record() if qspec else None, "targets": rows, "layers": len(rows), "trainable_parameters": trainable,
-        "source_bytes": sum(i.nbytes for i in ckpt.tensors.values()), "files": files, "output_bytes": total,
-        "free_bytes_at_out": _free_bytes(out), "fits": total < _free_bytes(out), "device": str(backend.device),
+        "source_bytes": sum(i.nbytes for i in job.ckpt.tensors.values()), "files": files, "output_bytes": total,
+        "free_bytes_at_out": free, "fits": total < free, "device": str(backend.device),
         "estimated_seconds": round(units / rate + quant_s, 1),
     }

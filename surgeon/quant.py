@@ -283,7 +283,9 @@ class DequantCheckpoint:
         w = dequantize(name, {n: self.ckpt.read(n) for n in self.groups[name]})  # (out, in)
         return (w.mT if self.transposed[name] else w).contiguous()
 
-    def stream(self, names, prefetch: int = 2, pin: bool = False):
+    def stream(self, names, prefetch: int = 2, pin: bool = False, digest: bool = False):
+        if digest:  # absorb hashes only the original weights; a residual is never verified by hash
+            raise ValueError("a dequantized residual has no recorded content hashes")
         for name in names:
             yield self.tensors[name], self.read(name)
 

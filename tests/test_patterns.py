@@ -128,3 +128,10 @@ def test_dry_run_writes_nothing_and_predicts_the_split(tiny, tmp_path):
         if name.endswith(".safetensors"):
             assert (out / name).stat().st_size == size, name
     assert plan["trainable_parameters"] == sum(p.numel() for p in load_split(out).trainable_parameters())
+    from surgeon.plan import dry_run  # moe: per-block routers count too; nusa: its frozen bases do not
+
+    for method in ("moe", "nusa"):
+        opts = SplitOptions(method=method, rank=4, rank_pattern=[r"mlp\..*=6"])
+        p = dry_run(str(tiny["tiny-llama"]), tmp_path / method, opts)
+        split(str(tiny["tiny-llama"]), tmp_path / method, opts)
+        assert p["trainable_parameters"] == sum(x.numel() for x in load_split(tmp_path / method).trainable_parameters()), method
