@@ -113,7 +113,7 @@ def one_model(name: str, path: str, work: Path) -> dict:
 
     def do_split():
         m = split(str(src), q, opts)
-        return {"layers": m["summary"]["layers"], "seconds": m["summary"]["seconds"], **{k: m["quantization"][k] for k in ("mean_quant_error", "mean_quant_error_plain", "layers_better_than_plain")}}
+        return {"layers": len(m["layers"]), "split_seconds": m["run"]["seconds"], "peak_gpu_bytes": m["run"]["peak_gpu_bytes"], **{k: m["quantization"][k] for k in ("mean_quant_error", "mean_quant_error_plain", "layers_better_than_plain")}}
 
     step(rec, "split", do_split)
     ref = fwd(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(DEV))
