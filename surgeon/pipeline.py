@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from surgeon import __version__, distributed, faults
-from surgeon.card import build_card
 from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
@@ -164,6 +163,7 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     backend = get_backend(dist.device(opts.device), opts.backend)
     warm = threading.Thread(target=backend.warmup, name="surgeon-warmup", daemon=True)
     warm.start()  # CUDA context and solver libraries load while the headers are read
+    threading.Thread(target=_import_finish, name="surgeon-import", daemon=True).start()
     src = resolve(model, opts.revision, opts.config, opts.allow_pickle)
     ckpt = src.checkpoint()
     model_cfg = src.config()
@@ -179,6 +179,12 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     }
     warm.join()
     return job
+
+
+def _import_finish() -> None:
+    """What only the finish needs (the model card pulls in huggingface_hub), imported off the main
+    thread while the tensors stream."""
+    import surgeon.card  # noqa: F401
 
 
 def _layout(job: SplitJob) -> None:
@@ -246,6 +252,8 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     _side_files(job, work.path, manifest["target_modules"])
     write_json(work.path / MANIFEST, manifest)
     faults.point("after-manifest")
+    from surgeon.card import build_card
+
     build_card(manifest).save(work.path / CARD)
     faults.point("after-card")
     run_log = {
