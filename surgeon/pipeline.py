@@ -282,7 +282,22 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
         manifest["method_notes"] = dict(job.method.notes)
     if job.blocks:
         manifest["blocks"] = job.blocks
+    if warnings := truncation_warnings(job.method, layers):
+        manifest["warnings"] = warnings
     return manifest
+
+
+def truncation_warnings(method, layers: dict[str, dict], limit: float = 0.01) -> list[str]:
+    """A method whose residual drops part of W (KaSA) changes the untrained model: say where it drops
+    more than `limit` of a layer's spectral energy (the removed components are its factor_energy)."""
+    if not method.truncates:
+        return []
+    over = {m: lay["factor_energy"] for m, lay in layers.items() if lay["factor_energy"] > limit}
+    if not over:
+        return []
+    worst = max(over, key=over.get)
+    return [f"{method.name} removes {100 * over[worst]:.1f}% of the spectral energy of {worst} ({len(over)} of {len(layers)} layers lose "
+            f"more than {100 * limit:g}%): the untrained model already differs from the original; measure it before training, or lower --rank."]
 
 
 def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
