@@ -26,6 +26,10 @@ class Backend:
         """Thin SVD: U (m, k), S (k,) descending, Vh (k, n)."""
         raise NotImplementedError
 
+    def eigvalsh(self, g: torch.Tensor) -> torch.Tensor:
+        """Eigenvalues ascending (k,), no vectors (the tridiagonal reduction and its values only)."""
+        return self.eigh(g)[0]
+
     def eigh_range(self, g: torch.Tensor, lo: int, hi: int, all_values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Eigenpairs lo..hi-1 (ascending order) of symmetric g: (every eigenvalue or None, values (hi-lo,), vectors (k, hi-lo)).
 
@@ -56,6 +60,9 @@ class TorchBackend(Backend):
     def eigh(self, g):
         return torch.linalg.eigh(g)
 
+    def eigvalsh(self, g):
+        return torch.linalg.eigvalsh(g)
+
     def svd(self, w):
         # gesvd is the accurate cuSOLVER driver; CPU LAPACK ignores the argument
         driver = "gesvd" if w.is_cuda else None
@@ -81,6 +88,10 @@ class CupyBackend(Backend):
         with self.cp.cuda.Device(self.device.index or 0):
             w, v = self.cp.linalg.eigh(self._in(g))
             return self._out(w), self._out(v)
+
+    def eigvalsh(self, g):
+        with self.cp.cuda.Device(self.device.index or 0):
+            return self._out(self.cp.linalg.eigvalsh(self._in(g)))
 
     def svd(self, w):
         with self.cp.cuda.Device(self.device.index or 0):
