@@ -248,3 +248,19 @@ def test_auto_route_policy():
     assert auto_route(cpu, 4096, 64, spectrum=False) == "gram-eigh"
     with pytest.raises(Exception, match="unknown solver"):
         decompose(torch.randn(6, 4, dtype=F64), 2, "minor", CPU, solver="qdwh")
+
+
+@pytest.mark.parametrize("decades", [2, 4])
+def test_explicit_inverse_is_as_accurate_as_solves(decades):
+    """CUDA's default applies G⁻¹ = L⁻ᵀL⁻¹ by GEMMs; the CPU's by triangular solves. Same subspace."""
+    k, r = 120, 8
+    w = make(150, k, torch.logspace(0, -decades, k, dtype=F64), seed=11)
+    g = w.T @ w
+    _, _, v0 = reference(w, r, "minor")
+    errs = {}
+    for inverse in ("solve", "explicit"):
+        p = subspace_pairs(g, r, "minor", CPU, m_rows=150, inverse=inverse)
+        assert p.lam_next_bound is not None
+        errs[inverse] = sin_theta(v0, p.vecs)
+    eigh_err = sin_theta(v0, torch.linalg.eigh(g)[1][:, :r])
+    assert errs["explicit"] <= max(10 * eigh_err, 1e-12) and errs["solve"] <= max(10 * eigh_err, 1e-12)

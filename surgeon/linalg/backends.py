@@ -39,11 +39,15 @@ class Backend:
         return lam, lam[lo:hi], vecs[:, lo:hi]
 
     def warmup(self) -> None:
-        """Run each solver once on this thread: torch loads its CUDA linear-algebra libraries
+        """Run each solver (and the subspace route's Cholesky, solves, QR) once on this thread: torch loads its CUDA linear-algebra libraries
         lazily, and that first load is not safe from several threads at once."""
         x = torch.eye(2, dtype=torch.float64, device=self.device)
         self.eigh(x)
         self.svd(x)
+        l, _ = torch.linalg.cholesky_ex(x)  # the subspace route's factorizations and solves
+        torch.cholesky_solve(x, l)
+        torch.linalg.solve_triangular(l, x, upper=False, left=False)
+        torch.linalg.qr(x)
         self.synchronize()
 
     def synchronize(self) -> None:
