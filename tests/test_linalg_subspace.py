@@ -264,3 +264,15 @@ def test_explicit_inverse_is_as_accurate_as_solves(decades):
         errs[inverse] = sin_theta(v0, p.vecs)
     eigh_err = sin_theta(v0, torch.linalg.eigh(g)[1][:, :r])
     assert errs["explicit"] <= max(10 * eigh_err, 1e-12) and errs["solve"] <= max(10 * eigh_err, 1e-12)
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_principal_of_a_rank_five_weight(rank):
+    """Block (b = r + 32) far wider than W's rank: the Ritz values past 5 are zero, so there is no
+    Chebyshev interval to damp; plain steps end at once, and the certificate still holds."""
+    sigma = torch.cat([torch.tensor([5.0, 4, 3, 2, 1], dtype=F64), torch.zeros(75, dtype=F64)])
+    w = make(120, 80, sigma, seed=3)
+    t = decompose(w, rank, "principal", CPU, solver="subspace", spectrum=False)
+    assert t.solver == "subspace" and t.subspace_bound < 1e-12
+    assert torch.allclose(t.S, sigma[:rank], rtol=1e-12)
+    assert sin_theta(reference(w, rank, "principal")[0], t.U) < 1e-12
