@@ -5,13 +5,13 @@
 
 1. Building blocks at k = 4096 (so the cost model can be checked): fp64 GEMM with 128/256 columns,
    potrf, cholesky_solve (two trsm) with 128/256 right-hand sides, L⁻¹ by trsm, CholeskyQR2 and
-   Householder QR of a 4096×256 block, eigh of 128/256/512 (Rayleigh–Ritz sizes), syevd and
-   eigvalsh of 4096 (torch and CuPy).
+   Householder QR of a 4096×128/256 block, eigh of 128/256/512 (Rayleigh–Ritz sizes) on the GPU
+   and on the host, syevd and eigvalsh of 4096 (torch and CuPy).
 2. For 4096×4096 and 11008×4096 fp64 weights with log spectra of 2, 3 and 4 decades and the
    bench_gpu_7b spectrum (20·10^(−2x)(1 − 0.95x²⁰)), r = 64: the float64 SVD reference (gesvd), then
    Gram + syevd; decompose() by gram-eigh, by the subspace route (minor and principal, raw) and by
-   auto (the checked chain, spectrum off); subspace_pairs variants (oversampling 64/192/448,
-   G⁻¹ by solves or by an explicit L⁻¹). Each: time (CUDA events, one warm-up, min and median of
+   auto (the checked chain, spectrum off; timed only where it falls back); subspace_pairs variants
+   (oversampling 64/192/448, G⁻¹ by solves or by an explicit L⁻¹, Rayleigh–Ritz eigh on the host). Each: time (CUDA events, one warm-up, min and median of
    3), sin θ of the right subspace against the SVD's, the check's bound, the route taken.
 Every record is written to OUT/probe.json as soon as it exists; a failing measurement records its
 error and the rest go on; work stops before --budget seconds (the most telling cases come first).
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgeon.linalg import decompose, get_backend  # noqa: E402
 from surgeon.linalg.decompose import _gram  # noqa: E402
+import surgeon.linalg.subspace as sub  # noqa: E402
 from surgeon.linalg.subspace import orth, subspace_pairs  # noqa: E402
 
 R = 64
@@ -118,6 +119,9 @@ def components(p: Probe, k: int):
     for b in (128, 256, 512):
         h = g[:b, :b].contiguous()
         p.record(what="eigh_small", k=b, fn=lambda: dict(zip(("min_ms", "med_ms"), p.time(lambda: bk.eigh(h))[:2])))
+    for b in (128, 256, 512):
+        h = g[:b, :b].cpu()
+        p.record(what="eigh_small_host", k=b, fn=lambda: dict(zip(("min_ms", "med_ms"), p.time(lambda: torch.linalg.eigh(h))[:2])))
     p.record(what="syevd_torch", k=k, fn=lambda: dict(zip(("min_ms", "med_ms"), p.time(lambda: torch.linalg.eigh(g))[:2])))
     p.record(what="eigvalsh_torch", k=k, fn=lambda: dict(zip(("min_ms", "med_ms"), p.time(lambda: torch.linalg.eigvalsh(g))[:2])))
     if p.dev.type == "cuda":
@@ -174,12 +178,17 @@ def one_case(p: Probe, m: int, n: int, kind: str, bases: dict, full: bool):
         return
     variants = [("minor", 64, "solve"), ("minor", 192, "solve"), ("minor", 64, "explicit"), ("minor", 192, "explicit"),
                 ("principal", 64, "solve"), ("principal", 192, "solve"), ("principal", 448, "solve")]
-    for which, over, inv in variants:
-        def pairs(which=which, over=over, inv=inv):
-            mn, md, sp = p.time(lambda: subspace_pairs(g, R, which, bk, m_rows=m, oversample=over, inverse=inv))
+    variants += [("minor", 64, "auto", "host"), ("principal", 64, "auto", "host")]
+    for which, over, inv, *host in variants:
+        def pairs(which=which, over=over, inv=inv, host=bool(host)):
+            sub.RR_ON_HOST_MAX = 512 if host else 0  # Rayleigh–Ritz eigh on the host CPU
+            try:
+                mn, md, sp = p.time(lambda: subspace_pairs(g, R, which, bk, m_rows=m, oversample=over, inverse=inv))
+            finally:
+                sub.RR_ON_HOST_MAX = 0
             return {"min_ms": mn, "med_ms": md, "degree": sp.degree, "rounds": sp.rounds, "certified": sp.lam_next_bound is not None,
                     "err": sin_theta(ref[which], sp.vecs)}
-        p.record(what="subspace_pairs", which=which, oversample=over, inverse=inv, **case, fn=pairs)
+        p.record(what="subspace_pairs", which=which, oversample=over, inverse=inv, rr_host=bool(host), **case, fn=pairs)
 
 
 def main():
