@@ -226,6 +226,7 @@ def subspace_pairs(g: torch.Tensor, rank: int, which: str, backend: Backend, m_r
         x, steps = _round(op, x, theta, rank, est, goal)
         theta_t, x, res_t = rayleigh_ritz(g, x, which, backend)
         degree, rounds, est_prev = degree + steps, rounds + 1, est
+    del op  # free L (and L⁻¹) before the certificate's k×k factorization
     theta, res = theta_t.tolist(), res_t.tolist()
     bound = certify_gap(g, x[:, :rank], theta, res, rank, which, m_rows)
     return SubspacePairs(theta_t[:rank], x[:, :rank], theta[rank], bound, rounds, degree)
@@ -249,12 +250,12 @@ def certify_gap(g: torch.Tensor, v: torch.Tensor, theta: list[float], res: list[
     if which == "principal":
         tau = nxt + slack
         c = max(theta[0], 0.0) + tau  # ≥ every kept eigenvalue: the deflated block sinks below τ
-        m = (v * c) @ v.mT - g  # (k, k) = cV Vᵀ − G
+        m = torch.addmm(g, v * c, v.mT, beta=-1)  # (k, k) = cV Vᵀ − G
         m.diagonal().add_(tau)
     else:
         tau = nxt - slack
         c = 2 * max(tau, 0.0)  # the kept (bottom) eigenvalues rise above τ
-        m = g + (v * c) @ v.mT  # (k, k)
+        m = torch.addmm(g, v * c, v.mT)  # (k, k) = G + cV Vᵀ
         m.diagonal().sub_(tau)
     if not math.isfinite(tau):
         return None
