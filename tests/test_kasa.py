@@ -332,3 +332,26 @@ def test_smollm2_kasa(smollm2, tmp_path):
     assert float((got - want).abs().max()) < 1e-4 * scale
     absorb(trained, tmp_path / "merged")
     assert float((logits(tmp_path / "merged", ids) - want).abs().max()) < 1e-4 * scale
+
+
+def test_split_warns_where_the_truncation_removes_real_energy(tiny, tmp_path):
+    from surgeon.methods import get_method
+    from surgeon.pipeline import truncation_warnings
+
+    layers = {"a.v_proj": {"factor_energy": 0.038}, "b.v_proj": {"factor_energy": 0.02}, "c.q_proj": {"factor_energy": 1e-5}}
+    (w,) = truncation_warnings(get_method("kasa"), layers)
+    assert "3.8% of the spectral energy of a.v_proj" in w and "19% in norm" in w and "2 of 3 layers" in w
+    assert truncation_warnings(get_method("milora"), layers) == []  # nothing is removed from W
+    m = split(str(tiny["tiny-llama"]), tmp_path / "s", SplitOptions(method="kasa", rank=2))
+    assert "warnings" not in m  # three decades: the 2 smallest components hold ~1e-6 of the energy
+
+
+@pytest.mark.real_model
+def test_smollm2_kasa_on_v_proj_warns(smollm2, tmp_path):
+    """The case that broke the model in the CPU evaluation: r = 8 on SmolLM2's flat v_proj spectra."""
+    m = split(str(smollm2), tmp_path / "s", SplitOptions(method="kasa", rank=8, target=["v_proj"], spectra=False))
+    assert m["warnings"] and "v_proj" in m["warnings"][0] and "of 30 layers" in m["warnings"][0]
+    worst = max(lay["factor_energy"] for lay in m["layers"].values())
+    assert f"{100 * worst:.2g}%" in m["warnings"][0]
+    m = split(str(smollm2), tmp_path / "q", SplitOptions(method="kasa", rank=8, target=["q_proj"], spectra=False))
+    assert "warnings" not in m  # q_proj's 8 smallest hold ~3e-7 of its energy

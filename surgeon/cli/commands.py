@@ -114,6 +114,8 @@ def split(
         return
     if not quiet:
         _summary(manifest, out)
+        for w in manifest.get("warnings", []):
+            err_console().print(f"[yellow]warning:[/] {w}")
     if push_to_hub:
         _push(out, push_to_hub, private, None, None, quiet)
     if json_out:

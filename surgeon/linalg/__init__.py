@@ -2,9 +2,10 @@
 
     from surgeon.linalg import decompose, get_backend
     t = decompose(W, rank=8, which="minor", backend=get_backend("cpu"))
+    s = singular_values(W.double(), get_backend("cpu"))   # every σ, descending (for spectra on demand)
 """
 
 from surgeon.linalg.backends import Backend, get_backend
-from surgeon.linalg.decompose import Triplets, decompose
+from surgeon.linalg.decompose import Triplets, auto_route, decompose, singular_values
 
-__all__ = ["Backend", "Triplets", "decompose", "get_backend"]
+__all__ = ["Backend", "Triplets", "auto_route", "decompose", "get_backend", "singular_values"]

@@ -26,6 +26,10 @@ class Backend:
         """Thin SVD: U (m, k), S (k,) descending, Vh (k, n)."""
         raise NotImplementedError
 
+    def eigvalsh(self, g: torch.Tensor) -> torch.Tensor:
+        """Eigenvalues ascending (k,), no vectors (the tridiagonal reduction and its values only)."""
+        return self.eigh(g)[0]
+
     def eigh_range(self, g: torch.Tensor, lo: int, hi: int, all_values: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Eigenpairs lo..hi-1 (ascending order) of symmetric g: (every eigenvalue or None, values (hi-lo,), vectors (k, hi-lo)).
 
@@ -35,11 +39,15 @@ class Backend:
         return lam, lam[lo:hi], vecs[:, lo:hi]
 
     def warmup(self) -> None:
-        """Run each solver once on this thread: torch loads its CUDA linear-algebra libraries
+        """Run each solver (and the subspace route's Cholesky, solves, QR) once on this thread: torch loads its CUDA linear-algebra libraries
         lazily, and that first load is not safe from several threads at once."""
         x = torch.eye(2, dtype=torch.float64, device=self.device)
         self.eigh(x)
         self.svd(x)
+        l, _ = torch.linalg.cholesky_ex(x)  # the subspace route's factorizations and solves
+        torch.cholesky_solve(x, l)
+        torch.linalg.solve_triangular(l, x, upper=False, left=False)
+        torch.linalg.qr(x)
         self.synchronize()
 
     def synchronize(self) -> None:
@@ -55,6 +63,9 @@ class TorchBackend(Backend):
 
     def eigh(self, g):
         return torch.linalg.eigh(g)
+
+    def eigvalsh(self, g):
+        return torch.linalg.eigvalsh(g)
 
     def svd(self, w):
         # gesvd is the accurate cuSOLVER driver; CPU LAPACK ignores the argument
@@ -81,6 +92,10 @@ class CupyBackend(Backend):
         with self.cp.cuda.Device(self.device.index or 0):
             w, v = self.cp.linalg.eigh(self._in(g))
             return self._out(w), self._out(v)
+
+    def eigvalsh(self, g):
+        with self.cp.cuda.Device(self.device.index or 0):
+            return self._out(self.cp.linalg.eigvalsh(self._in(g)))
 
     def svd(self, w):
         with self.cp.cuda.Device(self.device.index or 0):
