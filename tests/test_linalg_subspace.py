@@ -263,7 +263,9 @@ def test_explicit_inverse_is_as_accurate_as_solves(decades):
         assert p.lam_next_bound is not None
         errs[inverse] = sin_theta(v0, p.vecs)
     eigh_err = sin_theta(v0, torch.linalg.eigh(g)[1][:, :r])
-    assert errs["explicit"] <= max(10 * eigh_err, 1e-12) and errs["solve"] <= max(10 * eigh_err, 1e-12)
+    # the route stops once its check is below tol/8, ~1e-11 here, while syevd reaches 1e-12 (one BLAS
+    # thread) to 3e-12 (two): within 10x of syevd, or below 1e-10, whatever the thread count
+    assert errs["explicit"] <= max(10 * eigh_err, 1e-10) and errs["solve"] <= max(10 * eigh_err, 1e-10)
 
 
 @pytest.mark.parametrize("rank", [2, 4])
