@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from surgeon import __version__, distributed, faults
+from surgeon import __version__, distributed, faults, quant
 from surgeon.card import build_card
 from surgeon.errors import SourceChangedError, SplitDirError, UsageError
 from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
@@ -107,6 +107,8 @@ def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
     elif opts.fixed_gates is not None:
         raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
     ckpt = _source_checkpoint(sd) if base == "original" else sd.residual()
+    if base == "residual" and sd.manifest.get("quantization"):  # quant hook: merge into the dequantized 4-bit residual
+        ckpt = quant.DequantCheckpoint(ckpt, sd.manifest)
     plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
     if gates is not None:
         plan["fixed_gates"] = gates
@@ -186,13 +188,13 @@ def _merge_one(job: AbsorbJob, module: str, tensor: torch.Tensor, cur, ini) -> t
     """W' = W + g·s(B'A' − B₀A₀) into the original, W_res + g·s·B'A' into the residual."""
     sd, lay = job.sd, job.sd.layers[module]
     g = 1.0 if job.mult is None else job.mult[module]
-    f_cur = sd.factors(cur, module)
+    f_cur, cfg = sd.factors(cur, module), sd.layer_cfg(module)
     if job.base == "residual":
-        return _add(tensor, g * sd.method.delta(f_cur, sd.cfg), lay["transposed"]), True
+        return _add(tensor, g * sd.method.delta(f_cur, cfg), lay["transposed"]), True
     f_ini = sd.factors(ini, module)
     if g == 0 or all(torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
         return tensor, False  # untrained: the original, bit for bit
-    delta = sd.method.delta(f_cur, sd.cfg) - sd.method.delta(f_ini, sd.cfg)  # (out, in)
+    delta = sd.method.delta(f_cur, cfg) - sd.method.delta(f_ini, cfg)  # (out, in)
     return _add(tensor, g * delta, lay["transposed"]), True
 
 
@@ -210,6 +212,8 @@ def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Rep
     if job.base == "original" and source_config.is_file():  # the source's config carries the original dtype
         side = [p for p in side if p.name != "config.json"] + [source_config]
     copy_side_files(side, work.path, skip)
+    if (work.path / "config.json").exists():  # quant hook: the merged weights are plain floats
+        quant.strip_config(work.path / "config.json")
     manifest = {
         "surgeon_version": __version__, "operation": "absorb", "split": str(sd.path.resolve()), "method": sd.method.name,
         "base": job.base, "base_reason": job.why, "layers_changed": changed if job.base == "original" else len(sd.layers),
@@ -245,16 +249,17 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file, "pt") as ini:
         for module in sd.manifest["layers"]:
             if not sd.lora:
-                a, b = sd.method.lora_change(sd.factors(cur, module), sd.factors(ini, module), cfg)
+                a, b = sd.method.lora_change(sd.factors(cur, module), sd.factors(ini, module), sd.layer_cfg(module))
                 tensors[lora_key(module, "lora_A")], tensors[lora_key(module, "lora_B")] = a.contiguous(), b.contiguous()
                 continue
             a1, b1 = cur.get_tensor(lora_key(module, "lora_A")), cur.get_tensor(lora_key(module, "lora_B"))
             a0, b0 = ini.get_tensor(lora_key(module, "lora_A")), ini.get_tensor(lora_key(module, "lora_B"))
             tensors[lora_key(module, "lora_A")] = torch.cat([a1, -a0], 0)  # (2r, in)
             tensors[lora_key(module, "lora_B")] = torch.cat([b1, b0], 1)  # (out, 2r)
-    # s' = alpha'/r' must equal s: r' = 2r, so alpha' = 2·alpha (√2·alpha with rsLoRA)
-    r_out = 2 * cfg.rank if sd.lora else cfg.rank
-    alpha2 = cfg.alpha * (2**0.5 if cfg.use_rslora else 2) if sd.lora else cfg.alpha
+    # s' = alpha'/r' must equal s: r' = 2r, so alpha' = 2·alpha (√2·alpha with rsLoRA), per module too
+    r_mult, a_mult = (2, 2**0.5 if cfg.use_rslora else 2) if sd.lora else (1, 1)
+    r_out, alpha2 = r_mult * cfg.rank, a_mult * cfg.alpha
+    rp, ap = sd.patterns or (sd.manifest.get("rank_pattern", {}), sd.manifest.get("alpha_pattern", {}))
     src = sd.manifest["source"]
     side_cfg = sd.path / "config.json"
     conf = adapter_config(
@@ -266,6 +271,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
         task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
+        rank_pattern={k: r_mult * v for k, v in rp.items()}, alpha_pattern={k: a_mult * v for k, v in ap.items()},
     )
     return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve())}, overwrite, [sd.path], conf, tensors)
 
@@ -279,7 +285,7 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
             raise UsageError(f"method {sd.method.name} has no LoRA form; export --to lora needs a LoRA-shaped split.")
         tensors = {}
         for module in sd.manifest["layers"]:
-            f = sd.method.lora_form(sd.factors(cur, module), sd.cfg)
+            f = sd.method.lora_form(sd.factors(cur, module), sd.layer_cfg(module))
             tensors[lora_key(module, "lora_A")] = f["lora_A"]  # (r, in)
             tensors[lora_key(module, "lora_B")] = f["lora_B"]  # (out, r)
     conf = adapter_config(
@@ -289,5 +295,6 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=sd.cfg.use_rslora,
         base_model=str(sd.path.resolve()),
+        rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
     return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual"}, overwrite, [sd.path], conf, tensors)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon import __version__, distributed, faults
+from surgeon import __version__, distributed, faults, patterns, quant
 from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
@@ -66,6 +66,12 @@ class SplitOptions:
     kasa_gamma: float = 1e-3
     top_k: int = 2  # moe: experts kept per prompt and block (0 = all)
     pooling: str = "attention"  # moe: how the router pools the prompt (attention, mean, last)
+    quantize: str | None = None  # nf4 | fp4: write the residual as bitsandbytes 4-bit codes (surgeon/quant.py)
+    quantize_iters: int = 0  # LoftQ/QPiSSA alternations (pissa)
+    quant_blocksize: int = 64
+    double_quant: bool = False
+    rank_pattern: list[str] = field(default_factory=list)  # "REGEX=R", PEFT's rank_pattern (surgeon/patterns.py)
+    alpha_pattern: list[str] = field(default_factory=list)  # "REGEX=A", PEFT's alpha_pattern
 
 
 def parse_size(text: str) -> int:
@@ -103,9 +109,16 @@ class SplitJob:
     spectra_plan: list[OutTensor]
     blocks: dict[str, dict]
     plan: dict = field(default_factory=dict)
+    qspec: quant.QuantSpec | None = None  # --quantize: the residual as 4-bit codes
+    layer_cfgs: dict[str, MethodConfig] = field(default_factory=dict)  # module -> its config (--rank-pattern/--alpha-pattern)
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
 
     def out_dtype(self, stored: str) -> str:
         return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored
+
+    def layer(self, module: str) -> MethodConfig:
+        return self.layer_cfgs.get(module, self.cfg)
 
     def inputs(self) -> list[Path]:
         """Folders --overwrite must never touch: the model folder and wherever its files live."""
@@ -154,6 +167,7 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
                        kasa_gamma=opts.kasa_gamma, moe_top_k=opts.top_k, moe_pooling=opts.pooling,
                        null_energy=opts.null_energy, null_rank=opts.null_rank)
     method.check(cfg)
+    qspec = quant_spec(opts, method)  # None without --quantize
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -168,14 +182,18 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     ckpt = src.checkpoint()
     model_cfg = src.config()
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
-    check_targets(ckpt.tensors, targets, opts.rank)
-    job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {})
+    layer_cfgs, rank_pattern, alpha_pattern = layer_configs(targets, cfg, method, opts)
+    check_targets(ckpt.tensors, targets, opts.rank, ranks={m: c.rank for m, c in layer_cfgs.items()})
+    job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {}, qspec=qspec,
+                   layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     _layout(job)
     job.plan = {
         "op": "split", "surgeon": __version__, "method": method.name, "rank": opts.rank, "alpha": alpha,
         "use_rslora": cfg.use_rslora, "method_config": method_config(cfg), **method.manifest_extra(cfg),
         "targets": sorted(targets), "dtype": new_dtype, "solver": opts.solver, "tol": opts.tol,
         "spectra": opts.spectra, "shard_bytes": shard_bytes, "source": src.fingerprint(),
+        **({"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern} if rank_pattern or alpha_pattern else {}),
+        **({"quantize": qspec.record()} if qspec else {}),
     }
     warm.join()
     return job
@@ -192,10 +210,13 @@ def _layout(job: SplitJob) -> None:
     method, cfg = job.method, job.cfg
     job.base_plan = [OutTensor(n, job.out_dtype(i.dtype), i.shape) for n, i in job.ckpt.tensors.items()]
     for t in job.targets.values():
-        for fname, shape in method.factor_shapes(t.out_features, t.in_features, cfg).items():
+        for fname, shape in method.factor_shapes(t.out_features, t.in_features, job.layer(t.module)).items():
             job.factor_plan.append(OutTensor(factor_key(method.lora_shaped, t.module, fname), "F32", shape))
         if job.opts.spectra:
             job.spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
+    if job.qspec is not None:  # quant hook: each targeted weight becomes its group of 4-bit tensors
+        job.base_plan = quant.base_plan(job.base_plan, {n: (t.out_features, t.in_features) for n, t in job.targets.items()},
+                                        {n: quant.qdtype_name(job.out_dtype(job.ckpt.tensors[n].dtype)) for n in job.targets}, job.qspec)
     if method.per_block:  # per-block tensors (moe routers): fixed shapes, planned too
         hidden = _hidden_size(job.model_cfg)
         for b, experts in group_by_block(job.targets).items():
@@ -282,9 +303,21 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
         manifest["method_notes"] = dict(job.method.notes)
     if job.blocks:
         manifest["blocks"] = job.blocks
+    if job.rank_pattern or job.alpha_pattern:
+        manifest["rank_pattern"], manifest["alpha_pattern"] = job.rank_pattern, job.alpha_pattern
+    if job.qspec is not None:  # quant hook: the settings and the errors measured per layer, summed up
+        manifest["quantization"] = quant.summary(job.qspec, _quant_config(job), layers)
     if warnings := truncation_warnings(job.method, layers):
         manifest["warnings"] = warnings
     return manifest
+
+
+def _quant_config(job: SplitJob) -> dict | None:
+    """config.json's quantization_config of a --quantize split (what transformers' loader reads)."""
+    if job.qspec is None:
+        return None
+    qdt = quant.qdtype_name(job.out_dtype(job.ckpt.tensors[next(iter(job.targets))].dtype))
+    return quant.quantization_config(job.qspec, qdt, quant.skip_modules(job.ckpt.tensors, {t.module for t in job.targets.values()}))
 
 
 def truncation_warnings(method, layers: dict[str, dict], limit: float = 0.0025) -> list[str]:
@@ -306,15 +339,47 @@ def truncation_warnings(method, layers: dict[str, dict], limit: float = 0.0025) 
 def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
     """config (with the new dtype), tokenizer files and the PEFT adapter config."""
     copied = copy_side_files(job.src.side_files, folder, {CARD, ADAPTER_CONFIG})
-    if job.new_dtype and "config.json" in copied:
+    qconf = _quant_config(job)
+    if (job.new_dtype or qconf) and "config.json" in copied:
         conf = dict(job.model_cfg)
-        conf["dtype" if "dtype" in conf else "torch_dtype"] = CONFIG_DTYPE[job.new_dtype]
+        if job.new_dtype:
+            conf["dtype" if "dtype" in conf else "torch_dtype"] = CONFIG_DTYPE[job.new_dtype]
+        if qconf:
+            conf["quantization_config"] = qconf
         write_json(folder / "config.json", conf)
     if job.method.lora_shaped:
         cfg, any_t = job.cfg, next(iter(job.targets.values()))
         conf = adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
-                              use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg))
+                              use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg),
+                              rank_pattern=job.rank_pattern, alpha_pattern=job.alpha_pattern)
         write_json(folder / ADAPTER_CONFIG, conf)
+
+
+def quant_spec(opts: SplitOptions, method) -> quant.QuantSpec | None:
+    """The checked 4-bit settings of --quantize, or None (the other quantization options refused without it)."""
+    if opts.quantize is None:
+        if opts.quantize_iters or opts.double_quant or opts.quant_blocksize != 64:
+            raise UsageError("--quantize-iters, --double-quant and --quant-blocksize go with --quantize nf4|fp4; add it or drop them.")
+        return None
+    spec = quant.QuantSpec(opts.quantize.lower(), opts.quant_blocksize, opts.double_quant, opts.quantize_iters)
+    spec.check(method)
+    return spec
+
+
+def layer_configs(targets: dict[str, Target], cfg: MethodConfig, method, opts: SplitOptions) -> tuple[dict[str, MethodConfig], dict, dict]:
+    """Each targeted module's MethodConfig (its rank and alpha from --rank-pattern/--alpha-pattern), and the patterns."""
+    import dataclasses
+
+    rp = patterns.parse(opts.rank_pattern, "--rank-pattern", integer=True)
+    ap = patterns.parse(opts.alpha_pattern, "--alpha-pattern", integer=False)
+    modules = [t.module for t in targets.values()]
+    if not rp and not ap:
+        return {m: cfg for m in modules}, {}, {}
+    ranks, rp, ap = patterns.layer_ranks(modules, cfg.rank, cfg.alpha, rp, ap, opts.alpha is not None, method.default_alpha)
+    out = {m: dataclasses.replace(cfg, rank=r, alpha=a) for m, (r, a) in ranks.items()}
+    for c in set(out.values()):
+        method.check(c)
+    return out, rp, ap
 
 
 def split_cost(info, targeted: bool, device_type: str) -> int:

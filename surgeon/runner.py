@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from surgeon import faults
+from surgeon import faults, quant
 from surgeon.errors import NumericsError
 from surgeon.io.dtypes import torch_dtype
 from surgeon.linalg import decompose
@@ -133,7 +133,8 @@ class SplitRunner:
         if target is None:
             return record, [(w.base, info.name, tensor.to(torch_dtype(out_dt)))]
         record["layer"], outs = split_one(target, tensor, job, out_dt, self.clock)
-        outputs = [(w.base, info.name, outs.pop("__residual__"))]
+        residual = outs.pop("__residual__")  # a tensor, or {name: tensor} of a quantized weight's group
+        outputs = [(w.base, n, t) for n, t in (residual.items() if isinstance(residual, dict) else [(info.name, residual)])]
         if job.opts.spectra:
             outputs.append((w.spectra, target.module, outs.pop("__spectrum__")))
         for fname, f in outs.items():
@@ -145,7 +146,8 @@ class SplitRunner:
 def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClock) -> tuple[dict, dict]:
     """Decompose one targeted weight and apply the method: (layer record, {name: tensor})."""
     t0 = time.perf_counter()
-    backend, opts, method, cfg = job.backend, job.opts, job.method, job.cfg
+    backend, opts, method = job.backend, job.opts, job.method
+    cfg = dataclasses.replace(job.layer(target.module), module=target.module)  # its own rank/alpha (--rank-pattern)
     faults.slow()
     w64 = stored.to(backend.device, non_blocking=True).double()
     w64 = w64.mT if target.transposed else w64  # (out, in)
@@ -154,17 +156,30 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
             trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
         except NumericsError as e:  # name the tensor: a damaged checkpoint is fixed one tensor at a time
             raise NumericsError(f"{target.tensor}: {e}") from e
+    qstats: dict = {}
     with clock("method"):
-        res = method.split(w64, trip, dataclasses.replace(cfg, module=target.module))
-        residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
+        res = method.split(w64, trip, cfg)
+        if job.qspec is not None:  # quant hook: 4-bit codes of the residual, LoftQ alternation (surgeon/quant.py)
+            def solve(m64):
+                return decompose(m64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=False)
+            res, residual, qstats = quant.quantized_split(w64, res, method, cfg, job.qspec, solve, target.tensor, quant.qdtype_name(out_dtype))
+        else:
+            residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
     # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
     # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
     # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.
+    # Quantized: deq(codes) + s·BA, measured in quant.quantized_split.
     total = trip.energy  # = ‖W‖_F²
-    err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / max(total**0.5, 1e-300)
+    if job.qspec is None:
+        err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / max(total**0.5, 1e-300)
+    else:
+        err = qstats["quant_error"]
     layer = {
         "module": target.module,
         "shape": [target.out_features, target.in_features],
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "scale": cfg.scale,
         "transposed": target.transposed,
         "solver": trip.solver,
         "subspace_bound": trip.subspace_bound,
@@ -176,8 +191,12 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
         "seconds": round(time.perf_counter() - t0, 4),  # run-dependent: goes to the run log, not the manifest
         **res.stats,
+        **qstats,
     }
-    outs = {"__residual__": (residual.mT if target.transposed else residual).contiguous()}
+    if job.qspec is not None:  # bitsandbytes codes always quantize the (out, in) orientation
+        outs = {"__residual__": residual}
+    else:
+        outs = {"__residual__": (residual.mT if target.transposed else residual).contiguous()}
     if opts.spectra:
         outs["__spectrum__"] = trip.spectrum
     outs.update(res.factors)
@@ -185,5 +204,5 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
     # is still being computed
     with clock("to_host"):
         if w64.is_cuda:
-            return layer, {k: HostCopy(v) for k, v in outs.items()}
+            return layer, {k: ({n: HostCopy(t) for n, t in v.items()} if isinstance(v, dict) else HostCopy(v)) for k, v in outs.items()}
         return layer, outs

@@ -148,7 +148,12 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
     from surgeon.splitdir import SplitDir
 
     split = SplitDir(Path(path))
-    model = load_residual_model(split.path, dtype, model_cls)
+    if split.manifest.get("quantization"):  # quant hook: a 4-bit residual, loaded by surgeon itself (surgeon/quant_runtime.py)
+        from surgeon.quant_runtime import load_quantized_model
+
+        model = load_quantized_model(split.path, split.manifest, split.residual(), dtype, model_cls)
+    else:
+        model = load_residual_model(split.path, dtype, model_cls)
     for p in model.parameters():
         p.requires_grad_(False)
     modules: dict[str, nn.Module] = {}
@@ -160,7 +165,7 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
                 base = getattr(parent, child)
             except AttributeError as e:
                 raise SplitDirError(f"the model built from {split.path}/config.json has no module {name!r}.") from e
-            rt = split.method.runtime(base, split.factors(f, name), split.cfg, lay["transposed"])
+            rt = split.method.runtime(base, split.factors(f, name), split.layer_cfg(name), lay["transposed"])
             for p in rt.parameters():
                 if not any(p is q for q in base.parameters()):
                     p.requires_grad_(trainable)

@@ -89,6 +89,7 @@ class SplitDir:
 
         r, alpha, rs = self.manifest["rank"], self.manifest["alpha"], self.manifest.get("use_rslora", False)
         ac = self.path / ADAPTER_CONFIG
+        self.patterns = None  # (rank_pattern, alpha_pattern) of the adapter config: PEFT's per-module ranks
         if self.lora and ac.exists():  # a trainer may have saved its own config
             try:
                 c = json.loads(ac.read_text())
@@ -97,6 +98,7 @@ class SplitDir:
             if not isinstance(c, dict):
                 raise SplitDirError(f"{ac} is not a JSON object; re-run the command that wrote {self.path}.")
             r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
+            self.patterns = (c.get("rank_pattern") or {}, c.get("alpha_pattern") or {})
         known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
         saved = self.manifest.get("method_config", {})
         return MethodConfig(int(r), float(alpha), bool(rs), **{k: v for k, v in saved.items() if k in known})
@@ -104,6 +106,18 @@ class SplitDir:
     @property
     def layers(self) -> dict[str, dict]:
         return self.manifest["layers"]
+
+    def layer_cfg(self, module: str):
+        """The module's own rank and alpha (--rank-pattern/--alpha-pattern): resolved from the adapter
+        config as PEFT does when a LoRA-shaped split has one, else the manifest's per-layer record."""
+        from surgeon.patterns import resolve
+
+        if self.patterns is not None:
+            r, a = resolve(module, self.cfg.rank, self.cfg.alpha, *self.patterns)
+        else:
+            lay = self.layers.get(module, {})
+            r, a = lay.get("rank", self.cfg.rank), lay.get("alpha", self.cfg.alpha)
+        return self.cfg if (r, a) == (self.cfg.rank, self.cfg.alpha) else dataclasses.replace(self.cfg, rank=int(r), alpha=float(a))
 
     def factor_key(self, module: str, fname: str) -> str:
         return factor_key(self.lora, module, fname)

@@ -103,9 +103,10 @@ def group_by_block(targets: dict[str, Target]) -> dict[str, list[str]]:
     return blocks
 
 
-def check_targets(tensors: dict[str, TensorInfo], targets: dict[str, Target], rank: int) -> None:
-    """Refuse targets that cannot be split at this rank or in this dtype, naming them."""
+def check_targets(tensors: dict[str, TensorInfo], targets: dict[str, Target], rank: int, ranks: dict[str, int] | None = None) -> None:
+    """Refuse targets that cannot be split at this rank (or their own, `ranks`: module -> rank) or in this dtype, naming them."""
     for name, t in targets.items():
+        rank_t = (ranks or {}).get(t.module, rank)
         dt = tensors[name].dtype
         if dt not in FLOAT_DTYPES:
             raise UsageError(
@@ -113,8 +114,9 @@ def check_targets(tensors: dict[str, TensorInfo], targets: dict[str, Target], ra
                 "Dequantize the checkpoint first, or exclude it with --target."
             )
         k = min(t.out_features, t.in_features)
-        if rank >= k:
-            raise UsageError(f"--rank {rank} is not below min(out, in) = {k} of {t.module} ({t.out_features}x{t.in_features}); choose a rank below {k}.")
+        if rank_t >= k:
+            what = f"--rank {rank_t}" if rank_t == rank else f"rank {rank_t} (from --rank-pattern)"
+            raise UsageError(f"{what} is not below min(out, in) = {k} of {t.module} ({t.out_features}x{t.in_features}); choose a rank below {k}.")
     if rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}.")
 

@@ -77,6 +77,13 @@ def split(
     kasa_gamma: Annotated[float, typer.Option("--kasa-gamma", help="KaSA: weight of the orthogonality penalty ||B^T B - I||_F + ||A A^T - I||_F.")] = 1e-3,
     top_k: Annotated[int, typer.Option("--top-k", help="moe: experts kept per prompt in each block (0 = all).")] = 2,
     pooling: Annotated[str, typer.Option("--pooling", help="moe: how the router pools the prompt: attention, mean or last.")] = "attention",
+    rank_pattern: Annotated[list[str] | None, typer.Option("--rank-pattern", help="REGEX=R (repeatable): rank R for the modules whose name ends in a dotted part matching REGEX entirely (PEFT's rank_pattern; the first matching pattern wins), e.g. 'mlp\\..*=32'.")] = None,
+    alpha_pattern: Annotated[list[str] | None, typer.Option("--alpha-pattern", help="REGEX=A (repeatable): alpha A for the matching modules (PEFT's alpha_pattern). Without --alpha, a module given a rank by --rank-pattern keeps scale 1 (alpha = its rank).")] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="nf4 or fp4: write the frozen residual as bitsandbytes 4-bit weights in the pre-quantized format transformers loads (QLoRA/QPiSSA; needs pip install 'surgeon[quant]'). Best with --method pissa.")] = None,
+    quantize_iters: Annotated[int, typer.Option("--quantize-iters", help="pissa + --quantize: LoftQ alternations; the factors are refitted to W - deq(Q(residual)) this many times, and the best pair is written.")] = 0,
+    quant_blocksize: Annotated[int, typer.Option("--quant-blocksize", help="--quantize: values per absmax block (transformers' default 64).")] = 64,
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="--quantize: also quantize the absmax statistics (bnb_4bit_use_double_quant).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (targets, ranks, trainable parameters, file sizes, free space, estimated time) and write nothing.")] = False,
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
     private: Private = False,
@@ -92,7 +99,11 @@ def split(
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
         config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
         seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, top_k=top_k, pooling=pooling,
+        rank_pattern=rank_pattern or [], alpha_pattern=alpha_pattern or [], quantize=quantize, quantize_iters=quantize_iters,
+        quant_blocksize=quant_blocksize, double_quant=double_quant,
     )
+    if dry_run:
+        return _dry_run(model, out, opts, json_out)
     with errors_to_exit():
         if push_to_hub:
             from surgeon.hub import preflight
@@ -109,6 +120,36 @@ def split(
         _push(out, push_to_hub, private, None, None, quiet)
     if json_out:
         print_json({k: manifest.get(k) for k in ("method", "rank", "alpha", "target_modules", "summary", "run")} | {"out": str(out)})
+
+
+def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
+    from surgeon.plan import dry_run
+
+    with errors_to_exit():
+        p = dry_run(model, out, opts)
+    if json_out:
+        print_json(p)
+        return
+    con = err_console()
+    t = Table(title=f"surgeon split --dry-run: {p['method']} of {model} (nothing written)")
+    for col in ("module", "shape", "rank", "alpha", "scale", "trainable"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    for r in p["targets"]:
+        t.add_row(r["module"], "x".join(map(str, r["shape"])), str(r["rank"]), f"{r['alpha']:g}", f"{r['scale']:g}", f"{r['trainable']:,}")
+    con.print(t)
+    f = Table(show_header=True)
+    f.add_column("file")
+    f.add_column("bytes", justify="right")
+    for row in p["files"]:
+        f.add_row(row["file"], f"{row['bytes']:,}")
+    con.print(f)
+    q = p["quantize"]
+    con.print(f"{p['layers']} layers, {p['trainable_parameters']:,} trainable parameters"
+              + (f"; residual as {q['quant_type']} (blocksize {q['blocksize']}, {q['iters']} LoftQ alternations)" if q else ""))
+    fits = "fits" if p["fits"] else "[bold red]does NOT fit[/]"
+    con.print(f"output {p['output_bytes'] / 1e6:,.1f} MB; free at {out}: {p['free_bytes_at_out'] / 1e9:,.1f} GB ({fits})"
+              + ("; [yellow]--out exists[/] (pass --overwrite to replace it)" if p["out_exists"] else ""))
+    con.print(f"estimated time on {p['device']}: {p['estimated_seconds']:.0f} s")
 
 
 def _summary(m: dict, out: Path) -> None:

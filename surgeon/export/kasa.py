@@ -45,6 +45,7 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
+        rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
     conf["kasa_config"] = {"beta": cfg.kasa_beta, "gamma": cfg.kasa_gamma}
     return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "kasa"}, overwrite, [sd.path], conf, tensors)

@@ -29,8 +29,10 @@ def adapter_config(
     base_model: str | None = None,
     revision: str | None = None,
     task_type: str | None = "CAUSAL_LM",
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
 ) -> dict:
-    return {
+    conf = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
@@ -47,6 +49,9 @@ def adapter_config(
         "modules_to_save": None,
         "inference_mode": True,
     }
+    if rank_pattern or alpha_pattern:  # per-module ranks (surgeon/patterns.py); PEFT's default is {}
+        conf["rank_pattern"], conf["alpha_pattern"] = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    return conf
 
 
 def task_type_for(config: dict) -> str | None:

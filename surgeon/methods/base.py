@@ -65,6 +65,7 @@ class Method:
     notes: dict = {}  # design decisions written to the manifest ("method_notes")
     prompt_dependent: bool = False  # its update depends on the input: absorb needs --fixed-gates
     per_block: bool = False  # it also has tensors per transformer block (block_shapes / init_block / attach)
+    frozen_factors: tuple[str, ...] = ()  # factors its runtime keeps frozen (buffers), not counted as trainable
 
     def check(self, cfg: MethodConfig) -> None:
         """Refuse option values the method cannot use (raise UsageError); called before any work."""

@@ -78,6 +78,7 @@ class NuSA(Method):
     needs_spectrum = True
     rslora_scale = True
     options = ("null_energy", "null_rank")
+    frozen_factors = ("nusa_A", "nusa_B")  # only the core M trains
     summary = "a trainable square core between frozen bases of the weight's approximate null space (NuSA-CL)"
 
     def default_alpha(self, rank: int) -> float:

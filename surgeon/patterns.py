@@ -1,0 +1,78 @@
+"""Per-module ranks and alphas, with PEFT's `rank_pattern` / `alpha_pattern` semantics.
+
+    surgeon split MODEL --rank 16 --rank-pattern 'mlp\\..*=32' --rank-pattern 'layers\\.0\\..*=8' --alpha-pattern 'v_proj=64'
+
+A pattern is `REGEX=VALUE`. PEFT (peft/utils/other.py `get_pattern_key`, used by lora/model.py's
+`_create_and_replace`) takes, for a module named `name` (its name in the base model, e.g.
+"model.layers.0.mlp.up_proj"), the FIRST key in the dict's order for which
+    re.match(rf"(.*\\.)?({key})$", name)
+matches, i.e. the key matches a dotted suffix of the name completely; with no such key the module
+gets the global `r` / `lora_alpha`. surgeon resolves every module with exactly that rule
+(`pattern_key`), writes the patterns in the order given to adapter_config.json, and records the
+resolved rank, alpha and scale per layer in surgeon.json; so PEFT rebuilds the same shapes and
+scalings (tests/test_patterns.py compares against PEFT's own function).
+
+Default alpha. surgeon's default is alpha = rank (scale 1). PEFT's default for a module whose rank
+comes from a pattern is the global lora_alpha (scale alpha/r_m ≠ 1). So when --alpha is not given,
+each rank-pattern key K also gets alpha_pattern[K] = the method's default alpha for rank r_K, placed
+after the given --alpha-pattern keys (which therefore win): every module keeps the method's default
+scale unless an alpha was asked for. With --alpha given, PEFT's own rule holds unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+
+from surgeon.errors import UsageError
+
+
+def parse(items: list[str] | None, option: str, integer: bool) -> dict[str, float | int]:
+    """["REGEX=VALUE", ...] -> {REGEX: VALUE} in the given order (the last '=' splits)."""
+    out: dict[str, float | int] = {}
+    for item in items or []:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {item!r}: write REGEX=VALUE, e.g. {option} 'mlp\\..*={16 if integer else 32}'.")
+        try:
+            re.compile(key)
+            v = int(value) if integer else float(value)
+        except re.error as e:
+            raise UsageError(f"{option} {item!r}: {key!r} is not a valid regular expression ({e}).") from None
+        except ValueError:
+            raise UsageError(f"{option} {item!r}: {value!r} is not {'an integer' if integer else 'a number'}.") from None
+        if v <= 0:
+            raise UsageError(f"{option} {item!r}: the value must be positive.")
+        out[key] = v
+    return out
+
+
+def pattern_key(keys, name: str) -> str | None:
+    """PEFT's get_pattern_key: the first key matching a dotted suffix of `name` entirely, else None."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def resolve(name: str, r: int, alpha: float, rank_pattern: dict, alpha_pattern: dict) -> tuple[int, float]:
+    """(rank, alpha) of module `name` as PEFT computes them from an adapter config."""
+    rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+    return int(rank_pattern[rk]) if rk is not None else int(r), float(alpha_pattern[ak]) if ak is not None else float(alpha)
+
+
+def layer_ranks(modules: list[str], rank: int, alpha: float, rank_pattern: dict, alpha_pattern: dict,
+                alpha_given: bool, default_alpha) -> tuple[dict[str, tuple[int, float]], dict, dict]:
+    """Per module (rank, alpha), and the rank_pattern / alpha_pattern to write.
+
+    Refuses a pattern that matches no targeted module (a typo would otherwise pass silently)."""
+    alpha_pattern = dict(alpha_pattern)
+    if not alpha_given:
+        for k, r in rank_pattern.items():  # every key, even one equal to the global alpha: a later key must not shadow it
+            alpha_pattern.setdefault(k, float(default_alpha(int(r))))
+    for option, pats in (("--rank-pattern", rank_pattern), ("--alpha-pattern", alpha_pattern)):
+        for k in pats:
+            if not any(pattern_key([k], m) for m in modules):
+                raise UsageError(f"{option} {k!r} matches no targeted module (PEFT matches a whole dotted suffix, e.g. "
+                                 f"'q_proj' or 'layers\\.0\\..*'); targeted modules look like {modules[0]}.")
+    ranks = {m: resolve(m, rank, alpha, rank_pattern, alpha_pattern) for m in modules}
+    return ranks, dict(rank_pattern), alpha_pattern
