@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One GPU call of the evaluation (bench/eval_methods.md), resumable:  bash bench/eval/gpu_run.sh BUDGET_S [WORKERS]
+#
+# BUDGET_S: wall seconds this script may take in all (the call's limit minus a margin). It
+#   1. builds /tmp/eval17/smol (float32 HF folder) once: joins /tmp/eval17/aa (left by the staging
+#      call) with the carried .gguf_part/ab, installs the carried gguf wheel (.whl17/) into
+#      /tmp/eval17/site and converts (bench/eval/convert_gguf.py);
+#   2. restores carried results (.eval17/results.tgz) when /tmp/eval17/results is absent (a fresh machine);
+#   3. runs the jobs until the deadline (finished jobs of an earlier call are skipped);
+#   4. writes eval_methods.{json,md,png}, results.tgz, log.txt and gpu_util.txt under $OUT.
+set -u
+BUDGET=${1:?budget seconds}
+WORKERS=${2:-10}
+D=/tmp/eval17
+OUTD=${OUT:-$D/out}
+mkdir -p "$D" "$OUTD"
+T0=$(date +%s)
+LOG="$D/log.txt"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+echo "=== call at $(date -u +%FT%TZ), budget ${BUDGET}s, ${WORKERS} workers" >>"$LOG"
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader >>"$LOG" 2>&1
+
+if [ ! -f "$D/smol/model.safetensors" ]; then
+  if [ ! -f "$D/aa" ] || [ ! -f .gguf_part/ab ]; then
+    echo "no model: need $D/aa (the staging call) and the carried .gguf_part/ab" | tee -a "$LOG"; exit 3
+  fi
+  cat "$D/aa" .gguf_part/ab >"$D/smol.gguf" || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$D/site" .whl17/gguf-*.whl >>"$LOG" 2>&1 || exit 3
+  PYTHONPATH="$D/site" python3 bench/eval/convert_gguf.py "$D/smol.gguf" "$D/smol" 2>&1 | grep -v Loading | tee -a "$LOG"
+  [ -f "$D/smol/model.safetensors" ] || { echo "conversion failed" | tee -a "$LOG"; exit 4; }
+  rm -f "$D/smol.gguf"
+fi
+if [ ! -d "$D/results" ] && [ -f .eval17/results.tgz ]; then
+  tar xzf .eval17/results.tgz -C "$D" && echo "restored carried results" | tee -a "$LOG"
+fi
+
+nvidia-smi dmon -s um -d 5 >"$D/gpu_util.txt" 2>&1 &
+DMON=$!
+export PYTHONPATH="$PWD:$PWD/plugins/surgeon-train"
+DEADLINE=$((BUDGET - ($(date +%s) - T0) - 45))  # 45 s: in-flight grace, report, packing
+timeout -s INT $((DEADLINE + 30)) python3 bench/eval_methods.py --device cuda --model "$D/smol" --workers "$WORKERS" --threads 1 \
+  --deadline "$DEADLINE" --results "$D/results" --work "$D/work" --out "$D/out/eval_methods" 2>&1 | tee -a "$LOG"
+RC=${PIPESTATUS[0]}
+if [ "$RC" != 0 ]; then
+  echo "runner exit $RC: reporting the finished jobs" | tee -a "$LOG"
+  python3 bench/eval_methods.py --report-only --results "$D/results" --out "$D/out/eval_methods" 2>&1 | tail -3 | tee -a "$LOG"
+fi
+kill "$DMON" 2>/dev/null
+cp "$D"/out/eval_methods.json "$D"/out/eval_methods.md "$D"/out/eval_methods.png "$OUTD"/ 2>/dev/null
+tar czf "$OUTD/results.tgz" -C "$D" results
+cp "$LOG" "$D/gpu_util.txt" "$OUTD"/
+echo "=== done in $(($(date +%s) - T0)) s" | tee -a "$LOG"
