@@ -8,10 +8,13 @@
 #   2. restores carried results (.eval17/results.tgz) when /tmp/eval17/results is absent (a fresh machine);
 #   3. runs the jobs until the deadline (finished jobs of an earlier call are skipped);
 #   4. writes eval_methods.{json,md,png}, results.tgz, log.txt and gpu_util.txt under $OUT.
+# Local dry runs: EVAL17_DIR (default /tmp/eval17), EVAL17_DEVICE (cuda), EVAL17_MODEL (skip the conversion and use
+# this folder), EVAL17_ARGS (more arguments for the runner's first invocation, e.g. a small protocol).
 set -u
 BUDGET=${1:?budget seconds}
 WORKERS=${2:-10}
-D=/tmp/eval17
+D=${EVAL17_DIR:-/tmp/eval17}
+DEV=${EVAL17_DEVICE:-cuda}
 OUTD=${OUT:-$D/out}
 mkdir -p "$D" "$OUTD"
 T0=$(date +%s)
@@ -20,14 +23,15 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFOR
 echo "=== call at $(date -u +%FT%TZ), budget ${BUDGET}s, ${WORKERS} workers" >>"$LOG"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader >>"$LOG" 2>&1
 
-if [ ! -f "$D/smol/model.safetensors" ]; then
+MODEL=${EVAL17_MODEL:-$D/smol}
+if [ ! -f "$MODEL/model.safetensors" ] && [ ! -f "$MODEL/model.safetensors.index.json" ]; then
   if [ ! -f "$D/aa" ] || [ ! -f .gguf_part/ab ]; then
     echo "no model: need $D/aa (the staging call) and the carried .gguf_part/ab" | tee -a "$LOG"; exit 3
   fi
   cat "$D/aa" .gguf_part/ab >"$D/smol.gguf" || exit 3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$D/site" .whl17/gguf-*.whl >>"$LOG" 2>&1 || exit 3
-  PYTHONPATH="$D/site" python3 bench/eval/convert_gguf.py "$D/smol.gguf" "$D/smol" 2>&1 | grep -v Loading | tee -a "$LOG"
-  [ -f "$D/smol/model.safetensors" ] || { echo "conversion failed" | tee -a "$LOG"; exit 4; }
+  PYTHONPATH="$D/site" python3 bench/eval/convert_gguf.py "$D/smol.gguf" "$MODEL" 2>&1 | grep -v Loading | tee -a "$LOG"
+  [ -f "$MODEL/model.safetensors" ] || { echo "conversion failed" | tee -a "$LOG"; exit 4; }
   rm -f "$D/smol.gguf"
 fi
 if [ ! -d "$D/results" ] && [ -f .eval17/results.tgz ]; then
@@ -38,8 +42,9 @@ nvidia-smi dmon -s um -d 5 >"$D/gpu_util.txt" 2>&1 &
 DMON=$!
 export PYTHONPATH="$PWD:$PWD/plugins/surgeon-train"
 DEADLINE=$((BUDGET - ($(date +%s) - T0) - 45))  # 45 s: in-flight grace, report, packing
-timeout -s INT $((DEADLINE + 30)) python3 bench/eval_methods.py --device cuda --model "$D/smol" --workers "$WORKERS" --threads 1 \
-  --deadline "$DEADLINE" --results "$D/results" --work "$D/work" --out "$D/out/eval_methods" 2>&1 | tee -a "$LOG"
+# shellcheck disable=SC2086
+timeout -s INT $((DEADLINE + 30)) python3 bench/eval_methods.py --device "$DEV" --model "$MODEL" --workers "$WORKERS" --threads 1 \
+  --deadline "$DEADLINE" --results "$D/results" --work "$D/work" --out "$D/out/eval_methods" ${EVAL17_ARGS:-} 2>&1 | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
 if [ "$RC" != 0 ]; then
   echo "runner exit $RC: reporting the finished jobs" | tee -a "$LOG"
