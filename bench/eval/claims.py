@@ -61,7 +61,9 @@ def task_claim(res, method: str, other: str, label: str, claim: str) -> str:
         a, b = _vals(res, method, t, "test_acc"), _vals(res, other, t, "test_acc")
         sign, d, se = compare(a, b, 0.01)
         per[t], signs[t] = ((sign > 0) if a and b else None), sign
-        bits.append(f"{TARGET_NAMES[t]}: test accuracy {_f(_acc(res, method, t))} vs {_f(_acc(res, other, t))} (Δ {_f(d, '+.3f')} ± {_f(se)})")
+        loss = [mean_sd(_vals(res, x, t, "final_train_loss"))[0] for x in (method, other)]
+        bits.append(f"{TARGET_NAMES[t]}: test accuracy {_f(_acc(res, method, t))} vs {_f(_acc(res, other, t))} (Δ {_f(d, '+.3f')} ± {_f(se)}), "
+                    f"final training loss {_f(loss[0])} vs {_f(loss[1])}")
     return f"**{label}** — *{claim}*: **{_verdict(per, signs)}**; " + "; ".join(bits) + "."
 
 
@@ -75,7 +77,8 @@ def milora_claim(res) -> str:
         per[t] = (acc_s >= 0 and f_l < 0) if have else None
         bits.append(f"{TARGET_NAMES[t]}: accuracy {_f(_acc(res, 'milora', t))} (LoRA {_f(_acc(res, 'lora', t))}), perplexity increase "
                     f"{_f(mean_sd(_vals(res, 'milora', t, 'ppl_increase_pct'))[0], '.1f')} % vs LoRA {_f(mean_sd(_vals(res, 'lora', t, 'ppl_increase_pct'))[0], '.1f')} % "
-                    f"and PiSSA {_f(mean_sd(_vals(res, 'pissa', t, 'ppl_increase_pct'))[0], '.1f')} %")
+                    f"and PiSSA {_f(mean_sd(_vals(res, 'pissa', t, 'ppl_increase_pct'))[0], '.1f')} %, probes correct "
+                    f"{_f(mean_sd(_vals(res, 'milora', t, 'probe_correct'))[0], '.2f')} vs LoRA {_f(mean_sd(_vals(res, 'lora', t, 'probe_correct'))[0], '.2f')}")
     return ("**MiLoRA** — *adapting the minor singular components learns the task as well as LoRA while forgetting less*: "
             f"**{_verdict(per)}**; " + "; ".join(bits) + ".")
 
@@ -106,7 +109,7 @@ def nusa_claim(res) -> str:
     sign, d, se = compare([r["avg_forgetting"] for r in by["nusa"]], [r["avg_forgetting"] for r in by["lora"]], 0.01)
     fin, _, _ = compare([r["avg_final_acc"] for r in by["nusa"]], [r["avg_final_acc"] for r in by["lora"]], 0.01)
     m = {k: {f: mean_sd([r[f] for r in v])[0] for f in ("avg_forgetting", "avg_learned_acc", "avg_final_acc")} for k, v in by.items()}
-    verdict = "reproduced" if sign < 0 else "not reproduced"
+    verdict = "reproduced" if sign < 0 else "not reproduced (the opposite holds)" if sign > 0 else "not reproduced (no difference beyond the seed noise)"
     if sign < 0 and fin < 0:
         verdict = "reproduced only in the narrow sense (less forgetting) — it ends with lower accuracy than LoRA because it learns less"
     return ("**NuSA-CL** — *continual learning in the null space keeps earlier tasks without replay*: "
@@ -123,7 +126,7 @@ def latency_claim(res) -> str:
     for b, v in lat["batches"].items():
         c, p, pd, lo = (v[k]["best_s"] for k in ("moe_cached", "moe_per_step", "moe_per_step_dense", "lora"))
         per[b] = c < 0.95 * min(p, pd)
-        bits.append(f"batch {b}: {v['moe_cached']['ms_per_step']:.1f} ms/step cached vs {v['moe_per_step']['ms_per_step']:.1f} per-step "
+        bits.append(f"batch {b}: {v['moe_cached']['ms_per_step']:.1f} ms/token cached vs {v['moe_per_step']['ms_per_step']:.1f} per-step "
                     f"({v['moe_per_step_dense']['ms_per_step']:.1f} dense), plain LoRA {v['lora']['ms_per_step']:.1f}, experts active {_f(v['active_expert_share'], '.2f')}")
     yes = [b for b, ok in per.items() if ok]
     verdict = "reproduced" if len(yes) == len(per) else ("reproduced only at batch " + ", ".join(yes)) if yes else "not reproduced"

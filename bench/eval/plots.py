@@ -62,7 +62,7 @@ def _latency(ax, res) -> None:
         ax.plot([int(b) for b in bs], [lat["batches"][b][arm]["ms_per_step"] for b in bs], marker="o", ms=3, label=arm)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (prompts, each with its own gates)")
-    ax.set_ylabel("ms per decoding step")
+    ax.set_ylabel("ms per new token (generate time / tokens)")
     ax.set_title(f"generation latency, {lat['device']}", fontsize=9)
     ax.legend(fontsize=6)
 
@@ -78,7 +78,7 @@ def plot(res: dict, path: Path) -> None:
         f(ax, res)
         ax.grid(alpha=0.3)
     s = res["settings"]
-    fig.suptitle(f"SmolLM2-135M-Instruct, rank {s['rank']}, {s['steps']} steps, seeds {', '.join(map(str, s['seeds']))}", fontsize=10)
+    fig.suptitle(f"{s['model_name']}, rank {s['rank']}, {s['steps']} steps, seeds {', '.join(map(str, s['seeds']))}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,7 +4,7 @@
 
 A SmolLM2-135M-shaped Llama (30 blocks, 9/3 heads, the same modules) with tiny widths, split with
 each method on all-linear and q/v, trained by surgeon_train.train on the CPU for a few steps of the
-evaluation's batch (16 × 128 tokens). With tiny widths the arithmetic is negligible, so the step time
+batch of 1 × 16 tokens by default. With tiny widths and sizes the arithmetic is negligible, so the step time
 is the dispatch cost of the op graph, and the op count (aten calls per step, counted with a
 TorchDispatchMode) bounds a CUDA step from below at a few µs per kernel launch. That is the number
 that sizes the worker pool: the GPU step of one process cannot be faster than its host side, and
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["lora", "pissa", "kasa", "nusa", "moe"])
+    ap.add_argument("--batch", type=int, default=1, help="rows per step (1 × 16 tokens: the arithmetic vanishes, the dispatch stays)")
+    ap.add_argument("--seq", type=int, default=16)
     a = ap.parse_args()
     torch.set_num_threads(1)
     from surgeon.pipeline import SplitOptions, split
@@ -58,7 +60,7 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_smollm(Path(tmp) / "m", a.layers)
-        ids = torch.randint(3, 512, (64, 128), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(3, 512, (64, a.seq), generator=torch.Generator().manual_seed(0))
         data = Packed(ids, ids.clone())
         for method in a.methods:
             for targets in (["all-linear"], ["q_proj", "v_proj"]):
@@ -66,11 +68,11 @@ def main() -> None:
                 m = "milora" if method == "lora" else method
                 split(str(model), sd, SplitOptions(method=m, rank=8 if m != "nusa" else 16, target=targets, device="cpu", spectra=False, overwrite=True))
                 t0 = time.perf_counter()
-                summ = train(sd, data, Path(tmp) / "t", TrainOptions(steps=a.steps, batch_size=16, seq_len=128, device="cpu", overwrite=True))
+                summ = train(sd, data, Path(tmp) / "t", TrainOptions(steps=a.steps, batch_size=a.batch, seq_len=a.seq, device="cpu", overwrite=True))
                 steps = [json.loads(x) for x in (Path(tmp) / "t" / "metrics.jsonl").read_text().splitlines() if '"step_time_s"' in x]
                 sm = load_split(sd, device="cpu")
                 with Count() as c:
-                    loss = sm.model(input_ids=ids[:16], labels=ids[:16]).loss
+                    loss = sm.model(input_ids=ids[: a.batch], labels=ids[: a.batch]).loss
                     loss.backward()
                 key = f"{method}/{'all' if len(targets) == 1 else 'qv'}"
                 out[key] = {"step_ms_median": 1e3 * sorted(s["step_time_s"] for s in steps[1:])[len(steps[1:]) // 2],
