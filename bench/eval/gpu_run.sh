@@ -8,6 +8,14 @@
 #   2. restores carried results (.eval17/results.tgz) when /tmp/eval17/results is absent (a fresh machine);
 #   3. runs the jobs until the deadline (finished jobs of an earlier call are skipped);
 #   4. writes eval_methods.{json,md,png}, results.tgz, log.txt and gpu_util.txt under $OUT.
+#
+# The calls (one H200; first `bash bench/eval/gpu_prep.sh` in the root of the checkout that travels):
+#   staging (seconds)   carry [".gguf_part/aa"]            mkdir -p /tmp/eval17 && cp .gguf_part/aa /tmp/eval17/aa
+#   compute 1 (9 min)   carry [".gguf_part/ab", ".whl17"]  bash bench/eval/gpu_run.sh 540 8          (timeout_s 600)
+#   compute 2 (9 min)   the same command; it resumes from /tmp/eval17/results
+# Each call must follow the last within the machine's 30 s warm window (/tmp is lost with the machine). On a
+# fresh machine: the staging call again, then compute with the returned results.tgz copied to .eval17/ and
+# ".eval17" added to carry.
 # Local dry runs: EVAL17_DIR (default /tmp/eval17), EVAL17_DEVICE (cuda), EVAL17_MODEL (skip the conversion and use
 # this folder), EVAL17_ARGS (more arguments for the runner's first invocation, e.g. a small protocol),
 # EVAL17_CONVERT_ONLY=1 (stop after building the model).
@@ -46,7 +54,7 @@ export PYTHONPATH="$PWD:$PWD/plugins/surgeon-train"
 DEADLINE=$((BUDGET - ($(date +%s) - T0) - 45))  # 45 s: in-flight grace, report, packing
 # shellcheck disable=SC2086
 timeout -s INT $((DEADLINE + 30)) python3 bench/eval_methods.py --device "$DEV" --model "$MODEL" --workers "$WORKERS" --threads 1 \
-  --deadline "$DEADLINE" --results "$D/results" --work "$D/work" --out "$D/out/eval_methods" ${EVAL17_ARGS:-} 2>&1 | tee -a "$LOG"
+  --deadline "$DEADLINE" --retry-failed --results "$D/results" --work "$D/work" --out "$D/out/eval_methods" ${EVAL17_ARGS:-} 2>&1 | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
 if [ "$RC" != 0 ]; then
   echo "runner exit $RC: reporting the finished jobs" | tee -a "$LOG"

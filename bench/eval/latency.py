@@ -64,13 +64,15 @@ def latency_job(ctx, job: dict) -> dict:
 
     def arm(name):
         if name.startswith("moe"):
-            routing.mode = "per_step" if "per_step" in name else "cached"
-            for r in routing.routers.values():
-                r.skip_inactive = not name.endswith("dense")
+            if per_step:
+                routing.mode = "per_step" if "per_step" in name else "cached"
+                for r in routing.routers.values():
+                    r.skip_inactive = not name.endswith("dense")
             return moe
         return lora if name == "lora" else base
 
-    names = ("moe_cached", "moe_per_step", "moe_per_step_dense", "lora", "base")
+    per_step = hasattr(routing, "mode") and all(hasattr(r, "skip_inactive") for r in routing.routers.values())  # runtime internals
+    names = ("moe_cached", "moe_per_step", "moe_per_step_dense", "lora", "base") if per_step else ("moe_cached", "lora", "base")
     out = {"weights": weights, "new_tokens": new, "repeat": s["latency_repeat"], "device": _device_name(dev), "batches": {}}
     for b in s["latency_batches"]:
         chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) if tok.chat_template else p
@@ -91,11 +93,12 @@ def latency_job(ctx, job: dict) -> dict:
                     active = statistics.mean(sum(r.active) / r.n_experts for r in routing.routers.values())
         out["batches"][str(b)] = {
             "prompt_len": int(enc["input_ids"].shape[1]), "active_expert_share": active,
-            "same_tokens_cached_vs_per_step": bool(torch.equal(toks["moe_cached"], toks["moe_per_step"])),
+            "same_tokens_cached_vs_per_step": bool(torch.equal(toks["moe_cached"], toks["moe_per_step"])) if per_step else None,
             **{n: {"best_s": min(t), "median_s": statistics.median(t), "ms_per_step": 1e3 * min(t) / new,
                    "tokens_per_s": b * new / min(t)} for n, t in times.items()},
         }
-    routing.mode = "cached"
+    if per_step:
+        routing.mode = "cached"
     return out
 
 

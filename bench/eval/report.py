@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from bench.eval import claims as C
-from bench.eval.tasks import TASKS
 
 NAMES = C.TARGET_NAMES
 
@@ -106,12 +105,25 @@ def seq_table(res) -> list[str]:
     return lines + [""]
 
 
+def _separation(rows, key: str, label: str) -> str:
+    ok = [r[key] for r in rows if r["ppl_ratio"] <= 1.10 and key in r]
+    bad = [r[key] for r in rows if r["ppl_ratio"] > 1.10 and key in r]
+    if not ok or not bad:
+        return f"{label}: {'no configuration broke' if ok else 'no configuration stayed within 10 %'}."
+    lo, hi = max(ok), min(bad)
+    if lo < hi:
+        return f"{label} separates them: every configuration within 10 % had at most {100 * lo:.3g} %, every broken one at least {100 * hi:.3g} %."
+    return (f"{label} does NOT separate them: a broken configuration had only {100 * hi:.3g} % while one within 10 % had {100 * lo:.3g} %.")
+
+
 def kasa_table(sw, title: str) -> list[str]:
     if not sw:
         return []
     ranks = sorted({r["rank"] for r in sw["rows"]})
+    has_out = "output_share_max" in sw["rows"][0]
     lines = [f"## {title}", "", f"Untrained model, the r minor components of every targeted weight removed (KaSA's frozen base). Perplexity "
-             f"(original {sw['base_ppl']:.2f}); in brackets the largest share of spectral energy removed from one weight. **Bold**: > 1.10 × the original.", "",
+             f"(original {sw['base_ppl']:.2f}); in brackets the largest share of one weight's spectral energy removed"
+             + (" / the largest share of one layer's output on the general text removed" if has_out else "") + ". **Bold**: > 1.10 × the original.", "",
              "| targets | " + " | ".join(f"r = {r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
     for name in dict.fromkeys(r["set"] for r in sw["rows"]):
         cells = []
@@ -121,15 +133,23 @@ def kasa_table(sw, title: str) -> list[str]:
                 cells.append("–")
                 continue
             v = f"{row['ppl']:.1f}"
-            cells.append((f"**{v}**" if row["ppl_ratio"] > 1.10 else v) + f" ({100 * row['removed_energy_max']:.2f} %)")
+            extra = f"{100 * row['removed_energy_max']:.2g} %" + (f" / {100 * row['output_share_max']:.2g} %" if has_out else "")
+            cells.append((f"**{v}**" if row["ppl_ratio"] > 1.10 else v) + f" ({extra})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    notes = [_separation(sw["rows"], "removed_energy_max", "The removed spectral energy (what a split-time warning \"this split removes N % of "
+                         "the spectral energy of LAYER\" would report)")]
+    if has_out:
+        notes.append(_separation(sw["rows"], "output_share_max", "The removed share of the layer's output on real text (needs calibration text at split time)"))
+    return lines + [""] + [" ".join(notes), ""]
 
 
 def latency_table(lat) -> list[str]:
     if not lat:
         return []
-    arms = ("moe_cached", "moe_per_step", "moe_per_step_dense", "lora", "base")
+    first = next(iter(lat["batches"].values()))
+    arms = [a for a in ("moe_cached", "moe_per_step", "moe_per_step_dense", "lora", "base") if a in first]
+    if "moe_per_step" not in arms:
+        return ["## MiLoRA-mixture latency", "", "The moe runtime has no per-step routing mode any more; only cached routing was timed.", ""]
     lines = ["## MiLoRA-mixture latency, multi-tenant batches", "",
              f"{lat['device']}, greedy generation of {lat['new_tokens']} tokens, best of {lat['repeat']} interleaved rounds, {lat['weights']}. "
              "ms per generated token position (the whole generate call, prompt pass included, divided by the new tokens; whole batch); each row of a batch is a prompt of another task, with its own gates.", "",
@@ -177,4 +197,3 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown", "TASKS"]

@@ -162,18 +162,23 @@ class Pool:
 
 
 class Estimates:
-    """Expected seconds per job kind: the slowest finished job of the kind in this invocation, else a default."""
+    """Expected seconds per job kind: the 90th percentile of the finished jobs of the kind (earlier invocations'
+    included: the same machine and pool), else a default."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, done: dict):
         self.seen: dict[str, list[float]] = {}
         self.n_seq = len(settings["seq_tasks"]) * settings["seq_steps"] / max(1, settings["steps"])
+        for rec in done.values():
+            if rec.get("seconds") and not rec.get("error"):
+                self.add(rec["job"]["kind"], rec["seconds"])
 
     def add(self, kind: str, seconds: float) -> None:
         self.seen.setdefault(kind, []).append(seconds)
 
     def __call__(self, kind: str) -> float:
         if self.seen.get(kind):
-            return max(self.seen[kind])
+            xs = sorted(self.seen[kind])
+            return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
         if kind == "seq" and self.seen.get("train"):
             return 1.3 * self.n_seq * max(self.seen["train"])  # + a split and a merge per stage
         return DEFAULT_EST[kind]
@@ -189,7 +194,7 @@ def run(settings: dict, plan: dict, model: Path, work: Path, results: Path, devi
         log("nothing to run")
         return {"info": {}, "wall_s": round(time.time() - t0, 1), "estimates": {}, "started": 0}
     pool = Pool(workers, settings, plan, model, work, results, device, threads, log) if workers else Inline(settings, plan, model, work, results, device, threads)
-    est, started, killed = Estimates(settings), set(), False
+    est, started, killed = Estimates(settings, done), set(), False
     try:
         while True:
             for jid in pool.poll(1.0):
@@ -231,4 +236,4 @@ def run(settings: dict, plan: dict, model: Path, work: Path, results: Path, devi
         killed = True
     finally:
         pool.close(kill=killed)
-    return {"info": pool.info, "wall_s": round(time.time() - t0, 1), "estimates": {k: max(v) for k, v in est.seen.items()}, "started": len(started)}
+    return {"info": pool.info, "wall_s": round(time.time() - t0, 1), "estimates": {k: est(k) for k in est.seen}, "started": len(started)}
