@@ -72,10 +72,11 @@ def milora_claim(res) -> str:
     for t in res["settings"]["targets"]:
         acc_s, _, _ = compare(_vals(res, "milora", t, "test_acc"), _vals(res, "lora", t, "test_acc"), 0.01)
         f_l, dl, _ = compare(_vals(res, "milora", t, "ppl_increase_pct"), _vals(res, "lora", t, "ppl_increase_pct"), 1.0)
-        f_p, dp, _ = compare(_vals(res, "milora", t, "ppl_increase_pct"), _vals(res, "pissa", t, "ppl_increase_pct"), 1.0)
         have = _vals(res, "milora", t, "test_acc") and _vals(res, "lora", t, "test_acc")
         per[t] = (acc_s >= 0 and f_l < 0) if have else None
-        bits.append(f"{TARGET_NAMES[t]}: accuracy {_f(_acc(res, 'milora', t))} (LoRA {_f(_acc(res, 'lora', t))}), perplexity increase "
+        why = ("holds" if per[t] else "learns less than LoRA" if acc_s < 0 else "forgets MORE than LoRA" if f_l > 0
+               else "forgets no less than LoRA beyond the seed noise") if have else "not measured"
+        bits.append(f"{TARGET_NAMES[t]} ({why}): accuracy {_f(_acc(res, 'milora', t))} (LoRA {_f(_acc(res, 'lora', t))}), perplexity increase "
                     f"{_f(mean_sd(_vals(res, 'milora', t, 'ppl_increase_pct'))[0], '.1f')} % vs LoRA {_f(mean_sd(_vals(res, 'lora', t, 'ppl_increase_pct'))[0], '.1f')} % "
                     f"and PiSSA {_f(mean_sd(_vals(res, 'pissa', t, 'ppl_increase_pct'))[0], '.1f')} %, probes correct "
                     f"{_f(mean_sd(_vals(res, 'milora', t, 'probe_correct'))[0], '.2f')} vs LoRA {_f(mean_sd(_vals(res, 'lora', t, 'probe_correct'))[0], '.2f')}")
