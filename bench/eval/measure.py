@@ -43,10 +43,10 @@ class Evaluator:
         self.probe_q = [q for q, _ in probes.PROBES][:n_probes]
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.tok.padding_side = "left"
-        tmp = Path(tempfile.mkdtemp(prefix="eval17-data-"))
-        # every task and split packed on its own (rows never mix tasks: a moe router sees one task per row)
-        self.packed = {(n, s): load_packed(T.write_jsonl(rows, tmp / f"{n}-{s}.jsonl"), self.tok, seq_len)
-                       for n, splits in data.items() for s, rows in splits.items() if rows}
+        with tempfile.TemporaryDirectory(prefix="eval17-data-") as tmp:
+            # every task and split packed on its own (rows never mix tasks: a moe router sees one task per row)
+            self.packed = {(n, s): load_packed(T.write_jsonl(rows, Path(tmp) / f"{n}-{s}.jsonl"), self.tok, seq_len)
+                           for n, splits in data.items() for s, rows in splits.items() if rows}
         self.max_new = {n: 4 + max(len(self.tok(r["completion"], add_special_tokens=False)["input_ids"])
                                    for s in data[n].values() for r in s) for n in data}
         text, self.text_sha = probes.general_text()
