@@ -88,7 +88,7 @@ def choose_base(sd: SplitDir, wanted: str) -> tuple[str, str]:
     return "original", "the source files are there (each tensor verified by its content hash)"
 
 
-def _source_checkpoint(sd: SplitDir) -> Checkpoint:
+def verified_source(sd: SplitDir) -> Checkpoint:
     """The source weights as recorded, refused early when a file's size changed."""
     for f in sd.source_files():
         size = Path(f["path"]).stat().st_size
@@ -106,7 +106,7 @@ def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
         mult, gates = dist.from_main(lambda: sd.method.fixed_gates(sd, opts.fixed_gates))  # refuses without --fixed-gates
     elif opts.fixed_gates is not None:
         raise UsageError(f"--fixed-gates is for splits whose update depends on the prompt (method moe); {sd.method.name} has static factors.")
-    ckpt = _source_checkpoint(sd) if base == "original" else sd.residual()
+    ckpt = verified_source(sd) if base == "original" else sd.residual()
     if base == "residual" and sd.manifest.get("quantization"):  # quant hook: merge into the dequantized 4-bit residual
         ckpt = quant.DequantCheckpoint(ckpt, sd.manifest)
     plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
@@ -155,7 +155,7 @@ def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: 
     with safe_open(sd.factors_file, "pt") as cur, safe_open(init_file, "pt") as ini, ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
         pending: list[Future] = []
         for info, tensor in ckpt.stream(todo, digest=bool(job.hashes)):
-            _verify(job, info.name)
+            check_hash(job.hashes, job.ckpt, info.name)
             module = by_tensor.get(info.name)
             changed = False
             if module is not None:
@@ -174,11 +174,12 @@ def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: 
     writer.close()
 
 
-def _verify(job: AbsorbJob, name: str) -> None:
-    """An original tensor must be the one that was split (its content hash, recorded by split)."""
-    if not job.hashes:
+def check_hash(hashes: dict[str, str], ckpt: Checkpoint, name: str) -> None:
+    """An original tensor must be the one that was split: its content hash (read with digest=True)
+    against the one split recorded. No-op for splits made before hashes were recorded."""
+    if not hashes:
         return
-    got, want = job.ckpt.digests.pop(name), job.hashes.get(name)
+    got, want = ckpt.digests.pop(name), hashes.get(name)
     if got != want:
         raise SourceChangedError(f"the source tensor {name} changed since the split (content hash {got} ≠ {want}); "
                                  "restore the source, or absorb with --base residual.")

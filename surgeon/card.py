@@ -34,8 +34,8 @@ This checkpoint was rewritten by [surgeon](https://pypi.org/project/surgeon/) wi
 - Spectra: {spectra}
 - The trainable factors hold {factor_energy:.3g}% of each weight's spectral energy on average.
 
-`surgeon.json` records every layer's spectrum summary, solver and reconstruction error;
-`surgeon.spectra.safetensors` holds every singular value (plot them with `surgeon spectra DIR`).
+`surgeon.json` records every layer's solver, factor singular values and reconstruction error; plot the
+spectra with `surgeon spectra DIR` (stored in `surgeon.spectra.safetensors` when split with `--spectra`).
 
 ## How to load
 
@@ -117,7 +117,7 @@ def _spectra(layers: dict) -> str:
     if not layers:
         return "no layers"
     if any(lay.get("sigma_max") is None for lay in layers.values()):
-        return "not stored (split with --no-spectra)"
+        return "not stored (split with --spectra to keep them; `surgeon spectra DIR` computes them from the source)"
     top = max(lay["sigma_max"] for lay in layers.values())
     bottom = min(lay["sigma_min"] for lay in layers.values())
     lo = min(lay["factor_sigma"][1] for lay in layers.values())

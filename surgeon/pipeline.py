@@ -59,7 +59,7 @@ class SplitOptions:
     overwrite: bool = False
     prefetch: int = 2
     workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2 on CPU, 1 on CUDA
-    spectra: bool = True  # keep every singular value (surgeon.spectra.safetensors, plots)
+    spectra: bool = False  # also keep every singular value (surgeon.spectra.safetensors): a full eigensolve per weight
     commit_seconds: float = 2.0  # how often finished tensors are fsynced and journaled (resume points)
     seed: int = 0  # methods with random initial factors (KaSA): per-layer seeds derive from it
     kasa_beta: float = 1e-4  # KaSA's regulariser weights, recorded for the runtime (PEFT's defaults)

@@ -11,6 +11,37 @@ from pathlib import Path
 from surgeon.errors import SplitDirError, UsageError
 
 
+def spectra(sd, rx: re.Pattern, device: str = "auto"):
+    """(module, every singular value descending) of the split layers `rx` selects: from
+    surgeon.spectra.safetensors when the split stored them (--spectra), else computed from the source
+    weights (each verified by its content hash first), one tensor at a time."""
+    from safetensors import safe_open
+
+    from surgeon.splitdir import SPECTRA
+
+    modules = [m for m in sd.layers if rx.search(m)]
+    if (sd.path / SPECTRA).exists():
+        with safe_open(sd.path / SPECTRA, "pt") as f:
+            yield from ((m, f.get_tensor(m)) for m in modules if m in f.keys())
+        return
+    yield from _from_source(sd, modules, device)
+
+
+def _from_source(sd, modules: list[str], device: str):
+    from surgeon.absorb import check_hash, verified_source
+    from surgeon.linalg import get_backend, singular_values
+
+    missing = sd.missing_source_files()
+    if missing:
+        raise SplitDirError(f"{sd.path} stores no spectra and its source {missing[0]} is gone; split again with --spectra.")
+    ckpt = verified_source(sd)
+    backend = get_backend(device)
+    want = {f"{m}.weight": m for m in modules}
+    for info, w in ckpt.stream([n for n in ckpt.tensors if n in want], digest=True):
+        check_hash(sd.source_hashes(), ckpt, info.name)
+        yield want[info.name], singular_values(w.to(backend.device).double(), backend).cpu()
+
+
 def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
     try:
         import matplotlib
@@ -19,20 +50,13 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UsageError("plotting needs matplotlib: pip install 'surgeon[plot]'.") from e
-    from safetensors import safe_open
+    from surgeon.splitdir import SplitDir
 
-    from surgeon.splitdir import SPECTRA, SplitDir
-
-    split_dir = Path(split_dir)
-    manifest = SplitDir(split_dir).manifest  # validated: a split folder, complete
-    if not (split_dir / SPECTRA).exists():
-        raise SplitDirError(f"{split_dir} has no {SPECTRA} (split with --no-spectra?); split again with spectra to plot them.")
-    rx = re.compile(layers)
+    sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
+    manifest = sd.manifest
     groups: dict[str, list] = {}
-    with safe_open(split_dir / SPECTRA, "pt") as f:
-        for name in f.keys():
-            if rx.search(name):
-                groups.setdefault(name.rsplit(".", 1)[-1], []).append(f.get_tensor(name).numpy())
+    for name, sigma in spectra(sd, re.compile(layers)):
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append(sigma.numpy())
     if not groups:
         raise UsageError(f"--layers {layers!r} selects no split layer.")
     n = len(groups)

@@ -232,3 +232,20 @@ def test_all_linear_skips_embeddings_inside_blocks():
              "encoder.block.0.layer.1.DenseReluDense.wi.weight": (16, 8)}
     t = {n: TensorInfo(n, "F32", s, Path("x"), 0, 4) for n, s in names.items()}
     assert sorted(select_targets(t, None, "t5")) == sorted(n for n in names if "relative" not in n)
+
+
+def test_spectra_are_opt_in_and_computed_from_the_source_on_demand(tiny, tmp_path):
+    import re
+
+    from surgeon.plot import spectra
+    from surgeon.splitdir import SPECTRA, SplitDir
+
+    kept = tmp_path / "kept"
+    split(str(tiny["tiny-llama"]), kept, SplitOptions(rank=4, spectra=True))
+    split(str(tiny["tiny-llama"]), tmp_path / "lean", SplitOptions(rank=4))  # the default stores none
+    assert (kept / SPECTRA).exists() and not (tmp_path / "lean" / SPECTRA).exists()
+    stored = dict(spectra(SplitDir(kept), re.compile(".*")))
+    computed = dict(spectra(SplitDir(tmp_path / "lean"), re.compile(".*"), device="cpu"))
+    assert stored.keys() == computed.keys() and len(stored) == 14
+    for m, s in stored.items():
+        assert torch.allclose(computed[m], s, rtol=1e-9, atol=1e-12 * float(s[0])), m

@@ -68,7 +68,7 @@ def split(
     tol: Annotated[float, typer.Option("--tol", help="Accepted subspace error bound before falling back to a float64 SVD.")] = 1e-6,
     shard_size: ShardSize = "5GB",
     workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2 on CPU, 1 on CUDA.")] = 0,
-    no_spectra: Annotated[bool, typer.Option("--no-spectra", help="Skip storing every singular value (surgeon.spectra.safetensors).")] = False,
+    keep_spectra: Annotated[bool, typer.Option("--spectra/--no-spectra", help="Also store every singular value (surgeon.spectra.safetensors). Off by default: it costs a full eigendecomposition per weight, which the fast GPU route avoids; `surgeon spectra` computes them from the source when needed.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="config.json for a single .safetensors file.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickled .bin weights (loaded with weights_only=True).")] = False,
@@ -97,7 +97,7 @@ def split(
     opts = SplitOptions(
         method=method, rank=rank, alpha=alpha, use_rslora=rslora, null_energy=null_energy, null_rank=null_rank, target=target or ["all-linear"], dtype=dtype,
         device=device, backend=backend, solver=solver, tol=tol, shard_size=shard_size, revision=revision,
-        config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=not no_spectra,
+        config=config, allow_pickle=allow_pickle, overwrite=overwrite, workers=workers, spectra=keep_spectra,
         seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, top_k=top_k, pooling=pooling,
         rank_pattern=rank_pattern or [], alpha_pattern=alpha_pattern or [], quantize=quantize, quantize_iters=quantize_iters,
         quant_blocksize=quant_blocksize, double_quant=double_quant,
