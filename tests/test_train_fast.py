@@ -114,6 +114,10 @@ def test_memory_plan_picks_micro_batch_and_checkpointing(llama_split, reference,
     assert s["micro_batch"] == 2 and starts[0]["micro_batch"] == 2 and not s["grad_checkpointing"]
     _close(tmp_path / "o", reference)  # 2 × 2 rows = 1 × 4 rows
 
+    plenty = free_for(100)  # on the CPU 1024 tokens a pass are enough; on CUDA the whole batch when it fits
+    assert memory.plan(8, row, row, ws, plenty, torch.device("cpu"), None, 1024).micro_batch == 1
+    assert memory.plan(8, row, row, ws, plenty, torch.device("cpu"), None, 256).micro_batch == 4
+    assert memory.plan(8, row, row, ws, int(plenty * memory.FRACTION["cpu"] / memory.FRACTION["cuda"]), torch.device("cuda"), None, 1024).micro_batch == 8
     p = memory.plan(8, row, row // 10, ws, free_for(0), torch.device("cpu"), None, 64)  # one row does not fit: checkpointing
     assert p.checkpointing and p.micro_batch >= 1
     with pytest.raises(memory.TrainMemoryError, match=r"--seq-len 64 needs about .* lower --seq-len"):
@@ -212,3 +216,16 @@ def test_data_through_datasets(tmp_path, monkeypatch):
     assert len(load_records(DATA)) == len(recs)
     with pytest.raises(DataError, match=r"pip install 'surgeon-train\[datasets\]'"):
         load_records(tmp_path / "d.parquet")
+
+
+def test_cli_shows_the_micro_batch_and_refuses_cuda_only_losses(llama_split, tmp_path):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import build_app
+
+    args = ["train", str(llama_split), "--data", str(DATA), "--steps", "1", "--seq-len", "32", "--batch-size", "4"]
+    r = CliRunner().invoke(build_app(), args + ["--micro-batch", "2", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "micro 2" in r.output  # on the progress bar
+    r = CliRunner().invoke(build_app(), args + ["--loss", "liger", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "CUDA only" in r.output and "--loss chunked" in r.output

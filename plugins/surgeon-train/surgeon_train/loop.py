@@ -97,6 +97,8 @@ def _check(o: TrainOptions) -> None:
         bad.append("--resume continues the run in --out, --overwrite discards it: choose one")
     if o.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad.append(f"--dtype {o.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if o.kernels not in speed.KERNELS:
+        bad.append(f"--kernels {o.kernels!r}: choose {', '.join(speed.KERNELS)}")
     if bad:
         raise UsageError("; ".join(bad) + ".")
 
@@ -202,6 +204,7 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     _check(opts)
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
+    resolve(opts.loss, d.device)  # a loss that cannot run here fails before the model loads
     sm, named = _load(split_dir, data, opts, d)
     kernels = speed.resolve(opts.kernels, sm.model, d.device)
     with speed.scoped_kernels(sm.model, kernels):

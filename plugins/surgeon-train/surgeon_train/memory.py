@@ -9,7 +9,12 @@ after the model is loaded: on CUDA torch.cuda.mem_get_info plus what torch's all
 on the CPU MemAvailable (/proc/meminfo), capped by the cgroup's memory.max, shared by the processes
 of a torchrun job on the host. Then
 
-    micro = min(rows per step, ⌊(FRACTION·budget − loss workspace − margin) / (SLACK·bytes per row)⌋)
+    micro = min(rows per step, cap, ⌊(FRACTION·budget − loss workspace − margin) / (SLACK·bytes per row)⌋)
+
+with cap = ⌈1024 / --seq-len⌉ rows on the CPU, where a micro-batch of 1024 tokens already keeps the
+cores busy (SmolLM2-135M, 2 cores: 5.2 s a row either way) and a larger one only costs memory (B=4
+× T=1024 in one pass: 12.2 GiB peak RSS, in passes of one row: 3.9 GiB; bench/RESULTS_train.md),
+and no cap on CUDA, where larger micro-batches run faster.
 
 and where even one row does not fit, the same with activation checkpointing (each block keeps only
 its input, ~n_blocks·L·d values a row, and recomputes one block at a time in the backward pass),
@@ -31,6 +36,7 @@ import torch
 from surgeon.errors import SurgeonError
 
 FRACTION = {"cuda": 0.9, "cpu": 0.75}  # of the free memory; the CPU is often shared
+CPU_TOKENS = 1024  # tokens per micro-batch that keep CPU cores busy; more only costs memory
 SLACK = 1.25  # transient tensors of the forward/backward pass on top of the saved ones
 MARGIN = 512 * 2**20
 
@@ -111,13 +117,16 @@ def plan(rows: int, row_bytes: int, ckpt_row_bytes: int, workspace: int, budget:
     without it (checkpointing=None), always (True) or never (False)."""
     room = FRACTION[device.type] * budget - workspace - MARGIN
 
+    cap = rows if device.type == "cuda" else min(rows, max(1, -(-CPU_TOKENS // seq_len)))
+
     def fit(per_row: int) -> int:
-        return min(rows, int(room // max(1, SLACK * per_row)))
+        return min(cap, int(room // max(1, SLACK * per_row)))
 
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     if checkpointing is not True and fit(row_bytes) >= 1:
         m = fit(row_bytes)
-        why = "the whole batch fits" if m == rows else f"{gib(SLACK * row_bytes)} a row, {gib(room)} free for activations"
+        why = ("the whole batch fits" if m == rows else f"{CPU_TOKENS} tokens a pass keep the CPU busy" if m == cap
+               else f"{gib(SLACK * row_bytes)} a row, {gib(room)} free for activations")
         return Plan(m, False, row_bytes, budget, why)
     if checkpointing is not False and fit(ckpt_row_bytes) >= 1:
         m = fit(ckpt_row_bytes)
