@@ -9,8 +9,9 @@
 markdown table and one JSON line. Implementations:
   surgeon       `surgeon_train.train` with its defaults (micro-batch fitted to memory, chunked loss,
                 document masking) on a milora r=--rank all-linear split
-  surgeon-full  the same with --loss full, the whole batch in one pass, no document mask: the
-                trainer as it was before the loss without logits (the loss-curve reference)
+  surgeon-nodocmask   the same with --no-document-mask (packed examples see their neighbours, as before)
+  surgeon-full  --loss full, the whole batch in one pass, no document mask: the trainer as it was
+                before the loss without logits (the loss-curve reference)
   peft          PEFT LoRA r=--rank, all-linear, default init, on the original model, in a plain torch
                 loop: model(input_ids, labels=labels) (transformers' own loss on full logits), AdamW,
                 the same warm-up + cosine schedule and clipping
@@ -38,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
-IMPLS = ("surgeon", "surgeon-full", "peft")
+IMPLS = ("surgeon", "surgeon-nodocmask", "surgeon-full", "peft")
 
 
 def _data(work: Path) -> Path:
@@ -75,6 +76,8 @@ def run_surgeon(args, split_dir: Path, data: Path, full: bool) -> dict:
 
     packed = _packed(split_dir, data, args.seq_len)
     extra = dict(loss="full", micro_batch=args.batch_size, document_mask=False, grad_checkpointing=False) if full else {}
+    if args.impl == "surgeon-nodocmask":
+        extra = {"document_mask": False}
     opts = TrainOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=args.warmup,
                         device="cpu", overwrite=True, **extra)
     steps = []
