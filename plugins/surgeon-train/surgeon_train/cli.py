@@ -21,22 +21,29 @@ def register(app: typer.Typer) -> None:
 
 def train(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (any method).")],
-    data: Annotated[Path, typer.Option("--data", "-d", help='Training JSONL: {"text": ...} or {"prompt": ..., "completion": ...} per line.')],
+    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL ({"text": ...} or {"prompt": ..., "completion": ...} per line), or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
     out: Annotated[Path, typer.Option("--out", "-o", help="The trained split folder (same format; base shards hard-linked, not copied).")],
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one epoch).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the packed data (instead of --steps).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of AdamW.")] = 2e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows of --seq-len tokens per micro-batch, per process.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows of --seq-len tokens per optimizer step, per process (× --grad-accum); run in micro-batches that fit memory.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Multiplies --batch-size: rows per step = batch-size × grad-accum (× processes).")] = 1,
+    micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Rows per forward/backward pass (default: the most that fits the free memory, measured before the first step).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed row.")] = 1024,
-    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="JSONL evaluated (mean token loss) at the end.")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data evaluated (mean token loss) at the end, in any --data form.")] = None,
+    data_split: Annotated[str, typer.Option("--data-split", help='Split of a `datasets` source, slices allowed: "train[:2000]".')] = "train",
+    columns: Annotated[str | None, typer.Option("--columns", help="Map record fields to the source's columns: prompt=question,completion=answer.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Save (factors + optimizer state) every N steps; 0: at the end only.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out from its last save.")] = False,
     warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay (default: 5% of the steps).")] = None,
     min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio", help="The cosine decays to this fraction of --lr.")] = 0.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the global gradient norm; 0: no clipping.")] = 1.0,
-    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower).")] = False,
+    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower); default: only when one row does not fit otherwise.", show_default=False)] = None,
+    loss: Annotated[str, typer.Option("--loss", help="Loss without full logits: auto (liger or cce on CUDA when installed, else chunked), chunked (torch), liger, cce; full materialises the logits.")] = "auto",
+    kernels: Annotated[str, typer.Option("--kernels", help="auto (liger-kernel's RMSNorm/SwiGLU/RoPE on CUDA when installed), liger, none.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each transformer block (slow first step).")] = False,
+    no_document_mask: Annotated[bool, typer.Option("--no-document-mask", help="Let packed examples attend to the ones before them in the row.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and of dropout.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's local GPU).")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="dtype of the frozen base: auto (bfloat16 on CUDA with bf16 autocast, float32 on CPU), float32, bfloat16.")] = "auto",
@@ -51,14 +58,18 @@ def train(
     from surgeon.cli.common import err_console, errors_to_exit, print_json
     from surgeon_train import dist
     from surgeon_train.loop import TrainOptions, train_files
+    from surgeon_train.sources import parse_columns
 
     opts = TrainOptions(
-        steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+        steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, micro_batch=micro_batch, seq_len=seq_len,
+        loss=loss, kernels=kernels, compile=compile, document_mask=not no_document_mask, data_split=data_split, columns=None,
         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         grad_checkpointing=grad_checkpointing, seed=seed, save_every=save_every, device=device, dtype=dtype,
         chat_template=not no_chat_template, resume=resume, overwrite=overwrite,
     )
     main = dist.env_rank() == 0
+    with errors_to_exit():
+        opts.columns = parse_columns(columns)
     bar = _Bar() if main and not quiet else None
     try:
         with errors_to_exit():
@@ -101,7 +112,7 @@ class _Bar:
 
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]} tok/s"), TextColumn("{task.fields[micro]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=err_console(),
         )
         self.task = None
@@ -111,9 +122,14 @@ class _Bar:
             if info["step"]:
                 self.progress.console.print(f"resuming at step {info['step']} of {info['total']}")
             self.progress.start()
-            self.task = self.progress.add_task("train", total=info["total"], completed=info["step"], loss="-", rate="-")
+            self.task = self.progress.add_task("train", total=info["total"], completed=info["step"], loss="-", rate="-", micro=_micro(info))
         elif event == "step" and self.task is not None:
-            self.progress.update(self.task, completed=info["step"], loss=f"{info['loss']:.4f}", rate=f"{info['tokens_per_s']:,.0f}")
+            self.progress.update(self.task, completed=info["step"], loss=f"{info['loss']:.4f}", rate=f"{info['tokens_per_s']:,.0f}", micro=_micro(info))
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _micro(info: dict) -> str:
+    """The chosen micro-batch, e.g. "micro 2 +ckpt"."""
+    return f"micro {info['micro_batch']}" + (" +ckpt" if info.get("grad_checkpointing") else "")

@@ -9,6 +9,16 @@ does for conversational prompt-completion data; otherwise prompt + completion + 
 transformers' run_clm.py `group_texts` (concatenate everything, cut into rows of seq_len) with two
 changes: the last partial row is padded (loss-masked) instead of dropped, so a small set is not lost,
 and the first token of every example carries no loss, so no example learns to predict its neighbour.
+
+Examples are kept apart inside a row by position ids that restart at 0 at every example (and at every
+row, so a long example cut across rows restarts too and no position reaches --seq-len): transformers
+(≥ 4.53, masking_utils.find_packed_sequence_indices) turns position ids that restart into a
+block-diagonal causal mask when no attention mask is given, for its eager, sdpa and flex attention,
+and its flash-attention path reads them as varlen boundaries. A packed example therefore gives the
+same logits as the example alone (tests/test_train_fast.py checks it).
+
+--data also takes a local .json/.parquet/.csv file or folder, or a Hugging Face dataset id, through
+the `datasets` library (surgeon_train.sources; `pip install 'surgeon-train[datasets]'`).
 """
 
 from __future__ import annotations
@@ -31,9 +41,11 @@ class DataError(SurgeonError):
     """The training or evaluation data file is missing, malformed or empty."""
 
 
-def load_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; raises DataError naming the file and line."""
+def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line; raises DataError naming the file and line.
+    columns maps record fields to the file's keys ({"prompt": "question", ...})."""
     path = Path(path)
+    rename = {col: field for field, col in (columns or {}).items()}
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL file with {FORMAT_HINT}.")
     records = []
@@ -46,6 +58,8 @@ def load_jsonl(path: Path) -> list[tuple[int, dict]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); expected {FORMAT_HINT}.") from None
+                if rename and isinstance(obj, dict):
+                    obj = {rename.get(k, k): v for k, v in obj.items()}
                 records.append((lineno, _check(obj, path, lineno)))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
@@ -54,8 +68,8 @@ def load_jsonl(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _check(obj, path: Path, lineno: int) -> dict:
-    where = f"{path}, line {lineno}"
+def _check(obj, path: Path, lineno: int, unit: str = "line") -> dict:
+    where = f"{path}, {unit} {lineno}"
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; expected {FORMAT_HINT}.")
     if "text" in obj:
@@ -117,6 +131,7 @@ class Packed:
 
     input_ids: torch.Tensor  # (N, L)
     labels: torch.Tensor  # (N, L), IGNORE where no loss
+    position_ids: torch.Tensor | None = None  # (N, L), restarting at each example; None: each row is one sequence
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -133,7 +148,12 @@ class Packed:
         h = hashlib.sha256()
         h.update(self.input_ids.numpy().tobytes())
         h.update(self.labels.numpy().tobytes())
+        if self.position_ids is not None:
+            h.update(self.position_ids.numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def positions(self, rows: torch.Tensor) -> torch.Tensor | None:
+        return None if self.position_ids is None else self.position_ids[rows]
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
@@ -149,10 +169,22 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int)
     pad = rows * seq_len - len(ids)
     t_ids = torch.tensor(ids + [pad_id] * pad, dtype=torch.long).view(rows, seq_len)
     t_lab = torch.tensor(labels + [IGNORE] * pad, dtype=torch.long).view(rows, seq_len)
-    return Packed(t_ids, t_lab)
+    starts = torch.tensor([0] + [len(e[0]) for e in examples], dtype=torch.long).cumsum(0)  # example starts; the padding is one more
+    return Packed(t_ids, t_lab, restart_positions(starts, rows * seq_len, seq_len).view(rows, seq_len))
 
 
-def load_packed(path: Path, tok, seq_len: int, chat_template: bool = True) -> Packed:
-    """A JSONL file → packed rows, with the errors of load_jsonl."""
+def restart_positions(starts: torch.Tensor, total: int, seq_len: int) -> torch.Tensor:
+    """(total,) positions counting from the last start (an example's first token or a row's)."""
+    idx = torch.arange(total)
+    is_start = idx % seq_len == 0
+    is_start[starts[starts < total]] = True
+    last = torch.where(is_start, idx, 0).cummax(0).values  # (total,) index of the last start
+    return idx - last
+
+
+def load_packed(path, tok, seq_len: int, chat_template: bool = True, split: str = "train", columns: dict | None = None) -> Packed:
+    """A JSONL file (or, through `datasets`, another file or a Hub dataset) → packed rows."""
+    from surgeon_train.sources import load_records
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return pack(tokenize(load_jsonl(path), tok, chat_template, str(path)), seq_len, pad)
+    return pack(tokenize(load_records(path, split, columns), tok, chat_template, str(path)), seq_len, pad)

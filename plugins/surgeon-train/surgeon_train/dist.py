@@ -97,3 +97,12 @@ def barrier(d: Dist) -> None:
 def close() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def min_int(v: int, d: Dist) -> int:
+    """The smallest of every rank's v."""
+    if d.world == 1:
+        return v
+    t = torch.tensor([v], device=d.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return int(t.item())

@@ -9,6 +9,14 @@ that depends on the batch, such as a load-balancing loss, is seen on every batch
 nanoGPT's train.py and transformers' Trainer where they agree:
   * bf16 autocast on CUDA with the frozen base loaded in bf16 (the factors stay float32, as PEFT's
     autocast_adapter_dtype does); float32 everywhere on CPU.
+  * The logits are never materialised: the loss runs on the final hidden states of the labelled
+    positions only, through liger-kernel / cut-cross-entropy on CUDA or a chunked torch loss
+    (surgeon_train.loss); liger's RMSNorm/SwiGLU/RoPE kernels and torch.compile where asked
+    (surgeon_train.speed).
+  * --batch-size rows (× --grad-accum) per step and process run in micro-batches that fit the
+    memory that is free, with activation checkpointing only when one row does not fit otherwise
+    (surgeon_train.memory, surgeon_train.step); the chosen micro-batch is on the progress bar.
+  * Packed examples are kept apart by position ids that restart at each example (surgeon_train.data).
   * AdamW (fused on CUDA), linear warm-up then cosine decay to --min-lr-ratio·lr (transformers'
     get_cosine_schedule_with_warmup, except that warm-up starts at lr/(w+1), not 0, so no step is
     wasted), gradient clipping on the global norm.
@@ -29,12 +37,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from surgeon.errors import NumericsError, SplitDirError, UsageError
-from surgeon_train import dist
+from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
+from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
 from surgeon_train.state import RunDir
+from surgeon_train.step import Runner, autocast, forward_ce, packing_supported
 
 Callback = Callable[[str, dict], None]  # (event: "start" | "step" | "eval", info)
 
@@ -44,14 +53,21 @@ class TrainOptions:
     steps: int | None = None  # optimizer steps; default: --epochs 1
     epochs: float | None = None
     lr: float = 2e-4
-    batch_size: int = 4  # rows per micro-batch per process
+    batch_size: int = 4  # rows per step per process (× grad_accum), run in micro-batches
     grad_accum: int = 1
+    micro_batch: int | None = None  # rows per forward/backward pass; None: the most that fits in memory
     seq_len: int = 1024
     warmup_steps: int | None = None  # default: 5% of the steps
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: only when one row does not fit otherwise
+    loss: str = "auto"  # auto, chunked, liger, cce, full (surgeon_train.loss)
+    kernels: str = "auto"  # auto, liger, none (surgeon_train.speed)
+    compile: bool = False  # torch.compile the transformer blocks
+    document_mask: bool = True  # packed examples attend only within themselves
+    data_split: str = "train"  # split of a `datasets` source
+    columns: dict | None = None  # record field -> column of the source ({"prompt": "question"})
     seed: int = 0
     save_every: int = 0  # 0: save at the end only
     eval_batch_size: int = 8
@@ -70,8 +86,8 @@ def _check(o: TrainOptions) -> None:
         bad.append(f"--steps {o.steps} must be ≥ 1")
     if o.epochs is not None and o.epochs <= 0:
         bad.append(f"--epochs {o.epochs} must be > 0")
-    for name in ("batch_size", "grad_accum", "eval_batch_size"):
-        if getattr(o, name) < 1:
+    for name in ("batch_size", "grad_accum", "eval_batch_size", "micro_batch"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be ≥ 1")
     if o.lr <= 0 or not math.isfinite(o.lr):
         bad.append(f"--lr {o.lr} must be a positive number")
@@ -81,16 +97,10 @@ def _check(o: TrainOptions) -> None:
         bad.append("--resume continues the run in --out, --overwrite discards it: choose one")
     if o.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad.append(f"--dtype {o.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if o.kernels not in speed.KERNELS:
+        bad.append(f"--kernels {o.kernels!r}: choose {', '.join(speed.KERNELS)}")
     if bad:
         raise UsageError("; ".join(bad) + ".")
-
-
-def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over positions whose next token carries loss. logits (b, L, V), labels (b, L);
-    the labels are shifted left (padded with IGNORE) rather than the logits sliced, which would copy
-    them (transformers' ForCausalLMLoss does the same)."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (b, L)
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def schedule(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -121,10 +131,7 @@ class _Order:
         return out
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+_autocast = autocast  # the name bench/ scripts import
 
 
 def _base_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -134,27 +141,33 @@ def _base_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.Dist | None = None) -> tuple[float, int]:
-    """Mean cross-entropy per loss-carrying token over all rows (split across ranks), and the count."""
+def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.Dist | None = None, loss: str = "auto") -> tuple[float, int]:
+    """Mean cross-entropy per loss-carrying token over all rows (split across ranks), and the count;
+    without the full logits where the model's head allows (else through them)."""
     d = d or dist.Dist(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
+    impl, capture = resolve(loss, d.device), None
+    if impl != "full":
+        try:
+            capture = HeadCapture(model)
+            capture.verify(data.input_ids[:1, : min(16, data.seq_len)].to(d.device), autocast(d.device))
+        except UsageError:
+            impl, capture = "full", None
+    docs = data.position_ids is not None and packing_supported(model)
     acc = torch.zeros(2, dtype=torch.float64, device=d.device)
     mine = torch.arange(d.rank, len(data), d.world)
     for i in range(0, len(mine), batch_size):
         rows = mine[i : i + batch_size]
-        x, y = data.input_ids[rows].to(d.device), data.labels[rows].to(d.device)
-        with _autocast(d.device):
-            logits = model(input_ids=x, use_cache=False).logits
-        acc[0] += token_ce_sum(logits, y).double()
-        acc[1] += (y[:, 1:] != IGNORE).sum()
+        acc[0] += forward_ce(model, capture, impl, data, rows, d.device, docs).double()
+        acc[1] += (data.labels[rows, 1:] != IGNORE).sum()
     dist.sum_(acc, d)
     model.train(was_training)
     return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
 
 
-def train_files(split_dir: Path, data: Path, out: Path, opts: TrainOptions | None = None, eval_data: Path | None = None, callback: Callback | None = None) -> dict:
-    """Tokenise JSONL files with SPLIT_DIR's tokenizer and train (see `train`)."""
+def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = None, eval_data=None, callback: Callback | None = None) -> dict:
+    """Tokenise the data (JSONL, or any `datasets` source: surgeon_train.sources) with SPLIT_DIR's tokenizer and train."""
     from transformers import AutoTokenizer
 
     opts = opts or TrainOptions()
@@ -163,45 +176,65 @@ def train_files(split_dir: Path, data: Path, out: Path, opts: TrainOptions | Non
         tok = AutoTokenizer.from_pretrained(split_dir)
     except (OSError, ValueError) as e:
         raise SplitDirError(f"{split_dir} has no usable tokenizer ({e}); the split copies the source's tokenizer files, add them there.") from None
-    packed = load_packed(data, tok, opts.seq_len, opts.chat_template)
-    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template) if eval_data is not None else None
+    packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns)
+    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns) if eval_data is not None else None
     return train(split_dir, packed, out, opts, ev, callback, {"data": str(data), "eval_data": str(eval_data) if eval_data else None})
+
+
+def _load(split_dir: Path, data: Packed, opts: TrainOptions, d: dist.Dist):
+    from surgeon.runtime import load_split
+
+    torch.manual_seed(opts.seed)
+    sm = load_split(Path(split_dir), dtype=_base_dtype(opts.dtype, d.device), device=d.device)
+    max_pos = getattr(sm.model.config, "max_position_embeddings", None)
+    if max_pos and data.seq_len > max_pos:
+        raise UsageError(f"--seq-len {data.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")
+    named = [(n, p) for n, p in sm.model.named_parameters() if p.requires_grad]
+    if not named:
+        raise SplitDirError(f"the runtime of {split_dir} has no trainable parameter; nothing to train.")
+    dist.broadcast_params([p for _, p in named], d)  # a runtime that initialises anything at random agrees across ranks
+    sm.model.train()
+    return sm, named
 
 
 def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = None, eval_data: Packed | None = None,
           callback: Callback | None = None, meta: dict | None = None) -> dict:
     """Train the factors of SPLIT_DIR on packed rows; OUT becomes the trained split folder."""
-    from surgeon.runtime import load_split
-    from surgeon_train import __version__
-
     opts = opts or TrainOptions()
     _check(opts)
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
+    resolve(opts.loss, d.device)  # a loss that cannot run here fails before the model loads
+    sm, named = _load(split_dir, data, opts, d)
+    kernels = speed.resolve(opts.kernels, sm.model, d.device)
+    with speed.scoped_kernels(sm.model, kernels):
+        runner = Runner(sm.model, sm.extra_loss, data, d, opts.loss, opts.document_mask)
+        mine = opts.batch_size * opts.grad_accum  # rows per step on this rank
+        fit = runner.fit(mine, opts.grad_checkpointing, opts.micro_batch)
+        if opts.compile:
+            speed.compile_blocks(sm.model)
+        setup = {"loss": runner.loss, "kernels": kernels, "compile": opts.compile, "document_mask": runner.document_mask, "memory": fit.as_dict()}
+        from surgeon_train import __version__
+
+        summary = {"surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {})}
+        done, run = _run(sm, named, runner, data, out, opts, d, callback)
+        summary |= done | {"setup": setup}
+        if eval_data is not None:
+            ev_loss, ev_tok = evaluate(sm.model, eval_data, opts.eval_batch_size, d, runner.loss)
+            summary |= {"eval_loss": ev_loss, "eval_tokens": ev_tok}
+            run.log({"event": "eval", "step": summary["steps_done"], "eval_loss": ev_loss, "eval_tokens": ev_tok})
+            if d.main:
+                callback("eval", {"eval_loss": ev_loss, "eval_tokens": ev_tok})
+    run.finish(summary)
+    summary["out"] = str(run.out)
+    return summary
+
+
+def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions, d: dist.Dist, callback: Callback) -> tuple[dict, RunDir]:
+    params = [p for _, p in named]
     R = opts.batch_size * opts.grad_accum * d.world  # rows per optimizer step, all ranks
     total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(data) / R))
     warmup = opts.warmup_steps if opts.warmup_steps is not None else round(0.05 * total)
-
-    torch.manual_seed(opts.seed)
-    sm = load_split(Path(split_dir), dtype=_base_dtype(opts.dtype, d.device), device=d.device)
-    model = sm.model
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and data.seq_len > max_pos:
-        raise UsageError(f"--seq-len {data.seq_len} exceeds the model's max_position_embeddings ({max_pos}).")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise SplitDirError(f"the runtime of {split_dir} has no trainable parameter; nothing to train.")
-    params = [p for _, p in named]
-    dist.broadcast_params(params, d)  # a runtime that initialises anything at random agrees across ranks
-    model.train()
-    if opts.grad_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UsageError(f"{type(model).__name__} does not support gradient checkpointing; drop --grad-checkpointing.")
-        kw = {"use_reentrant": False}  # the frozen embeddings give the first block no input grad
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=d.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, warmup, opts.min_lr_ratio))
     plan = {
@@ -209,6 +242,7 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
         "data": data.fingerprint(), "rows": len(data), "seq_len": data.seq_len, "steps": total, "warmup_steps": warmup,
         "world_size": d.world, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "lr": opts.lr,
         "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "max_grad_norm": opts.max_grad_norm, "seed": opts.seed,
+        "document_mask": runner.document_mask,
     }
     run = RunDir(out, sm, d)
     if opts.resume:
@@ -219,28 +253,15 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
         torch.manual_seed(opts.seed + d.rank)  # dropout masks differ across ranks
 
     order, counts = _Order(len(data), opts.seed), data.loss_tokens()
-    callback("start", {"step": start, "total": total, "rows": len(data), "trainable": plan["trainable"], "world_size": d.world})
+    callback("start", {"step": start, "total": total, "rows": len(data), "trainable": plan["trainable"], "world_size": d.world,
+                       "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing, "loss": runner.loss})
     t_run, tokens_run, loss_v = time.perf_counter(), 0, float("nan")
     for step in range(start, total):
         t0 = time.perf_counter()
         rows = order.rows(step * R, R)  # (R,) global rows of this step
         n_tok = max(1, int(counts[rows].sum()))
-        acc = torch.zeros(2, device=d.device)  # Σ ce, mean extra loss
-        for k in range(opts.grad_accum):
-            mine = rows[(k * d.world + d.rank) * opts.batch_size :][: opts.batch_size]
-            x, y = data.input_ids[mine].to(d.device, non_blocking=True), data.labels[mine].to(d.device, non_blocking=True)
-            with _autocast(d.device):
-                logits = model(input_ids=x, use_cache=False).logits  # (b, L, V)
-            ce = token_ce_sum(logits, y)
-            loss = ce / n_tok
-            extra = sm.extra_loss()
-            if extra is not None:
-                share = extra / (opts.grad_accum * d.world)
-                loss = loss + share
-                acc[1] += share.detach().float()
-            loss.backward()
-            acc[0] += ce.detach()
-            del logits, loss
+        mine = _rank_rows(rows, opts.batch_size, opts.grad_accum, d)
+        acc = runner.step(mine, n_tok, params)  # Σ ce, Σ extra-loss share
         dist.sum_grads(params, d)
         gnorm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
         lr = opt.param_groups[0]["lr"]
@@ -252,31 +273,33 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
         loss_v = ce_sum / n_tok
         if not math.isfinite(loss_v + extra_v):
             raise NumericsError(f"the loss became {loss_v + extra_v} at step {step + 1}; lower --lr (now {opts.lr:g}) or keep --max-grad-norm on.")
+        for ev in runner.events:
+            run.log(ev | {"step": step + 1})
+        runner.events.clear()
         dt = time.perf_counter() - t0
         tokens_run += R * data.seq_len
         info = {
             "step": step + 1, "loss": round(loss_v, 6), "extra_loss": round(extra_v, 8), "lr": lr, "grad_norm": round(gn, 6),
             "tokens": (step + 1) * R * data.seq_len, "loss_tokens": n_tok, "step_time_s": round(dt, 5),
             "tokens_per_s": round(tokens_run / (time.perf_counter() - t_run), 1), "epoch": round((step + 1) * R / len(data), 4),
+            "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing,
         }
         run.log(info)
         if (opts.save_every and (step + 1) % opts.save_every == 0) or step + 1 == total:
             run.save(step + 1, plan, named, opt, sched)
         if d.main:
             callback("step", info | {"total": total})
-
-    summary = {
-        "surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {}), "plan": plan,
-        "options": asdict(opts), "device": str(d.device), "steps_done": total, "final_loss": loss_v if math.isfinite(loss_v) else None,
+    peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else None
+    return {
+        "plan": plan, "options": asdict(opts), "device": str(d.device), "steps_done": total, "final_loss": loss_v if math.isfinite(loss_v) else None,
         "seconds_this_run": round(time.perf_counter() - t_run, 3),
         "tokens_per_s_this_run": round(tokens_run / max(time.perf_counter() - t_run, 1e-9), 1),
-    }
-    if eval_data is not None:
-        ev_loss, ev_tok = evaluate(model, eval_data, opts.eval_batch_size, d)
-        summary |= {"eval_loss": ev_loss, "eval_tokens": ev_tok}
-        run.log({"event": "eval", "step": total, "eval_loss": ev_loss, "eval_tokens": ev_tok})
-        if d.main:
-            callback("eval", {"eval_loss": ev_loss, "eval_tokens": ev_tok})
-    run.finish(summary)
-    summary["out"] = str(run.out)
-    return summary
+        "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing,
+        "peak_cuda_gib": None if peak is None else round(peak / 2**30, 3),
+    }, run
+
+
+def _rank_rows(rows: torch.Tensor, batch: int, accum: int, d: dist.Dist) -> torch.Tensor:
+    """This rank's rows of a step: slice k·world + rank of size `batch` for every k < accum (the
+    assignment of --grad-accum micro-batches), concatenated; the runner re-splits them to fit."""
+    return torch.cat([rows[(k * d.world + d.rank) * batch :][:batch] for k in range(accum)])
