@@ -14,6 +14,7 @@ Under torchrun every rank runs `split` on its share of the tensors, into the sam
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -175,9 +176,27 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
         new_dtype = USER_DTYPES[opts.dtype.lower()]
     shard_bytes = parse_size(opts.shard_size)
     backend = get_backend(dist.device(opts.device), opts.backend)
-    warm = threading.Thread(target=backend.warmup, name="surgeon-warmup", daemon=True)
-    warm.start()  # CUDA context and solver libraries load while the headers are read
-    threading.Thread(target=_import_finish, name="surgeon-import", daemon=True).start()
+    with _meanwhile(backend.warmup, _import_finish):  # CUDA context, solver libraries and late imports load while the headers are read
+        job = _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_bytes)
+    return job
+
+
+@contextlib.contextmanager
+def _meanwhile(*work):
+    """Run each of `work` on a thread of its own during the block; all have ended when it exits,
+    also on an error (a thread still inside native code when the interpreter exits aborts it)."""
+    threads = [threading.Thread(target=w, name=f"surgeon-{w.__name__}", daemon=True) for w in work]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        for t in threads:
+            t.join()
+
+
+def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_bytes) -> SplitJob:
+    alpha = cfg.alpha
     src = resolve(model, opts.revision, opts.config, opts.allow_pickle)
     ckpt = src.checkpoint()
     model_cfg = src.config()
@@ -195,7 +214,6 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
         **({"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern} if rank_pattern or alpha_pattern else {}),
         **({"quantize": qspec.record()} if qspec else {}),
     }
-    warm.join()
     return job
 
 
