@@ -42,6 +42,8 @@ class Evaluator:
         self.device, self.gen_batch, self.data = device, gen_batch, data
         self.probe_q = [q for q, _ in probes.PROBES][:n_probes]
         self.tok = AutoTokenizer.from_pretrained(model_dir)
+        if self.tok.pad_token is None:  # the GGUF conversion on the GPU machine keeps no pad token
+            self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         with tempfile.TemporaryDirectory(prefix="eval17-data-") as tmp:
             # every task and split packed on its own (rows never mix tasks: a moe router sees one task per row)
