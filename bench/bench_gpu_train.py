@@ -148,6 +148,8 @@ def _surgeon(sp: Path, data, a, device, steps: int, impl: str, on_step, work: Pa
 def run_part(p: dict, a, work: Path) -> dict:
     import torch
 
+    if os.environ.get("BENCH_GPU_TRAIN_CRASH") == p["id"]:  # to test that a dying worker loses only its part
+        os._exit(9)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     base, sp = _build(p["model"], work, a.rank, a.device)

@@ -152,9 +152,6 @@ class Packed:
             h.update(self.position_ids.numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def positions(self, rows: torch.Tensor) -> torch.Tensor | None:
-        return None if self.position_ids is None else self.position_ids[rows]
-
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
     """Concatenate every example and cut into rows of seq_len; the last row is padded with pad_id

@@ -6,22 +6,21 @@ Before the first step, one row is run forward under torch.autograd.graph.saved_t
 sees every tensor autograd keeps for the backward pass: their bytes (distinct storages, parameters
 left out) are what one more row of a micro-batch costs. The budget is what the device has free
 after the model is loaded: on CUDA torch.cuda.mem_get_info plus what torch's allocator holds unused,
-on the CPU MemAvailable (/proc/meminfo), capped by the cgroup's memory.max, shared by the processes
-of a torchrun job on the host. Then
+on the CPU MemAvailable (/proc/meminfo), capped by the cgroup's memory.max (less what it uses, plus
+its inactive page cache), shared by the processes of a torchrun job on the host. Then
 
     micro = min(rows per step, cap, ⌊(FRACTION·budget − loss workspace − margin) / (SLACK·bytes per row)⌋)
 
 with cap = ⌈1024 / --seq-len⌉ rows on the CPU, where a micro-batch of 1024 tokens already keeps the
-cores busy (SmolLM2-135M, 2 cores: 5.2 s a row either way) and a larger one only costs memory (B=4
-× T=1024 in one pass: 12.2 GiB peak RSS, in passes of one row: 3.9 GiB; bench/RESULTS_train.md),
-and no cap on CUDA, where larger micro-batches run faster.
-
-and where even one row does not fit, the same with activation checkpointing (each block keeps only
-its input, ~n_blocks·L·d values a row, and recomputes one block at a time in the backward pass),
-where allowed. The requested batch is reached by accumulating micro-batches; the step's gradient is
-the same (the loss is a sum over tokens divided by the step's token count). The estimate is a
-guard, not a promise: on CUDA an out-of-memory error in a step halves the micro-batch (then turns
-checkpointing on) and runs the step again from its start (loop.py).
+cores busy and a larger one only costs memory (SmolLM2-135M, B=4 × T=1024: 12.2 GiB peak RSS in one
+pass, 3.9 GiB in passes of one row; bench/RESULTS_train.md), and no cap on CUDA, where larger
+micro-batches run faster. Where even one row does not fit: the same with activation checkpointing
+(each block keeps only its input, ~n_blocks·L·d values a row, and recomputes one block at a time in
+the backward pass), where allowed. The requested batch is reached by accumulating micro-batches;
+the step's gradient is the same (the loss is a sum over tokens divided by the step's token count).
+The estimate is a guard, not a promise: an out-of-memory error in a step (CUDA; on the CPU the
+kernel usually kills the process first) halves the micro-batch (then turns checkpointing on) and
+runs the step again from its start (step.py).
 """
 
 from __future__ import annotations
@@ -58,7 +57,9 @@ def _cgroup_headroom() -> int | None:
         limit = (top / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return int(limit) - int((top / "memory.current").read_text())
+        stat = dict(line.split() for line in (top / "memory.stat").read_text().splitlines())
+        reclaimable = int(stat.get("inactive_file", 0))  # page cache the kernel drops before it kills
+        return int(limit) - int((top / "memory.current").read_text()) + reclaimable
     except (OSError, ValueError):
         return None
 
@@ -80,22 +81,30 @@ def available_bytes(device: torch.device) -> int:
 
 
 def saved_bytes(model: torch.nn.Module, run) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `run()` executes."""
+    """Bytes of the distinct tensors autograd saves for backward while `run()` executes (which must
+    not run backward). The hook keeps each storage, not the tensor: a saved output handed back by
+    the pack hook would form a cycle through its grad_fn that no garbage collector sees, and the
+    probe's whole graph would stay alive."""
     frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
+    seen: dict[int, torch.UntypedStorage] = {}
 
     def pack(t):
         try:
             st = t.untyped_storage()
             if st.data_ptr() not in frozen:
-                seen[st.data_ptr()] = st.nbytes()
+                seen[st.data_ptr()] = st  # held until the end, so no address is reused and counted twice
         except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, sparse)
             pass
-        return t
+        return None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise RuntimeError("surgeon_train.memory.saved_bytes: the probe's graph cannot run backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         run()
-    return sum(seen.values())
+    total = sum(st.nbytes() for st in seen.values())
+    seen.clear()
+    return total
 
 
 @dataclass
