@@ -298,7 +298,7 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     run_log = {
         "seconds": round(elapsed, 3), "setup_seconds": round(t_start - t_enter, 3),
         "bytes_read": sum(r["bytes_read"] for r in ranks), "resumed_tensors": work.resumed,
-        "peak_gpu_bytes": ranks[0]["peak_gpu_bytes"], "stage_seconds": {**runner.clock.totals(), "hash_busy": round(job.ckpt.hash_seconds, 3)},
+        "peak_gpu_bytes": ranks[0]["peak_gpu_bytes"], "stage_seconds": runner.clock.totals(),
         "layer_seconds": {rec["layer"]["module"]: rec["layer"].get("seconds") for rec in records.values() if "layer" in rec},
     }
     distributed.rank_summary(run_log, ranks)

@@ -1,7 +1,7 @@
 """The streaming part of a split: read → decompose → method → write, overlapped.
 
-A reader thread prefetches the next tensors (and hashes their bytes) while the current ones are
-decomposed on solve threads, and a writer thread puts finished tensors into the pre-planned
+A reader thread prefetches the next tensors while the current ones are hashed and decomposed on
+solve threads, and a writer thread puts finished tensors into the pre-planned
 shards. Every `commit_seconds` the writer thread, after the writes queued before, fsyncs the
 shards and appends the finished tensors to the journal: a resume point that costs the main loop
 nothing. Host memory stays at a few tensors. Used by pipeline.split; knows no file format.
@@ -21,6 +21,7 @@ import torch
 from surgeon import faults, quant
 from surgeon.errors import NumericsError
 from surgeon.io.dtypes import torch_dtype
+from surgeon.io.reader import content_hash
 from surgeon.linalg import decompose
 from surgeon.splitdir import factor_key
 from surgeon.stages import HostCopy, StageClock, write_all
@@ -63,7 +64,7 @@ class SplitRunner:
 
     def _loop(self, todo: list[str], wpool, spool) -> None:
         job = self.job
-        stream = job.ckpt.stream(todo, prefetch=job.opts.prefetch, pin=self.device_type == "cuda", digest=True)
+        stream = job.ckpt.stream(todo, prefetch=job.opts.prefetch, pin=self.device_type == "cuda")
         while True:
             with self.clock("wait_read"):
                 item = next(stream, None)
@@ -86,7 +87,6 @@ class SplitRunner:
         info, fut = self.solving.popleft()
         with self.clock("wait_solve"):
             record, outputs = fut.result()
-        record["hash"] = self.job.ckpt.digests.pop(info.name)
         with self.clock("wait_write"):
             while len(self.pending) >= 4:
                 self.pending.popleft().result()
@@ -121,8 +121,12 @@ class SplitRunner:
             if not hasattr(self.streams, "s"):
                 self.streams.s = torch.cuda.Stream(self.job.backend.device)
             stream = torch.cuda.stream(self.streams.s)
+        with self.clock("hash_busy"):  # here, not on the reader thread: a cold read is often the critical path
+            digest = content_hash(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
         with stream, self.clock("solver_busy"):
-            return self._outputs(info, tensor)
+            record, outputs = self._outputs(info, tensor)
+        record["hash"] = digest
+        return record, outputs
 
     def _outputs(self, info, tensor) -> tuple[dict, list]:
         """(journal record, [(writer, name, tensor)]) of one input tensor."""

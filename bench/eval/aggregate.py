@@ -74,9 +74,11 @@ def aggregate(settings: dict, plan: dict, results: dict, invocations: list[dict]
     summary = {}
     for key, lr in best.items():
         m, t = key.split("/")
+        finished = lr is not None
+        lr = lr if finished else P.best_finished(settings, results, m, t)
         rs = [x for x in runs if x["method"] == m and x["targets"] == t and lr is not None and P.lr_tag(x["lr"]) == P.lr_tag(lr) and "error" not in x]
         grid = {P.lr_tag(x["lr"]): (x.get("val_acc") if "error" not in x else None) for x in runs if x["method"] == m and x["targets"] == t and x["seed"] == 0}
-        summary[key] = {"best_lr": lr, "grid_val_acc": grid, "seeds": [x["seed"] for x in rs],
+        summary[key] = {"best_lr": lr, "grid_finished": finished, "grid_val_acc": grid, "seeds": [x["seed"] for x in rs],
                         "edge": lr is not None and grid and P.lr_tag(lr) in (min(grid, key=lambda g: float(g)), max(grid, key=lambda g: float(g))),
                         **{f: mean_sd([x.get(f) for x in rs]) for f in ("test_acc", "ppl_increase_pct", "probe_correct", "probe_changed", "split_ppl",
                                                                          "final_train_loss", "train_s")},

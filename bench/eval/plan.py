@@ -91,3 +91,11 @@ def jobs(settings: dict, results: dict) -> list[dict]:
 
 def best_lrs(settings: dict, results: dict) -> dict:
     return {f"{m}/{t}": grid_state(settings, results, m, t)[1] for t in settings["targets"] for m in settings["methods"]}
+
+
+def best_finished(settings: dict, results: dict, method: str, targets: str) -> float | None:
+    """The best lr among the seed-0 runs that finished (for a grid the deadline left unfinished:
+    its widening step did not run, so the report says so)."""
+    done = [r["job"]["lr"] for i, r in results.items() if r["job"].get("kind") == "train" and r["job"].get("method") == method
+            and r["job"].get("targets") == targets and r["job"].get("seed") == 0 and not r.get("error")]
+    return max(done, key=lambda lr: score(results[train_id(method, targets, lr, 0)])) if done else None

@@ -88,6 +88,7 @@ def main_table(res, targets: str) -> list[str]:
             continue
         grid = ", ".join(f"{k}: {'–' if a is None else f'{a:.2f}'}" for k, a in sorted(v["grid_val_acc"].items(), key=lambda kv: float(kv[0])))
         lr = "–" if v["best_lr"] is None else f"{v['best_lr']:g}" + (" (edge)" if v["edge"] and len(v["grid_val_acc"]) > 1 else "")
+        lr += "" if v.get("grid_finished", True) or v["best_lr"] is None else " (grid unfinished: its widening step did not run)"
         tr = "–" if v["trainable"] is None else f"{v['trainable']:,} ({v['effective_trainable']:,})"
         lines.append(f"| {m} | {v['rank'] or '–'} | {tr} | {lr} ({grid}) | {len(v['seeds'])} | {ms(v['test_acc'])} | "
                      + " | ".join(ms(v[f"test_{t}"]) for t in s["tasks"])
