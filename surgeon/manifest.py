@@ -54,3 +54,20 @@ def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_mo
         },
         "layers": layers,
     }
+
+
+def truncation_warnings(method, layers: dict[str, dict], limit: float = 5e-4) -> list[str]:
+    """A method whose residual drops part of W (KaSA) changes the untrained model: say where the
+    dropped part (its factor_energy) exceeds `limit` of a layer's spectral energy. Energy understates
+    the harm: on SmolLM2 one minor component of v_proj holds 0.08% of its energy but 21% of its output
+    on real text, and removing it multiplies perplexity by 9 (bench/eval_methods.md, KaSA sweep), while
+    q_proj's 8 smallest hold 3e-7 and change nothing. So the limit is low and the advice is to measure."""
+    if not method.truncates:
+        return []
+    over = {m: lay["factor_energy"] for m, lay in layers.items() if lay["factor_energy"] > limit}
+    if not over:
+        return []
+    worst = max(over, key=over.get)
+    return [f"{method.name} removes {100 * over[worst]:.2g}% of the spectral energy of {worst} ({len(over)} of {len(layers)} layers lose "
+            f"more than {100 * limit:g}%; inputs can align with minor directions, so even small fractions can break the untrained "
+            "model): measure perplexity on some text before training, or lower --rank or narrow --target."]

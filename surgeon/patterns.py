@@ -76,3 +76,19 @@ def layer_ranks(modules: list[str], rank: int, alpha: float, rank_pattern: dict,
                                  f"'q_proj' or 'layers\\.0\\..*'); targeted modules look like {modules[0]}.")
     ranks = {m: resolve(m, rank, alpha, rank_pattern, alpha_pattern) for m in modules}
     return ranks, dict(rank_pattern), alpha_pattern
+
+
+def layer_configs(targets: dict, cfg, method, opts) -> tuple[dict, dict, dict]:
+    """Each targeted module's MethodConfig (its rank and alpha from --rank-pattern/--alpha-pattern), and the patterns."""
+    import dataclasses
+
+    rp = parse(opts.rank_pattern, "--rank-pattern", integer=True)
+    ap = parse(opts.alpha_pattern, "--alpha-pattern", integer=False)
+    modules = [t.module for t in targets.values()]
+    if not rp and not ap:
+        return {m: cfg for m in modules}, {}, {}
+    ranks, rp, ap = layer_ranks(modules, cfg.rank, cfg.alpha, rp, ap, opts.alpha is not None, method.default_alpha)
+    out = {m: dataclasses.replace(cfg, rank=r, alpha=a) for m, (r, a) in ranks.items()}
+    for c in set(out.values()):
+        method.check(c)
+    return out, rp, ap

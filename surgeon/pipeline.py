@@ -29,7 +29,7 @@ from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
 from surgeon.io.writer import check_free_space, write_json
 from surgeon.linalg import get_backend
-from surgeon.manifest import build_manifest, method_config
+from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import WorkDir, copy_side_files, finished, open_work
 from surgeon.progress import NullReporter, Reporter
@@ -168,7 +168,7 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
                        kasa_gamma=opts.kasa_gamma, moe_top_k=opts.top_k, moe_pooling=opts.pooling,
                        null_energy=opts.null_energy, null_rank=opts.null_rank)
     method.check(cfg)
-    qspec = quant_spec(opts, method)  # None without --quantize
+    qspec = quant.spec_from(opts, method)  # None without --quantize
     new_dtype = None
     if opts.dtype:
         if opts.dtype.lower() not in USER_DTYPES:
@@ -201,7 +201,7 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     ckpt = src.checkpoint()
     model_cfg = src.config()
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
-    layer_cfgs, rank_pattern, alpha_pattern = layer_configs(targets, cfg, method, opts)
+    layer_cfgs, rank_pattern, alpha_pattern = patterns.layer_configs(targets, cfg, method, opts)
     check_targets(ckpt.tensors, targets, opts.rank, ranks={m: c.rank for m, c in layer_cfgs.items()})
     job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {}, qspec=qspec,
                    layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
@@ -338,23 +338,6 @@ def _quant_config(job: SplitJob) -> dict | None:
     return quant.quantization_config(job.qspec, qdt, quant.skip_modules(job.ckpt.tensors, {t.module for t in job.targets.values()}))
 
 
-def truncation_warnings(method, layers: dict[str, dict], limit: float = 5e-4) -> list[str]:
-    """A method whose residual drops part of W (KaSA) changes the untrained model: say where the
-    dropped part (its factor_energy) exceeds `limit` of a layer's spectral energy. Energy understates
-    the harm: on SmolLM2 one minor component of v_proj holds 0.08% of its energy but 21% of its output
-    on real text, and removing it multiplies perplexity by 9 (bench/eval_methods.md, KaSA sweep), while
-    q_proj's 8 smallest hold 3e-7 and change nothing. So the limit is low and the advice is to measure."""
-    if not method.truncates:
-        return []
-    over = {m: lay["factor_energy"] for m, lay in layers.items() if lay["factor_energy"] > limit}
-    if not over:
-        return []
-    worst = max(over, key=over.get)
-    return [f"{method.name} removes {100 * over[worst]:.2g}% of the spectral energy of {worst} ({len(over)} of {len(layers)} layers lose "
-            f"more than {100 * limit:g}%; inputs can align with minor directions, so even small fractions can break the untrained "
-            "model): measure perplexity on some text before training, or lower --rank or narrow --target."]
-
-
 def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
     """config (with the new dtype), tokenizer files and the PEFT adapter config."""
     copied = copy_side_files(job.src.side_files, folder, {CARD, ADAPTER_CONFIG})
@@ -372,33 +355,6 @@ def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
                               use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg),
                               rank_pattern=job.rank_pattern, alpha_pattern=job.alpha_pattern)
         write_json(folder / ADAPTER_CONFIG, conf)
-
-
-def quant_spec(opts: SplitOptions, method) -> quant.QuantSpec | None:
-    """The checked 4-bit settings of --quantize, or None (the other quantization options refused without it)."""
-    if opts.quantize is None:
-        if opts.quantize_iters or opts.double_quant or opts.quant_blocksize != 64:
-            raise UsageError("--quantize-iters, --double-quant and --quant-blocksize go with --quantize nf4|fp4; add it or drop them.")
-        return None
-    spec = quant.QuantSpec(opts.quantize.lower(), opts.quant_blocksize, opts.double_quant, opts.quantize_iters)
-    spec.check(method)
-    return spec
-
-
-def layer_configs(targets: dict[str, Target], cfg: MethodConfig, method, opts: SplitOptions) -> tuple[dict[str, MethodConfig], dict, dict]:
-    """Each targeted module's MethodConfig (its rank and alpha from --rank-pattern/--alpha-pattern), and the patterns."""
-    import dataclasses
-
-    rp = patterns.parse(opts.rank_pattern, "--rank-pattern", integer=True)
-    ap = patterns.parse(opts.alpha_pattern, "--alpha-pattern", integer=False)
-    modules = [t.module for t in targets.values()]
-    if not rp and not ap:
-        return {m: cfg for m in modules}, {}, {}
-    ranks, rp, ap = patterns.layer_ranks(modules, cfg.rank, cfg.alpha, rp, ap, opts.alpha is not None, method.default_alpha)
-    out = {m: dataclasses.replace(cfg, rank=r, alpha=a) for m, (r, a) in ranks.items()}
-    for c in set(out.values()):
-        method.check(c)
-    return out, rp, ap
 
 
 def split_cost(info, targeted: bool, device_type: str) -> int:

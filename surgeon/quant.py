@@ -297,3 +297,14 @@ def strip_config(path) -> None:
     conf = json.loads(path.read_text())
     if conf.pop("quantization_config", None) is not None:
         write_json(path, conf)
+
+
+def spec_from(opts, method) -> QuantSpec | None:
+    """The checked 4-bit settings of --quantize, or None (the other quantization options refused without it)."""
+    if opts.quantize is None:
+        if opts.quantize_iters or opts.double_quant or opts.quant_blocksize != 64:
+            raise UsageError("--quantize-iters, --double-quant and --quant-blocksize go with --quantize nf4|fp4; add it or drop them.")
+        return None
+    spec = QuantSpec(opts.quantize.lower(), opts.quant_blocksize, opts.double_quant, opts.quantize_iters)
+    spec.check(method)
+    return spec

@@ -336,7 +336,7 @@ def test_smollm2_kasa(smollm2, tmp_path):
 
 def test_split_warns_where_the_truncation_removes_real_energy(tiny, tmp_path):
     from surgeon.methods import get_method
-    from surgeon.pipeline import truncation_warnings
+    from surgeon.manifest import truncation_warnings
 
     layers = {"a.v_proj": {"factor_energy": 0.038}, "b.v_proj": {"factor_energy": 0.02}, "c.q_proj": {"factor_energy": 1e-5}}
     (w,) = truncation_warnings(get_method("kasa"), layers)
