@@ -21,7 +21,7 @@ import torch
 from surgeon import faults, quant
 from surgeon.errors import NumericsError
 from surgeon.io.dtypes import torch_dtype
-from surgeon.io.reader import content_hash
+from surgeon.io.reader import tensor_hash
 from surgeon.linalg import decompose
 from surgeon.splitdir import factor_key
 from surgeon.stages import HostCopy, StageClock, write_all
@@ -37,6 +37,7 @@ class SplitRunner:
         self.workers = job.opts.workers or (2 if self.device_type == "cpu" else 1)
         self.solving: deque[tuple] = deque()
         self.pending: deque[Future] = deque()
+        self.unjournaled: list[tuple[Future, dict]] = []  # written (or being written), not yet journaled
         self.streams = threading.local()
         self.last_commit = time.monotonic()
 
@@ -90,25 +91,32 @@ class SplitRunner:
         with self.clock("wait_write"):
             while len(self.pending) >= 4:
                 self.pending.popleft().result()
-        self.pending.append(wpool.submit(write_all, outputs, self.clock))
-        self.work.journal.add(record)
+        write = wpool.submit(write_all, outputs, self.clock)
+        self.pending.append(write)
+        self.unjournaled.append((write, record))
         self.reporter.advance(info.name, info.nbytes)
         faults.point("tensor")
 
     def _commit_async(self, wpool) -> None:
         """A resume point: on the writer thread, after every write queued so far."""
-        records = self.work.journal.take()
-        self.pending.append(wpool.submit(self._sync_and_journal, records))
+        batch, self.unjournaled = self.unjournaled, []
+        self.pending.append(wpool.submit(self._sync_and_journal, batch))
         self.last_commit = time.monotonic()
 
     def _commit_now(self) -> None:
-        self._sync_and_journal(self.work.journal.take())
+        batch, self.unjournaled = self.unjournaled, []
+        self._sync_and_journal(batch)
 
-    def _sync_and_journal(self, records: list[dict]) -> None:
+    def _sync_and_journal(self, batch: list[tuple[Future, dict]]) -> None:
+        """fsync, then journal the batch's tensors, but none if any of their writes failed (the
+        executor runs this even after an earlier write raised: a failed tensor must never be "done")."""
         with self.clock("commit_busy"):
+            for write, _ in batch:
+                if write.exception() is not None:
+                    raise write.exception()
             for w in self.w.all:
                 w.sync()
-            self.work.journal.commit(records)
+            self.work.journal.commit([rec for _, rec in batch])
 
     def _wait_pending(self) -> None:
         while self.pending:
@@ -122,7 +130,7 @@ class SplitRunner:
                 self.streams.s = torch.cuda.Stream(self.job.backend.device)
             stream = torch.cuda.stream(self.streams.s)
         with self.clock("hash_busy"):  # here, not on the reader thread: a cold read is often the critical path
-            digest = content_hash(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+            digest = tensor_hash(tensor)
         with stream, self.clock("solver_busy"):
             record, outputs = self._outputs(info, tensor)
         record["hash"] = digest

@@ -159,3 +159,27 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_resumes(tiny, clean, tmp_p
     r = run("split", tiny["tiny-llama"], *SPLIT, "--out", out)
     assert r.exit_code == 0, r.output
     assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
+
+
+@pytest.mark.parametrize("fail_at", [3, 7, 12])
+def test_a_failed_write_is_never_journaled_as_done(tiny, clean, tmp_path, monkeypatch, fail_at):
+    """Resume points every tensor (commit_seconds=0), the k-th data write fails (EIO): the commit
+    queued behind it must not journal it, so the resumed output equals a clean run's."""
+    import surgeon.io.writer as writer
+    from surgeon.pipeline import SplitOptions, split
+
+    real, calls = writer._pwrite_all, {"n": 0}
+
+    def broken(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(writer, "_pwrite_all", broken)
+    out, opts = tmp_path / "o", SplitOptions(rank=4, shard_size="100KB", commit_seconds=0, workers=1)
+    with pytest.raises(OSError):
+        split(str(tiny["tiny-llama"]), out, opts)
+    monkeypatch.setattr(writer, "_pwrite_all", real)
+    split(str(tiny["tiny-llama"]), out, opts)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)

@@ -16,7 +16,6 @@ import queue
 import stat
 import struct
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +134,11 @@ def content_hash(data) -> str:
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
 
 
+def tensor_hash(t: torch.Tensor) -> str:
+    """content_hash of a contiguous tensor's stored bytes (what split records and absorb checks)."""
+    return content_hash(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+
+
 def _pread_into(info: TensorInfo, view: memoryview) -> None:
     """Exactly the tensor's bytes, with positioned reads (no shared file offset between threads)."""
     fd = os.open(info.file, os.O_RDONLY)
@@ -157,7 +161,6 @@ class Checkpoint:
         self.metadata = metadata
         self._pickled = pickled or {}
         self.digests: dict[str, str] = {}  # name -> content_hash of the bytes read, for reads with digest=True
-        self.hash_seconds = 0.0  # time spent hashing (on the reader thread when streaming)
 
     @classmethod
     def open(cls, files: Iterable[Path]) -> Checkpoint:
@@ -203,7 +206,7 @@ class Checkpoint:
         if info.file in self._pickled:
             t = self._pickled[info.file][name].contiguous().clone()
             if digest:
-                self.digests[name] = content_hash(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+                self.digests[name] = tensor_hash(t)
             return t.pin_memory() if pin else t
         if pin and info.nbytes:
             host = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)  # torch caches pinned blocks
@@ -213,9 +216,7 @@ class Checkpoint:
             buf = bytearray(info.nbytes)
         _pread_into(info, memoryview(buf))
         if digest:
-            t0 = time.perf_counter()
             self.digests[name] = content_hash(buf)
-            self.hash_seconds += time.perf_counter() - t0
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype][0])
         if host is not None:
