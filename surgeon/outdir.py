@@ -52,9 +52,13 @@ def unsafe_reason(out: Path, inputs: list[Path]) -> str | None:
     if out.is_symlink():
         return f"{out} is a symbolic link; give the folder it points to, or another --out"
     r = out.resolve()
-    named = {Path("/").resolve(): "the root folder", Path.home().resolve(): "your home folder", Path.cwd().resolve(): "the current folder"}
-    if r in named:
-        return f"{out} is {named[r]}"
+    if r == Path("/").resolve():
+        return f"{out} is the root folder"
+    for place, what in ((Path.home().resolve(), "your home folder"), (Path.cwd().resolve(), "the current folder")):
+        if r == place:
+            return f"{out} is {what}"
+        if place.is_relative_to(r):
+            return f"{out} holds {what}"
     for i in inputs:
         i = Path(i).resolve()
         if r == i or i.is_relative_to(r):
@@ -130,7 +134,8 @@ class WorkDir:
         if rank:
             self._join(rank)
             return
-        if self.out.exists() or self.out.is_symlink():  # refused before anything is created beside it
+        finished_here = self._plan_at(self.out) == self.plan  # this very run, killed after its rename
+        if (self.out.exists() or self.out.is_symlink()) and not finished_here:  # refused before anything is created beside it
             why = unsafe_reason(self.out, self.inputs)
             if why:
                 raise UnsafeOutputError(f"{why}; choose another --out (surgeon never replaces its input, /, home or the current folder).")
@@ -177,7 +182,7 @@ class WorkDir:
             if not overwrite:
                 raise OutputExistsError(f"{self.path} holds an interrupted run with different settings; repeat that command to resume it, "
                                         "or pass --overwrite to discard it.")
-            shutil.rmtree(self.path)
+            self._discard_tree(self.path)
         self._create()
 
     def _create(self) -> None:
@@ -188,10 +193,19 @@ class WorkDir:
         os.rename(tmp, self.path)
 
     def _clear_stale(self) -> None:
-        """Half-made work folders of killed runs (holding only their plan) go."""
+        """Half-made work folders of killed runs (holding only their plan) and half-deleted trash go."""
         for p in self.out.parent.glob(f".{self.out.name}.partial.new-*"):
             if {q.relative_to(p).as_posix() for q in p.rglob("*")} <= {WORK, f"{WORK}/plan.json", f"{WORK}/plan.json.tmp"}:
                 shutil.rmtree(p, ignore_errors=True)
+        for p in self.out.parent.glob(f".{self.out.name}.trash-*"):  # only surgeon makes these names
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _discard_tree(self, folder: Path) -> None:
+        """Delete a folder surgeon made, atomically as far as anyone can tell: renamed to a trash name
+        first, so a kill mid-delete leaves no half folder under a meaningful name (_clear_stale sweeps it)."""
+        trash = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.trash-"))
+        os.replace(folder, trash / "x")
+        shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def _plan_at(folder: Path) -> dict | None:
@@ -227,10 +241,10 @@ class WorkDir:
     def finish(self) -> Path:
         """fsync everything, rename the work folder into place (moving an old OUT aside), then drop
         the bookkeeping. Each step is safe to repeat after a kill."""
+        trash = self.out.parent / f".{self.out.name}.replaced"
         if not self.complete:
             fsync_tree(self.path)
             faults.point("before-rename")
-            trash = self.out.parent / f".{self.out.name}.replaced"
             if self.out.exists():  # only reached with --overwrite, over a folder check_replaceable allowed
                 if trash.exists():
                     self._drop(trash)
@@ -239,10 +253,9 @@ class WorkDir:
             os.replace(self.path, self.out)
             _fsync_dir(self.out.parent)
             faults.point("after-rename")
-        trash = self.out.parent / f".{self.out.name}.replaced"
         if trash.exists():
             self._drop(trash)
-        shutil.rmtree(self.out / WORK, ignore_errors=True)
+        _drop_bookkeeping(self.out / WORK)
         _fsync_dir(self.out)
         self.close()
         return self.out
@@ -250,13 +263,13 @@ class WorkDir:
     def discard(self) -> None:
         """Delete this run's work folder (a run that can never complete), then unlock."""
         if not self.complete and self.lock is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._discard_tree(self.path)
         self.close()
 
-    @staticmethod
-    def _drop(trash: Path) -> None:
-        if is_surgeon_output(trash) or not any(trash.iterdir()):
-            shutil.rmtree(trash, ignore_errors=True)
+    def _drop(self, replaced: Path) -> None:
+        """The older OUT moved aside by a replacing run: surgeon's (check_replaceable allowed it)."""
+        if is_surgeon_output(replaced) or not any(replaced.iterdir()):
+            self._discard_tree(replaced)
 
 
 def open_work(dist, out: Path, plan: dict, overwrite: bool, inputs: list[Path], layout):
@@ -280,6 +293,15 @@ def finished(out: Path) -> dict:
     except (OSError, ValueError):
         manifest["run"] = {}
     return manifest
+
+
+def _drop_bookkeeping(work: Path) -> None:
+    """Remove .surgeon/: journals first and the plan last, so a kill in between still leaves the
+    plan by which the next run recognises its own finished folder."""
+    for p in sorted(work.glob(JOURNALS)) + [work / "plan.json.tmp", work / "plan.json"]:
+        p.unlink(missing_ok=True)
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
-from surgeon.io.writer import check_free_space, write_json
+from surgeon.io.writer import check_free_space, planned_sizes, write_json
 from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
@@ -149,7 +149,9 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     work, writers = open_work(dist, out, job.plan, job.opts.overwrite, job.inputs(), lambda w: _open_writers(job, w, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
-            work.finish()
+            dist.sync()  # every rank has seen the plan before rank 0 removes it
+            if dist.is_main:
+                work.finish()
             return finished(work.out)
         runner = SplitRunner(job, work, writers, reporter, dist)
         t_start = time.perf_counter()
@@ -244,16 +246,18 @@ def _layout(job: SplitJob) -> None:
 
 
 def _open_writers(job: SplitJob, work: WorkDir, dist) -> Writers:
-    """Lay out (or reopen) every output file; refuse at once when they cannot fit on the disk."""
+    """Lay out (or reopen) every output file, after refusing at once when they cannot fit on the disk."""
     lora = job.method.lora_shaped
-    w = Writers(
-        base=ShardSetWriter(work.path, plan_shards(job.base_plan, job.plan["shard_bytes"])),
-        factors=ShardSetWriter(work.path, [job.factor_plan], prefix=_stem(ADAPTER_WEIGHTS if lora else FACTORS)),
-        init=ShardSetWriter(work.path, [job.factor_plan], prefix=_stem(INIT_FACTORS)),
-        spectra=ShardSetWriter(work.path, [job.spectra_plan], prefix=_stem(SPECTRA)) if job.opts.spectra else None,
-    )
+    specs = {
+        "base": (plan_shards(job.base_plan, job.plan["shard_bytes"]), "model"),
+        "factors": ([job.factor_plan], _stem(ADAPTER_WEIGHTS if lora else FACTORS)),
+        "init": ([job.factor_plan], _stem(INIT_FACTORS)),
+        **({"spectra": ([job.spectra_plan], _stem(SPECTRA))} if job.opts.spectra else {}),
+    }
     if dist.is_main:
-        check_free_space(work.path, [s for x in w.all for s in x.sizes])
+        check_free_space(work.path, [f for shards, prefix in specs.values() for f in planned_sizes(work.path, shards, prefix)])
+    w = Writers(**{k: ShardSetWriter(work.path, shards, prefix=prefix) for k, (shards, prefix) in specs.items()}, **({} if job.opts.spectra else {"spectra": None}))
+    if dist.is_main:
         for i, (b, info) in enumerate(job.blocks.items()):  # deterministic, cheap: (re)written on every run
             for fname, t in job.method.init_block(i, info["hidden"], len(info["experts"]), job.cfg).items():
                 w.factors.write(f"{b}.{fname}", t)
