@@ -25,6 +25,7 @@ the tensors into the same pre-laid-out shards; rank 0 writes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,13 +40,16 @@ from surgeon.card import build_card
 from surgeon.errors import SourceChangedError, SplitDirError, UsageError
 from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.writer import check_free_space, write_json
+from surgeon.io.writer import check_free_space, planned_sizes, write_json
 from surgeon.methods import Method
 from surgeon.outdir import WorkDir, copy_side_files, finished, open_work
 from surgeon.pipeline import parse_size
 from surgeon.progress import NullReporter, Reporter
 from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
                               lora_key)
+
+
+COMMIT_SECONDS = 2.0  # resume points, as split's
 
 
 @dataclass
@@ -85,6 +89,8 @@ def choose_base(sd: SplitDir, wanted: str) -> tuple[str, str]:
         if wanted == "original":
             raise SplitDirError(f"{sd.path} lacks {INIT_FACTORS} (the untrained factors); use --base residual.")
         return "residual", f"{INIT_FACTORS} is missing"
+    if not sd.source_hashes():  # a split by surgeon < 0.2 recorded sizes and mtimes only
+        return "original", "the source files are there (checked by size only: this split recorded no content hashes)"
     return "original", "the source files are there (each tensor verified by its content hash)"
 
 
@@ -95,7 +101,8 @@ def verified_source(sd: SplitDir) -> Checkpoint:
         if size != f["size"]:
             raise SourceChangedError(f"the source file {f['path']} changed since the split ({f['size']} → {size} bytes); "
                                      "restore it, or absorb with --base residual.")
-    return Checkpoint.open([Path(f["path"]) for f in sd.source_files()])
+    files = [Path(f["path"]) for f in sd.source_files()]
+    return Checkpoint.open_pickled(files) if sd.manifest["source"].get("pickled") else Checkpoint.open(files)
 
 
 def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
@@ -109,7 +116,7 @@ def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
     ckpt = verified_source(sd) if base == "original" else sd.residual()
     if base == "residual" and sd.manifest.get("quantization"):  # quant hook: merge into the dequantized 4-bit residual
         ckpt = quant.DequantCheckpoint(ckpt, sd.manifest)
-    plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size}
+    plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size, **sd.identity()}
     if gates is not None:
         plan["fixed_gates"] = gates
     return AbsorbJob(sd, base, why, ckpt, sd.source_hashes() if base == "original" else {}, mult, plan)
@@ -121,11 +128,13 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     opts = opts or AbsorbOptions()
     reporter = reporter or NullReporter()
     job = plan_absorb(split_dir, opts, dist)
-    inputs = [job.sd.path] + ([Path(f["path"]).parent for f in job.sd.source_files()] if job.base == "original" else [])
+    inputs = [job.sd.path] + [Path(f["path"]).parent for f in job.sd.source_files()]  # the source, whichever base
     work, writer = open_work(dist, out, job.plan, opts.overwrite, inputs, lambda w: _open_writer(job, w, opts, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
-            work.finish()
+            dist.sync()  # every rank has seen the plan before rank 0 removes it
+            if dist.is_main:
+                work.finish()
             return finished(work.out)
         t0 = time.perf_counter()
         try:
@@ -137,11 +146,10 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
 
 
 def _open_writer(job: AbsorbJob, work: WorkDir, opts: AbsorbOptions, dist) -> ShardSetWriter:
-    plan = [OutTensor(n, i.dtype, i.shape) for n, i in job.ckpt.tensors.items()]
-    writer = ShardSetWriter(work.path, plan_shards(plan, parse_size(opts.shard_size)))
+    shards = plan_shards([OutTensor(n, i.dtype, i.shape) for n, i in job.ckpt.tensors.items()], parse_size(opts.shard_size))
     if dist.is_main:
-        check_free_space(work.path, writer.sizes)
-    return writer
+        check_free_space(work.path, planned_sizes(work.path, shards))
+    return ShardSetWriter(work.path, shards)
 
 
 def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist) -> None:
@@ -153,25 +161,37 @@ def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: 
     reporter.start(len(ckpt.tensors) - len(left) + len(todo), sum(ckpt.tensors[n].nbytes for n in todo), done=len(ckpt.tensors) - len(left))
     init_file = sd.init_file if job.base == "original" else sd.factors_file
     with safe_open(sd.factors_file, "pt") as cur, safe_open(init_file, "pt") as ini, ThreadPoolExecutor(1, thread_name_prefix="surgeon-writer") as pool:
-        pending: list[Future] = []
-        for info, tensor in ckpt.stream(todo, digest=bool(job.hashes)):
-            check_hash(job.hashes, job.ckpt, info.name)
-            module = by_tensor.get(info.name)
-            changed = False
-            if module is not None:
-                tensor, changed = _merge_one(job, module, tensor, cur, ini)
-            while len(pending) >= 2:
-                pending.pop(0).result()
-            pending.append(pool.submit(writer.write, info.name, tensor))
-            work.journal.add({"name": info.name, "changed": changed})
-            reporter.advance(info.name, info.nbytes)
-            faults.point("tensor")
-            dist.check_peers()  # another rank failed: stop here
-        for f in pending:
-            f.result()
-    writer.sync()
-    work.journal.commit()
+        batch: list[tuple[Future, dict]] = []  # written (or being written), not yet journaled
+        last = time.monotonic()
+        try:
+            for info, tensor in ckpt.stream(todo, digest=bool(job.hashes)):
+                check_hash(job.hashes, job.ckpt, info.name)
+                faults.slow()
+                module = by_tensor.get(info.name)
+                tensor, changed = _merge_one(job, module, tensor, cur, ini) if module is not None else (tensor, False)
+                while sum(not f.done() for f, _ in batch) >= 2:
+                    next(f for f, _ in batch if not f.done()).result()
+                batch.append((pool.submit(writer.write, info.name, tensor), {"name": info.name, "changed": changed}))
+                reporter.advance(info.name, info.nbytes)
+                faults.point("tensor")
+                if time.monotonic() - last >= COMMIT_SECONDS:  # a resume point: a kill loses at most this much
+                    batch, last = _commit(work, writer, batch), time.monotonic()
+                dist.check_peers()  # another rank failed: stop here
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what was written (an error or Ctrl-C): the same command resumes
+                _commit(work, writer, batch)
+            raise
+        _commit(work, writer, batch)
     writer.close()
+
+
+def _commit(work: WorkDir, writer: ShardSetWriter, batch: list[tuple[Future, dict]]) -> list:
+    """Wait for the batch's writes, fsync, journal them (none if one failed); returns the empty batch."""
+    recs = [(f.result(), rec)[1] for f, rec in batch]
+    writer.sync()
+    work.journal.commit(recs)
+    batch.clear()
+    return batch
 
 
 def check_hash(hashes: dict[str, str], ckpt: Checkpoint, name: str) -> None:
@@ -274,7 +294,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
         rank_pattern={k: r_mult * v for k, v in rp.items()}, alpha_pattern={k: a_mult * v for k, v in ap.items()},
     )
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve())}, overwrite, [sd.path], conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), **sd.identity()}, overwrite, [sd.path], conf, tensors)
 
 
 def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
@@ -298,4 +318,4 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         base_model=str(sd.path.resolve()),
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual"}, overwrite, [sd.path], conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, [sd.path], conf, tensors)

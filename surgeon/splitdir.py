@@ -82,7 +82,23 @@ class SplitDir:
         self.init_file = self.path / INIT_FACTORS
         if not self.factors_file.is_file():
             raise SplitDirError(f"{self.path} lacks {self.factors_file.name}; the split is incomplete, re-run it.")
+        self._check_files()
         self.cfg = self._config()
+
+    def _check_files(self) -> None:
+        """The factor files must be valid safetensors (the library's check), the source recorded."""
+        from surgeon.errors import SourceError
+        from surgeon.io.reader import read_header
+
+        for p in (self.factors_file, self.init_file):
+            if p.exists():
+                try:
+                    read_header(p)
+                except SourceError as e:
+                    raise SplitDirError(f"{e} ({self.path} is damaged: re-run the command that wrote it)") from None
+        files = self.manifest["source"].get("files")
+        if not isinstance(files, list) or not files or not all(isinstance(f, dict) and "path" in f for f in files):
+            raise SplitDirError(f"{self.path / MANIFEST} records no source files; re-run the split.")
 
     def _config(self):
         from surgeon.methods import MethodConfig
@@ -133,6 +149,15 @@ class SplitDir:
     def source_hashes(self) -> dict[str, str]:
         """Content hash of every source tensor at split time (empty for splits by surgeon < 0.2)."""
         return dict(self.manifest["source"].get("tensor_hashes") or {})
+
+    def identity(self) -> dict:
+        """What a resumed absorb or export must find unchanged: the factor files' content (training
+        rewrites them in place) and the surgeon version."""
+        from surgeon import __version__
+        from surgeon.io.reader import file_hash
+
+        files = [self.factors_file] + ([self.init_file] if self.init_file.exists() else [])
+        return {"surgeon": __version__, **{p.name: file_hash(p) for p in files}}
 
     def missing_source_files(self) -> list[str]:
         return [f["path"] for f in self.source_files() if not Path(f["path"]).is_file()]

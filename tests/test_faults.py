@@ -183,3 +183,25 @@ def test_a_failed_write_is_never_journaled_as_done(tiny, clean, tmp_path, monkey
     monkeypatch.setattr(writer, "_pwrite_all", real)
     split(str(tiny["tiny-llama"]), out, opts)
     assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
+
+
+def test_absorb_commits_as_it_goes_and_never_resumes_against_changed_factors(clean, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    split_dir, out = tmp_path / "s", tmp_path / "a"
+    shutil.copytree(clean, split_dir)
+    r = surgeon("absorb", split_dir, "--out", out, env={"SURGEON_FAULT": "tensor:14", "SURGEON_SLOW": "0.25"})
+    assert r.returncode == -signal.SIGKILL
+    journal = tmp_path / ".a.partial" / ".surgeon" / "journal.jsonl"
+    assert journal.read_text().count("\n") >= 4  # resume points every 2 s: the kill lost at most the last ones
+    f = split_dir / "adapter_model.safetensors"
+    t = load_file(f)
+    k = next(iter(t))
+    t[k] = t[k] + 0.01  # as training in place would: the factors changed
+    save_file(t, f, metadata={"format": "pt"})
+    r = run("absorb", split_dir, "--out", out, "-q")
+    assert r.exit_code == 2 and "different settings" in one_error_line(r)  # the old partial merged the old factors
+    r = run("absorb", split_dir, "--out", out, "-q", "--overwrite")
+    assert r.exit_code == 0 and json.loads((out / "surgeon.run.json").read_text())["resumed_tensors"] == 0

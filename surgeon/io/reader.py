@@ -134,6 +134,17 @@ def content_hash(data) -> str:
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
 
 
+def file_hash(path: Path, chunk: int = 8 << 20) -> str:
+    """content_hash of a whole (small) file, read in chunks: a split's factor files, for resume plans."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "xxh3_128:" + h.hexdigest()
+
+
 def tensor_hash(t: torch.Tensor) -> str:
     """content_hash of a contiguous tensor's stored bytes (what split records and absorb checks)."""
     return content_hash(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")

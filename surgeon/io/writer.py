@@ -43,7 +43,7 @@ def disk_errors(path: Path):
 
 
 def check_free_space(folder: Path, files: list[tuple[Path, int]]) -> None:
-    """Refuse before writing when the planned files cannot fit (sparse files count what they hold)."""
+    """Refuse before writing when the planned files cannot fit (existing files count what they hold)."""
     need = sum(max(0, size - (p.stat().st_blocks * 512 if p.exists() else 0)) for p, size in files)
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -118,6 +118,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done : done + chunk], offset + done)
+
+
+def planned_sizes(folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None) -> list[tuple[Path, int]]:
+    """(file, size) of each shard a ShardSetWriter with these arguments lays out, before it exists."""
+    meta = {"format": "pt", **(metadata or {})}
+    names = shard_names(len(shards), prefix)
+    return [(Path(folder) / n, len(_header_bytes(ts, meta)[0]) + sum(t.nbytes for t in ts)) for n, ts in zip(names, shards)]
 
 
 class ShardSetWriter:
