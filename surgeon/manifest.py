@@ -37,7 +37,7 @@ def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_mo
         "factor_dtype": "float32",
         "residual_dtype": CONFIG_DTYPE.get(new_dtype, "as source") if new_dtype else "as source",
         "source": {"model": src.model, "hub_id": src.hub_id, "revision": src.revision, "files": src.fingerprint(), **src.card_metadata(),
-                   "tensor_hashes": tensor_hashes},
+                   "pickled": src.pickled, "tensor_hashes": tensor_hashes},
         "target": list(opts.target),
         "target_modules": target_modules,
         "transposed": any(t.transposed for t in targets.values()),

@@ -105,6 +105,12 @@ def test_pickle_is_refused_unless_asked(tiny, tmp_path):
     r = run("split", d, "--rank", "2", "--out", tmp_path / "o", "--allow-pickle", "-q", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["summary"]["layers"] == 14
+    r = run("absorb", tmp_path / "o", "--out", tmp_path / "a", "--json")  # into the pickled original, hash-checked
+    assert r.exit_code == 0 and json.loads(r.stdout)["base"] == "original" and json.loads(r.stdout)["layers_changed"] == 0, r.output
+    from surgeon.io import Checkpoint
+
+    got = Checkpoint.open([tmp_path / "a" / "model.safetensors"])
+    assert all(torch.equal(got.read(n), t) for n, t in sd.items())  # bit for bit
 
 
 def _hashes(d: Path) -> dict[str, str]:
