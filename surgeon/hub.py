@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgeon.card import for_repo
-from surgeon.errors import CorruptCheckpointError, HubAuthError, HubError, NotHubReadyError, SourceError
+from surgeon.errors import CorruptCheckpointError, HubAuthError, HubError, NotHubReadyError, SourceError, UsageError
 from surgeon.io.reader import read_header
 from surgeon.splitdir import CARD, MANIFEST, RUN_LOG
 
@@ -75,15 +75,45 @@ LOCAL_ONLY = {"train_state", RUN_LOG}  # train's resume state, this machine's ru
 
 
 def request_timeout(seconds: float | None = None) -> float:
-    """Give every huggingface_hub request of this process a timeout (its shared client has none, so a
-    server that accepts and never answers would hang a push for ever). Returns the timeout set."""
+    """Give every huggingface_hub request of this process a timeout (its shared httpx client has
+    none, so a server that accepts and never answers would hang a push for ever). The client is
+    remade by huggingface_hub after some errors, so the timeout goes into the client factory too.
+    Returns the timeout set."""
     import os
 
-    from huggingface_hub import get_session
+    from huggingface_hub import get_session, set_client_factory
 
-    t = float(seconds if seconds is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    raw = seconds if seconds is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    try:
+        t = float(raw)
+    except ValueError:
+        raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds; set it like {TIMEOUT_ENV}=60.") from None
+    if not t > 0:
+        raise UsageError(f"the Hub timeout must be a positive number of seconds, not {raw!r}.")
+    global _TIMEOUT
+    _TIMEOUT = t
+    base = _default_factory()
+    if base is not None:
+        set_client_factory(lambda: _with_timeout(base(), t))
     get_session().timeout = t  # httpx's public setter: connect, read, write and pool limits
     return t
+
+
+_TIMEOUT = DEFAULT_TIMEOUT
+
+
+def _default_factory():
+    """huggingface_hub's own client factory (event hooks, redirects), to wrap; None if it moved."""
+    try:
+        from huggingface_hub.utils._http import default_client_factory
+    except ImportError:
+        return None
+    return default_client_factory
+
+
+def _with_timeout(client, t: float):
+    client.timeout = t
+    return client
 
 
 def _files(folder: Path) -> list[str]:
@@ -373,9 +403,7 @@ def _is_network_error(e: Exception) -> bool:
 def _failed(folder: Path, repo_id: str, step: str, e: Exception) -> str:
     cause = f"{type(e).__name__}: {e}".strip()
     if "Timeout" in type(e).__name__:
-        from huggingface_hub import get_session
-
-        cause += f"; no answer within {get_session().timeout.read or 0:g} s (--timeout or {TIMEOUT_ENV} sets the limit)"
+        cause += f"; no answer within {_TIMEOUT:g} s (--timeout or {TIMEOUT_ENV} sets the limit)"
     return (
         f"push to {repo_id} failed while {step} ({cause}). {folder} was not changed; run the same command again "
         "to finish: files the Hub already holds are not sent twice."

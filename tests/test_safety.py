@@ -253,3 +253,6 @@ def test_push_to_a_server_that_never_answers_gives_one_line(tiny, tmp_path, monk
     r = run("push", d, "me/x", "--timeout", "1")
     assert time.monotonic() - t0 < 30 and held
     assert r.exit_code == 1 and "no answer within 1 s" in one_error_line(r) and "run the same command again" in r.output
+    monkeypatch.setenv("SURGEON_HUB_TIMEOUT", "soon")
+    r = run("push", d, "me/x")
+    assert r.exit_code == 2 and "SURGEON_HUB_TIMEOUT" in one_error_line(r)
