@@ -40,10 +40,9 @@ from surgeon.card import build_card
 from surgeon.errors import SourceChangedError, SplitDirError, UsageError
 from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.writer import check_free_space, planned_sizes, write_json
+from surgeon.io.writer import check_free_space, parse_size, planned_sizes, write_json
 from surgeon.methods import Method
-from surgeon.outdir import WorkDir, copy_side_files, finished, open_work
-from surgeon.pipeline import parse_size
+from surgeon.outdir import WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
                               lora_key)
@@ -132,10 +131,7 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     work, writer = open_work(dist, out, job.plan, opts.overwrite, inputs, lambda w: _open_writer(job, w, opts, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
-            dist.sync()  # every rank has seen the plan before rank 0 removes it
-            if dist.is_main:
-                work.finish()
-            return finished(work.out)
+            return finish_completed(work, dist)
         t0 = time.perf_counter()
         try:
             _merge_all(job, work, writer, reporter, dist)

@@ -285,6 +285,15 @@ def open_work(dist, out: Path, plan: dict, overwrite: bool, inputs: list[Path], 
     return work, files
 
 
+def finish_completed(work: WorkDir, dist) -> dict:
+    """A run found its own finished folder (killed after the rename): clean up and return its manifest.
+    Every rank has seen the plan before rank 0 removes it."""
+    dist.sync()
+    if dist.is_main:
+        work.finish()
+    return finished(work.out)
+
+
 def finished(out: Path) -> dict:
     """The manifest of a folder an earlier, killed run completed, with its run log under "run"."""
     manifest = read_manifest(out)

@@ -27,11 +27,11 @@ from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
-from surgeon.io.writer import check_free_space, planned_sizes, write_json
+from surgeon.io.writer import check_free_space, parse_size, planned_sizes, write_json
 from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
-from surgeon.outdir import WorkDir, copy_side_files, finished, open_work
+from surgeon.outdir import WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
@@ -73,19 +73,6 @@ class SplitOptions:
     double_quant: bool = False
     rank_pattern: list[str] = field(default_factory=list)  # "REGEX=R", PEFT's rank_pattern (surgeon/patterns.py)
     alpha_pattern: list[str] = field(default_factory=list)  # "REGEX=A", PEFT's alpha_pattern
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = str(text).strip().upper().replace(" ", "")
-    num = t.rstrip("KMGTIB")
-    try:
-        value = float(num) * units[t[len(num) :]]
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"--shard-size {text!r} is not a size like 5GB, 500MB or 2GiB.") from e
-    if value < 1:
-        raise UsageError("--shard-size must be positive.")
-    return int(value)
 
 
 def _stem(file_name: str) -> str:
@@ -149,10 +136,7 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
     work, writers = open_work(dist, out, job.plan, job.opts.overwrite, job.inputs(), lambda w: _open_writers(job, w, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
-            dist.sync()  # every rank has seen the plan before rank 0 removes it
-            if dist.is_main:
-                work.finish()
-            return finished(work.out)
+            return finish_completed(work, dist)
         runner = SplitRunner(job, work, writers, reporter, dist)
         t_start = time.perf_counter()
         todo = _run(job, work, runner, reporter, dist)

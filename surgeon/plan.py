@@ -62,12 +62,13 @@ def _fastest(fn, device, repeats: int = 3) -> float:
     return max(best, 1e-6)
 
 
-def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec) -> tuple[float, float]:
-    """(cost units per second of a solve here, seconds per element of one quantize + dequantize)."""
+def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec, solver: str, spectrum: bool) -> tuple[float, float]:
+    """(cost units per second of a solve here, by the route the split takes, seconds per element of one
+    quantize + dequantize)."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(backend.device)
     backend.warmup()
     r = max(1, min(rank, min(shape) - 1))
-    units = distributed.matrix_cost(shape, 0, backend.device.type, solve=True) / _fastest(lambda: decompose(w, r, which, backend), backend.device)
+    units = distributed.matrix_cost(shape, 0, backend.device.type, solve=True) / _fastest(lambda: decompose(w, r, which, backend, solver=solver, spectrum=spectrum), backend.device)
     if qspec is None:
         return units, 0.0
     w32 = w.float()
@@ -77,7 +78,8 @@ def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec) -> tup
 
 def dry_run(model: str, out: Path, opts) -> dict:
     """The plan of `split(model, out, opts)` as one JSON-ready object (pipeline.plan_split, then sizes and time)."""
-    from surgeon.pipeline import parse_size, plan_split
+    from surgeon.io.writer import parse_size
+    from surgeon.pipeline import plan_split
     from surgeon.splitdir import ADAPTER_WEIGHTS, FACTORS, INIT_FACTORS, SPECTRA
 
     job = plan_split(model, opts, distributed.current())
@@ -101,7 +103,8 @@ def dry_run(model: str, out: Path, opts) -> dict:
     solves = 1 + (qspec.iters if qspec else 0)  # each LoftQ alternation solves once more
     units = sum(distributed.matrix_cost(i.shape, i.nbytes, backend.device.type, solve=False) for i in job.ckpt.tensors.values())
     units += solves * sum(distributed.matrix_cost(i.shape, 0, backend.device.type, solve=True) for n, i in job.ckpt.tensors.items() if n in targets)
-    rate, per_elem = _rates(backend, _calibration_shape(targets), opts.rank, method.which, qspec)
+    spectrum = opts.spectra or method.needs_spectrum
+    rate, per_elem = _rates(backend, _calibration_shape(targets), opts.rank, method.which, qspec, opts.solver, spectrum)
     workers = opts.workers or (2 if backend.device.type == "cpu" else 1)  # split's solve threads; quantization runs in them
     quant_s = per_elem * (2 + solves) * sum(t.out_features * t.in_features for t in targets.values()) / workers  # plain Q(W), Q per solve, spare
     total = sum(f["bytes"] for f in files)

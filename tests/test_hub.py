@@ -27,7 +27,8 @@ import torch
 from fake_hub import FakeHub
 from surgeon.card import for_repo
 from surgeon.errors import HubAuthError, HubError, NotHubReadyError, SourceError
-from surgeon.hub import check_folder, hub_copy, push, write_card
+from surgeon.hub import hub_copy, push
+from surgeon.hubcheck import check_folder, write_card
 from surgeon.pipeline import SplitOptions, split
 
 # huggingface_hub 2.4 itself passes a file object as `data=` to httpx2 for LFS PUTs

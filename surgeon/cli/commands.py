@@ -246,7 +246,7 @@ def push(
 ):
     """Check an output folder (shards, config, model card) and upload it to the Hub in one commit."""
     from surgeon.errors import UsageError
-    from surgeon.hub import validate, write_card
+    from surgeon.hubcheck import validate, write_card
 
     with errors_to_exit():
         if repo_id is None and not check_only:
