@@ -23,6 +23,7 @@ from torch import nn
 
 from surgeon import quant
 from surgeon.errors import SplitDirError
+from surgeon.runtime import module_slot
 
 
 class _Dequant4bitLinear(torch.autograd.Function):
@@ -112,12 +113,7 @@ def load_quantized_model(path: Path, manifest: dict, ckpt, dtype: torch.dtype = 
     for module in manifest["layers"]:
         weight = f"{module}.weight"
         names = quant.group_names(weight, spec)
-        parent_name, _, child = module.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
-        except AttributeError as e:
-            raise SplitDirError(f"the model built from {path}/config.json has no module {module!r}.") from e
+        parent, child, old = module_slot(model, module, path)
         bias = ckpt.read(f"{module}.bias") if f"{module}.bias" in ckpt else None
         setattr(parent, child, QuantLinear(weight, {n: ckpt.read(n) for n in names}, bias))
         grouped.update(names)

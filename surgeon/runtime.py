@@ -122,6 +122,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+def module_slot(model: nn.Module, name: str, path: Path) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, module) of the module `name`, to replace it; path names the folder in the error."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        return parent, child, getattr(parent, child)
+    except AttributeError as e:
+        raise SplitDirError(f"the model built from {path}/config.json has no module {name!r}.") from e
+
+
 def load_residual_model(path: Path, dtype: torch.dtype = torch.float32, model_cls=None) -> nn.Module:
     """The residual checkpoint alone, through transformers, without its embedded adapter.
 
@@ -159,12 +169,7 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
     modules: dict[str, nn.Module] = {}
     with safe_open(split.factors_file, "pt") as f:
         for name, lay in split.manifest["layers"].items():
-            parent_name, _, child = name.rpartition(".")
-            try:
-                parent = model.get_submodule(parent_name)
-                base = getattr(parent, child)
-            except AttributeError as e:
-                raise SplitDirError(f"the model built from {split.path}/config.json has no module {name!r}.") from e
+            parent, child, base = module_slot(model, name, split.path)
             rt = split.method.runtime(base, split.factors(f, name), split.layer_cfg(name), lay["transposed"])
             for p in rt.parameters():
                 if not any(p is q for q in base.parameters()):
