@@ -48,7 +48,7 @@ def model_dir(name: str) -> Path:
     return Path(name)
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="tiny, smollm2 or a local checkpoint folder")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -59,25 +59,28 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def build(args, dev: torch.device):
+    """The moe split of the model, loaded, with random B (so experts change the output) and prompts."""
     from surgeon.pipeline import SplitOptions, split
     from surgeon.runtime import load_split
 
-    src = model_dir(args.model)
-    dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
-        split(str(src), Path(tmp) / "moe", SplitOptions(method="moe", rank=args.rank, top_k=args.top_k, spectra=False, device=args.device))
+        split(str(model_dir(args.model)), Path(tmp) / "moe", SplitOptions(method="moe", rank=args.rank, top_k=args.top_k, spectra=False, device=args.device))
         sm = load_split(Path(tmp) / "moe", dtype=getattr(torch, args.dtype), device=dev, trainable=False)
-    model, routing = sm.model.eval(), sm.model.surgeon_routing
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in sm.modules.values():
             m.lora_B.copy_((torch.randn(m.lora_B.shape, generator=g) * 0.02).to(dev))
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=g).to(dev)
-    mask = torch.ones_like(ids)
+    ids = torch.randint(3, sm.model.config.vocab_size, (args.batch, args.prompt_len), generator=g).to(dev)
+    return sm.model.eval(), sm.model.surgeon_routing, ids
+
+
+def time_modes(args, model, routing, ids, sync) -> tuple[dict, bool]:
+    """Generation time per routing mode (best and median of --repeat after a warm-up round), and
+    whether every mode produced the same tokens."""
     calls = []
     for r in routing.routers.values():
         r.register_forward_hook(lambda *a: calls.append(1))
@@ -88,7 +91,7 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         sync()
         return time.perf_counter() - t0, out, len(calls)
@@ -96,7 +99,7 @@ def main() -> None:
     modes = ("cached", "per_step", "per_step_dense", "fixed")
     times: dict[str, list[float]] = {m: [] for m in modes}
     tokens, n_calls = {}, {}
-    run("per_step")  # prompt states kept for the router timing below; warms up as well
+    run("per_step")  # warms up
     pinned = {b: r.gates.clone() for b, r in routing.routers.items()}  # this prompt's gates (B, E)
     for i in range(args.repeat + 1):  # round 0 is the warm-up
         for mode in modes:
@@ -108,9 +111,16 @@ def main() -> None:
             routing.unfix() if mode == "fixed" else None
             if i:
                 times[mode].append(dt)
+    run("per_step")  # leaves the prompt states for time_router
+    for r in routing.routers.values():
+        r.skip_inactive = True
     results = {m: {"best_s": round(min(t), 4), "median_s": round(statistics.median(t), 4),
                    "ms_per_token": round(1e3 * min(t) / args.new_tokens, 3), "router_calls": n_calls[m]} for m, t in times.items()}
-    run("per_step")
+    return results, all(torch.equal(tokens["cached"], t) for t in tokens.values())
+
+
+def time_router(routing, dev, sync) -> float:
+    """ms of one block's routing on the last prompt's states (host read of the active set included)."""
     r0 = next(iter(routing.routers.values()))
     states, pmask = r0.prompt_states, torch.ones(r0.prompt_states.shape[:2], dtype=torch.bool, device=dev)
     with torch.no_grad():
@@ -121,9 +131,16 @@ def main() -> None:
         for _ in range(200):
             r0.route(states, pmask)
         sync()
-    router_ms = 1e3 * (time.perf_counter() - t0) / 200  # one block's routing, host read of the active set included
-    for r in routing.routers.values():
-        r.skip_inactive = True
+    return 1e3 * (time.perf_counter() - t0) / 200
+
+
+def main() -> None:
+    args = parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model, routing, ids = build(args, dev)
+    results, same = time_modes(args, model, routing, ids, sync)
+    router_ms = time_router(routing, dev, sync)
     c, p, pd = results["cached"]["best_s"], results["per_step"]["best_s"], results["per_step_dense"]["best_s"]
     print(json.dumps({
         "bench": "moe_latency", "model": str(args.model), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -134,7 +151,7 @@ def main() -> None:
         "saving_vs_per_step_dense": round(1 - c / pd, 4),
         "router_ms_per_call": round(router_ms, 4),
         "router_ms_saved_per_token": round(router_ms * len(routing.routers), 4),
-        "same_tokens": all(torch.equal(tokens["cached"], t) for t in tokens.values()),
+        "same_tokens": same,
     }))
 
 
