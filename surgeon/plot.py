@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -42,7 +43,31 @@ def _from_source(sd, modules: list[str], device: str):
         yield want[info.name], singular_values(w.to(backend.device).double(), backend).cpu()
 
 
-def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def picture_path(out: Path, overwrite: bool) -> Path:
+    """The file to draw into: .png unless it names .pdf or .svg; an existing file only with overwrite, never a link."""
+    out = Path(out)
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    if out.suffix.lower() not in FORMATS:
+        raise UsageError(f"--out {out}: a spectra picture is {', '.join(FORMATS)}; give a name ending in one of them.")
+    if out.is_symlink() or out.is_dir():
+        raise UsageError(f"--out {out} is a link or a folder; give a file name.")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
+    return out
+
+
+def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False) -> tuple[int, Path]:
+    """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
+    returns (how many, the file written)."""
+    out = picture_path(out, overwrite)
+    try:
+        rx = re.compile(layers)
+    except re.error as e:
+        raise UsageError(f"--layers {layers!r} is not a regular expression ({e}).") from None
     try:
         import matplotlib
 
@@ -55,7 +80,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
     sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
     manifest = sd.manifest
     groups: dict[str, list] = {}
-    for name, sigma in spectra(sd, re.compile(layers)):
+    for name, sigma in spectra(sd, rx):
         groups.setdefault(name.rsplit(".", 1)[-1], []).append(sigma.numpy())
     if not groups:
         raise UsageError(f"--layers {layers!r} selects no split layer.")
@@ -78,6 +103,8 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*") -> int:
         ax.axis("off")
     fig.suptitle(f"{manifest['method']} split of {manifest['source'].get('hub_id') or manifest['source']['model']} (colour: layer depth)")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    return sum(len(v) for v in groups.values())
+    os.replace(tmp, out)
+    return sum(len(v) for v in groups.values()), out

@@ -221,15 +221,16 @@ def export(
 @app.command()
 def spectra(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("spectra.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Picture to write: .png (default), .pdf or .svg.")] = Path("spectra.png"),
     layers: Annotated[str, typer.Option("--layers", help="Regex selecting modules to draw (default: all).")] = ".*",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ):
     """Plot the singular-value spectra of the split layers, with the trainable band shaded."""
     from surgeon.plot import plot_spectra
 
     with errors_to_exit():
-        n = plot_spectra(split_dir, out, layers)
-    err_console().print(f"plotted {n} spectra → {out}")
+        n, written = plot_spectra(split_dir, out, layers, overwrite)
+    err_console().print(f"plotted {n} spectra → {written}")
 
 
 @app.command()
