@@ -40,7 +40,7 @@ from surgeon.card import build_card
 from surgeon.errors import SourceChangedError, SplitDirError, UsageError
 from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.writer import check_free_space, parse_size, planned_sizes, write_json
+from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
 from surgeon.methods import Method
 from surgeon.outdir import WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
@@ -127,8 +127,7 @@ def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, report
     opts = opts or AbsorbOptions()
     reporter = reporter or NullReporter()
     job = plan_absorb(split_dir, opts, dist)
-    inputs = [job.sd.path] + [Path(f["path"]).parent for f in job.sd.source_files()]  # the source, whichever base
-    work, writer = open_work(dist, out, job.plan, opts.overwrite, inputs, lambda w: _open_writer(job, w, opts, dist))
+    work, writer = open_work(dist, out, job.plan, opts.overwrite, job.sd.inputs(), lambda w: _open_writer(job, w, opts, dist))
     with work:
         if work.complete:  # an earlier run was killed after its rename: only its cleanup was left
             return finish_completed(work, dist)
@@ -239,7 +238,8 @@ def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Rep
     if "fixed_gates" in job.plan:
         manifest["fixed_gates"] = job.plan["fixed_gates"]
     write_json(work.path / MANIFEST, manifest)
-    build_card(manifest).save(work.path / CARD)
+    with disk_errors(work.path / CARD):
+        build_card(manifest).save(work.path / CARD)
     write_json(work.path / RUN_LOG, {"seconds": round(seconds, 3), "resumed_tensors": work.resumed})
     faults.point("after-manifest")
     work.finish()
@@ -290,7 +290,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
         rank_pattern={k: r_mult * v for k, v in rp.items()}, alpha_pattern={k: a_mult * v for k, v in ap.items()},
     )
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), **sd.identity()}, overwrite, [sd.path], conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), **sd.identity()}, overwrite, sd.inputs(), conf, tensors)
 
 
 def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
@@ -314,4 +314,4 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         base_model=str(sd.path.resolve()),
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, [sd.path], conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, sd.inputs(), conf, tensors)

@@ -53,7 +53,7 @@ def _files(folder: Path) -> list[str]:
 def _json(path: Path, problems: list[str]) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         problems.append(f"{path.name} is not valid JSON ({e}).")
         return None
 
@@ -153,6 +153,10 @@ def check_folder(folder: Path) -> FolderCheck:
         p.append("no config.json: transformers cannot load the folder; copy the source model's config.json into it.")
     else:
         _json(folder / "config.json", p)
+    root = folder.resolve()
+    for f in chk.files:  # a link would upload what it points to
+        if not (folder / f).resolve().is_relative_to(root):
+            p.append(f"{f} links to {(folder / f).resolve()}, outside {folder}; surgeon uploads only the folder's own files: copy it in or remove the link.")
     _check_weights(folder, chk.files, p)
     m = chk.manifest
     if m.get("operation") == "split":
@@ -183,7 +187,7 @@ def write_card(folder: Path) -> Path:
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise NotHubReadyError(f"cannot build a card for {folder}: {MANIFEST} is missing or invalid ({e}).") from e
     build_card(manifest).save(folder / CARD)
     return folder / CARD

@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 
 from surgeon import faults
-from surgeon.errors import DistributedError, OutputExistsError, OutputLockedError, UnsafeOutputError
-from surgeon.io.writer import Journal, fsync_tree, write_json
+from surgeon.errors import DistributedError, OutputExistsError, OutputLockedError, UnsafeOutputError, UsageError
+from surgeon.io.writer import Journal, disk_errors, fsync_tree, write_json
 from surgeon.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 
 WORK = ".surgeon"  # bookkeeping inside the work folder
 JOURNALS = "journal*.jsonl"  # journal.jsonl (one process) and journal.rankN.jsonl (torchrun ranks)
+FILES = ".surgeon.files"  # every file a finished output holds, one relative path a line: what --overwrite may delete
 
 
 def _normal(obj):
@@ -68,6 +69,39 @@ def unsafe_reason(out: Path, inputs: list[Path]) -> str | None:
     return None
 
 
+def _tree(folder: Path) -> list[str]:
+    """Every file under `folder` (links not followed), as sorted relative POSIX paths."""
+    return sorted(q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file() or q.is_symlink())
+
+
+def _write_listing(folder: Path) -> None:
+    """Record what a finished output holds (names only, so a resumed run writes the same bytes)."""
+    files = [f for f in _tree(folder) if f != FILES and not f.startswith(f"{WORK}/")]
+    (folder / FILES).write_text("".join(f + "\n" for f in files))
+
+
+def _not_ours(folder: Path) -> str | None:
+    """Why --overwrite must not delete this folder of surgeon's: files added since it was written
+    (None when there are none, or the folder predates the listing)."""
+    try:
+        listed = set((folder / FILES).read_text().splitlines())
+    except OSError:
+        return None
+    extra = [f for f in _tree(folder) if f not in listed and f != FILES and not f.startswith(f"{WORK}/")]
+    if not extra:
+        return None
+    more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+    return f"{folder} holds files surgeon did not write ({', '.join(extra[:3])}{more}); move them out first"
+
+
+def check_outside(out: Path, inputs: list[Path]) -> None:
+    """Refuse an --out inside an input folder: writing there changes the input, --overwrite or not."""
+    r = Path(out).resolve()
+    for i in inputs:
+        if Path(i).is_dir() and r != Path(i).resolve() and r.is_relative_to(Path(i).resolve()):
+            raise UnsafeOutputError(f"{out} lies inside the input {i}; surgeon never writes into its input, so choose an --out outside it.")
+
+
 def check_replaceable(out: Path, inputs: list[Path]) -> None:
     """Raise unless `out` is a folder --overwrite may delete: empty, or written by surgeon, and no input."""
     why = unsafe_reason(out, inputs)
@@ -75,6 +109,8 @@ def check_replaceable(out: Path, inputs: list[Path]) -> None:
         why = f"{out} is a file, not an output folder"
     if why is None and any(out.iterdir()) and not is_surgeon_output(out):
         why = f"{out} was not written by surgeon (no surgeon.json) and holds {_listing(out)}"
+    if why is None:
+        why = _not_ours(out)
     if why:
         raise UnsafeOutputError(f"refusing to replace: {why}; surgeon replaces only empty folders and its own outputs, so choose another --out.")
 
@@ -95,6 +131,7 @@ class OutputLock:
         try:
             lock.acquire()
         except Timeout:
+            self._openable()  # filelock reports a lock file it cannot even create as held
             raise OutputLockedError(f"{self.path.parent / self.path.name[1:-5]} is being written by another surgeon run ({self._holder()}); "
                                     "wait for it to finish, or choose another --out.") from None
         self._lock = lock
@@ -102,6 +139,12 @@ class OutputLock:
         with open(self.path, "w") as f:  # the lock is on the open file description, not the content
             json.dump(info, f)
         return self
+
+    def _openable(self) -> None:
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise UsageError(f"cannot create {self.path} ({e.strerror}); choose an --out in a folder you can write to.") from None
 
     def _holder(self) -> str:
         try:
@@ -130,10 +173,12 @@ class WorkDir:
         self.plan = _normal(plan)
         self.inputs = [Path(i) for i in inputs]
         self.complete = False  # OUT already holds this very run, finished but for its cleanup
+        self.created = False  # this run made the work folder (nothing of an earlier run is in it)
         self.lock = None
         if rank:
             self._join(rank)
             return
+        check_outside(self.out, self.inputs)
         finished_here = self._plan_at(self.out) == self.plan  # this very run, killed after its rename
         if (self.out.exists() or self.out.is_symlink()) and not finished_here:  # refused before anything is created beside it
             why = unsafe_reason(self.out, self.inputs)
@@ -191,14 +236,16 @@ class WorkDir:
         (tmp / WORK).mkdir()
         write_json(tmp / WORK / "plan.json", self.plan)
         os.rename(tmp, self.path)
+        self.created = True
 
     def _clear_stale(self) -> None:
         """Half-made work folders of killed runs (holding only their plan) and half-deleted trash go."""
         for p in self.out.parent.glob(f".{self.out.name}.partial.new-*"):
             if {q.relative_to(p).as_posix() for q in p.rglob("*")} <= {WORK, f"{WORK}/plan.json", f"{WORK}/plan.json.tmp"}:
                 shutil.rmtree(p, ignore_errors=True)
-        for p in self.out.parent.glob(f".{self.out.name}.trash-*"):  # only surgeon makes these names
-            shutil.rmtree(p, ignore_errors=True)
+        for p in self.out.parent.glob(f".{self.out.name}.trash-*"):  # _discard_tree's: empty, or holding "x" only
+            if p.is_dir() and not p.is_symlink() and {q.name for q in p.iterdir()} <= {"x"}:
+                shutil.rmtree(p, ignore_errors=True)
 
     def _discard_tree(self, folder: Path) -> None:
         """Delete a folder surgeon made, atomically as far as anyone can tell: renamed to a trash name
@@ -243,6 +290,7 @@ class WorkDir:
         the bookkeeping. Each step is safe to repeat after a kill."""
         trash = self.out.parent / f".{self.out.name}.replaced"
         if not self.complete:
+            _write_listing(self.path)
             fsync_tree(self.path)
             faults.point("before-rename")
             if self.out.exists():  # only reached with --overwrite, over a folder check_replaceable allowed
@@ -268,7 +316,7 @@ class WorkDir:
 
     def _drop(self, replaced: Path) -> None:
         """The older OUT moved aside by a replacing run: surgeon's (check_replaceable allowed it)."""
-        if is_surgeon_output(replaced) or not any(replaced.iterdir()):
+        if not any(replaced.iterdir()) or (is_surgeon_output(replaced) and _not_ours(replaced) is None):
             self._discard_tree(replaced)
 
 
@@ -280,7 +328,7 @@ def open_work(dist, out: Path, plan: dict, overwrite: bool, inputs: list[Path], 
         try:
             files = None if work.complete else layout(work)
         except BaseException:
-            work.close()
+            work.discard() if work.created else work.close()  # a folder this run just made holds nothing worth resuming
             raise
     return work, files
 
@@ -326,6 +374,7 @@ def copy_side_files(files: list[Path], dest: Path, skip: set[str] = frozenset())
     for f in files:
         if f.name in skip:
             continue
-        shutil.copyfile(f, dest / f.name)
+        with disk_errors(dest / f.name):  # a full disk names the file being written, not its source
+            shutil.copyfile(f, dest / f.name)
         copied.append(f.name)
     return copied

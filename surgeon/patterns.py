@@ -40,8 +40,8 @@ def parse(items: list[str] | None, option: str, integer: bool) -> dict[str, floa
             raise UsageError(f"{option} {item!r}: {key!r} is not a valid regular expression ({e}).") from None
         except ValueError:
             raise UsageError(f"{option} {item!r}: {value!r} is not {'an integer' if integer else 'a number'}.") from None
-        if v <= 0:
-            raise UsageError(f"{option} {item!r}: the value must be positive.")
+        if not 0 < v < float("inf"):  # NaN fails too
+            raise UsageError(f"{option} {item!r}: the value must be a positive, finite number.")
         out[key] = v
     return out
 

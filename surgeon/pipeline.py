@@ -27,7 +27,7 @@ from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
-from surgeon.io.writer import check_free_space, parse_size, planned_sizes, write_json
+from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
 from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
@@ -109,8 +109,10 @@ class SplitJob:
         return self.layer_cfgs.get(module, self.cfg)
 
     def inputs(self) -> list[Path]:
-        """Folders --overwrite must never touch: the model folder and wherever its files live."""
-        return [self.src.root, *{p.parent for p in self.src.weights}, *([self.src.config_file.parent] if self.src.config_file else [])]
+        """What no output may replace, hold or lie inside: the model folder (when one was given) and
+        every file read (a model given as one file may have its output beside it)."""
+        folder = [self.src.root] if self.src.hub_id or self.src.root.resolve() == Path(self.src.model).expanduser().resolve() else []
+        return [*folder, *self.src.weights, *([self.src.config_file] if self.src.config_file else [])]
 
 
 @dataclass
@@ -281,7 +283,8 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     faults.point("after-manifest")
     from surgeon.card import build_card
 
-    build_card(manifest).save(work.path / CARD)
+    with disk_errors(work.path / CARD):
+        build_card(manifest).save(work.path / CARD)
     faults.point("after-card")
     run_log = {
         "seconds": round(elapsed, 3), "setup_seconds": round(t_start - t_enter, 3),

@@ -85,19 +85,20 @@ class SplitModel:
             os.replace(tmp / self.split.factors_file.name, self.split.factors_file)
             shutil.rmtree(tmp)
             return out
-        from surgeon.outdir import check_replaceable
+        from surgeon.outdir import FILES, check_outside, check_replaceable
 
+        check_outside(out, self.split.inputs())
         if out.exists() and not overwrite:
             raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
         if out.exists():
-            check_replaceable(out, [src])
+            check_replaceable(out, self.split.inputs())  # never the split, nor the model it came from
         tmp = out.parent / f".{out.name}.partial"
         if tmp.exists():
-            check_replaceable(tmp, [src])  # an earlier, killed save: surgeon's own
+            check_replaceable(tmp, self.split.inputs())  # an earlier, killed save: surgeon's own
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         for f in src.iterdir():
-            if f.is_file() and f.name != self.split.factors_file.name:
+            if f.is_file() and f.name not in (self.split.factors_file.name, FILES):  # the split's listing is not the copy's
                 _link_or_copy(f, tmp / f.name)
         save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
         os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644

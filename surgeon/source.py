@@ -46,7 +46,7 @@ class Source:
             return {}
         try:
             conf = json.loads(self.config_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise SourceError(f"{self.config_file}: not valid JSON ({e}); fix it or pass --config.") from None
         if not isinstance(conf, dict):
             raise SourceError(f"{self.config_file}: not a JSON object; fix it or pass --config.")
@@ -54,7 +54,8 @@ class Source:
 
     def card_metadata(self) -> dict:
         """License fields of the source's model card (README.md front matter), carried to the output card."""
-        return read_card_license(self.root / "README.md")
+        card = self.root / "README.md"
+        return read_card_license(confined(self.root, card.name, "the folder")) if card.exists() or card.is_symlink() else {}
 
     def fingerprint(self) -> list[dict]:
         """Size and modification time of each weight file: absorb checks the source is unchanged."""
@@ -114,7 +115,7 @@ def read_index(index: Path) -> dict[str, str]:
     """The weight_map of a model.safetensors.index.json: {tensor: shard file name}, validated."""
     try:
         obj = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SourceError(f"{index}: not a valid safetensors index ({e}); download it again.") from None
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
@@ -161,7 +162,7 @@ def _weights_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool, Pat
 def _side_files(folder: Path) -> list[Path]:
     """config, tokenizer and template files to copy beside the output; links out of the folder are refused."""
     names = sorted(p.name for p in folder.iterdir() if SIDE_FILES.search(p.name) and not WEIGHT_FILES.search(p.name))
-    return [confined(folder, n, "the folder") for n in names if (folder / n).is_file()]
+    return [confined(folder, n, "the folder") for n in names if not (folder / n).is_dir()]  # a FIFO or device is refused, not skipped
 
 
 def resolve(model: str, revision: str | None = None, config: Path | None = None, allow_pickle: bool = False) -> Source:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon.errors import SplitDirError
+from surgeon.errors import SplitDirError, UsageError
 
 MANIFEST = "surgeon.json"  # what was done, with which settings, per layer: deterministic, so resumed runs match
 RUN_LOG = "surgeon.run.json"  # this run's timings, resumed tensors and ranks: differs from run to run, stays local
@@ -47,7 +47,7 @@ def read_manifest(folder: Path, what: str = "a folder written by surgeon") -> di
         m = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SplitDirError(f"{folder} is not a surgeon split or output folder (no {MANIFEST}); give {what}.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SplitDirError(f"{path} is damaged ({e}); re-run the command that wrote {folder}.") from None
     if not isinstance(m, dict) or m.get("operation") not in OPERATIONS or "surgeon_version" not in m:
         raise SplitDirError(f"{path} is not a surgeon manifest (no operation/surgeon_version); give {what}.")
@@ -61,6 +61,11 @@ def is_surgeon_output(folder: Path) -> bool:
     except SplitDirError:
         return False
     return True
+
+
+def _str_map(obj, kinds) -> bool:
+    """Whether obj is a JSON object of name → value of `kinds` (no booleans)."""
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, kinds) and not isinstance(v, bool) for k, v in obj.items())
 
 
 class SplitDir:
@@ -96,9 +101,13 @@ class SplitDir:
                     read_header(p)
                 except SourceError as e:
                     raise SplitDirError(f"{e} ({self.path} is damaged: re-run the command that wrote it)") from None
-        files = self.manifest["source"].get("files")
-        if not isinstance(files, list) or not files or not all(isinstance(f, dict) and "path" in f for f in files):
+        src = self.manifest["source"]
+        files = src.get("files")
+        if not isinstance(files, list) or not files or not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
             raise SplitDirError(f"{self.path / MANIFEST} records no source files; re-run the split.")
+        hashes = src.get("tensor_hashes") or {}
+        if not _str_map(hashes, str):
+            raise SplitDirError(f"{self.path / MANIFEST} holds damaged source hashes; re-run the split.")
 
     def _config(self):
         from surgeon.methods import MethodConfig
@@ -109,15 +118,23 @@ class SplitDir:
         if self.lora and ac.exists():  # a trainer may have saved its own config
             try:
                 c = json.loads(ac.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise SplitDirError(f"{ac} is damaged ({e}); re-run the command that wrote {self.path}.") from None
             if not isinstance(c, dict):
                 raise SplitDirError(f"{ac} is not a JSON object; re-run the command that wrote {self.path}.")
             r, alpha, rs = c.get("r", r), c.get("lora_alpha", alpha), c.get("use_rslora", rs)
             self.patterns = (c.get("rank_pattern") or {}, c.get("alpha_pattern") or {})
+            if not all(_str_map(p, (int, float)) for p in self.patterns):
+                raise SplitDirError(f"{ac}: rank_pattern and alpha_pattern must map module patterns to numbers; re-run the command that wrote {self.path}.")
         known = {f.name for f in dataclasses.fields(MethodConfig)} - {"rank", "alpha", "use_rslora", "module"}
         saved = self.manifest.get("method_config", {})
-        return MethodConfig(int(r), float(alpha), bool(rs), **{k: v for k, v in saved.items() if k in known})
+        if not isinstance(saved, dict):
+            raise SplitDirError(f"{self.path / MANIFEST}: method_config is not an object; re-run the split.")
+        try:
+            cfg = MethodConfig(r, alpha, rs, **{k: v for k, v in saved.items() if k in known})
+        except UsageError as e:  # a damaged value (text, null, NaN) in surgeon.json or adapter_config.json
+            raise SplitDirError(f"{self.path} holds an invalid setting ({str(e).rstrip('.')}); re-run the command that wrote it.") from None
+        return dataclasses.replace(cfg, alpha=float(cfg.alpha))
 
     @property
     def layers(self) -> dict[str, dict]:
@@ -158,6 +175,13 @@ class SplitDir:
 
         files = [self.factors_file] + ([self.init_file] if self.init_file.exists() else [])
         return {"surgeon": __version__, **{p.name: file_hash(p) for p in files}}
+
+    def inputs(self) -> list[Path]:
+        """What an output made from this split may never replace, hold or lie inside: the split, the
+        source's files and, when the source was a folder or a Hub id, its folder."""
+        files = [Path(f["path"]) for f in self.source_files()]
+        given_file = Path(str(self.manifest["source"].get("model") or "")).suffix in (".safetensors", ".bin", ".pt", ".pth")
+        return [self.path, *files, *({f.parent for f in files} if not given_file else set())]
 
     def missing_source_files(self) -> list[str]:
         return [f["path"] for f in self.source_files() if not Path(f["path"]).is_file()]

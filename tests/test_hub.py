@@ -29,6 +29,7 @@ from surgeon.card import for_repo
 from surgeon.errors import HubAuthError, HubError, NotHubReadyError, SourceError
 from surgeon.hub import hub_copy, push
 from surgeon.hubcheck import check_folder, write_card
+from surgeon.outdir import FILES
 from surgeon.pipeline import SplitOptions, split
 
 # huggingface_hub 2.4 itself passes a file object as `data=` to httpx2 for LFS PUTs
@@ -149,8 +150,8 @@ def test_push_sends_every_file_once_in_one_commit_and_leaves_the_folder_alone(hu
     assert hub.create_payloads[-1] == {"name": "tiny-pissa", "organization": "me", "visibility": "private", "type": "model"}
     assert repo.private and r.private
     got = repo.files()
-    assert set(got) == set(before) - {"surgeon.run.json"} | {".gitattributes"}  # the run log stays local
-    for name in set(before) - {"surgeon.run.json"}:
+    assert set(got) == set(before) - {"surgeon.run.json", FILES} | {".gitattributes"}  # the run log and the file listing stay local
+    for name in set(before) - {"surgeon.run.json", FILES}:
         want = hub_copy(split_dir, name, "me/tiny-pissa") or (split_dir / name).read_bytes()
         assert got[name] == want, name
     card = got["README.md"].decode()
@@ -209,7 +210,7 @@ def test_dropped_connection_gives_a_clear_error_and_a_retry_finishes(hub, split_
     n = len(hub.log)
     push(split_dir, "me/tiny-net", commit_message="retry")
     assert not [p for m, p in hub.log[n:] if m == "PUT"]  # the LFS objects were already there
-    assert set(hub.repos["me/tiny-net"].files()) == set(before) - {"surgeon.run.json"} | {".gitattributes"}
+    assert set(hub.repos["me/tiny-net"].files()) == set(before) - {"surgeon.run.json", FILES} | {".gitattributes"}
     assert hub.repos["me/tiny-net"].history()[0].message == "retry"
 
 

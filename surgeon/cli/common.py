@@ -37,6 +37,10 @@ def errors_to_exit():
         where = f" ({e.filename})" if e.filename else ""
         err_console().print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; fix that and run the same command again.", soft_wrap=True)
         raise typer.Exit(1) from None
+    except RecursionError:  # json's parser on a hostile file nested thousands deep, where no reader names it
+        err_console().print("[bold red]error:[/] an input file is nested too deeply to read (a damaged or hostile JSON file); "
+                            "check the JSON files of the folders this command reads.", soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         if is_main_process():  # torchrun hands Ctrl-C to every rank: one note is enough
             err_console().print("[yellow]interrupted[/]: the partial output is kept; run the same command again to resume.")

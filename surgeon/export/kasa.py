@@ -48,4 +48,4 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
     conf["kasa_config"] = {"beta": cfg.kasa_beta, "gamma": cfg.kasa_gamma}
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "kasa", **sd.identity()}, overwrite, [sd.path], conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "kasa", **sd.identity()}, overwrite, sd.inputs(), conf, tensors)

@@ -52,7 +52,7 @@ def regular_file(path: Path) -> os.stat_result:
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror}).") from e
     if not stat.S_ISREG(st.st_mode):
-        raise SourceError(f"{path} is not a regular file (a FIFO, device or folder); give the model's own weight files.")
+        raise SourceError(f"{path} is not a regular file (a FIFO, device or folder); surgeon reads only regular files: replace it with the file itself.")
     return st
 
 
@@ -107,7 +107,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise SourceError(f"{path}: cannot read ({e.strerror}).") from e
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e}); the file is damaged, re-download it.") from None
     names = _library_check(path, raw, size)
     meta = header.pop("__metadata__", None) or {}

@@ -37,7 +37,7 @@ def disk_errors(path: Path):
             raise
         free = shutil.disk_usage(path.parent).free
         raise DiskSpaceError(
-            f"the disk is full writing {path} ({free / 1e9:.2f} GB free at {path.parent}); free some space and run the same "
+            f"the disk is full writing {path} ({human_size(free)} free at {path.parent}); free some space and run the same "
             "command again: it resumes after the tensors already written."
         ) from None
 
@@ -47,7 +47,15 @@ def check_free_space(folder: Path, files: list[tuple[Path, int]]) -> None:
     need = sum(max(0, size - (p.stat().st_blocks * 512 if p.exists() else 0)) for p, size in files)
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise DiskSpaceError(f"needs {need / 1e9:.2f} GB at {folder}, {free / 1e9:.2f} GB free; free some space or choose another --out.")
+        raise DiskSpaceError(f"needs {human_size(need)} at {folder}, {human_size(free)} free; free some space or choose another --out.")
+
+
+def human_size(n: int) -> str:
+    """Bytes in the largest decimal unit that leaves a number ≥ 1: "4.21 GB", "310 kB"."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def fsync_tree(folder: Path) -> None:
@@ -245,7 +253,7 @@ class Journal:
             for line in data.decode(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("name"), str):
                     self.done[rec["name"]] = rec

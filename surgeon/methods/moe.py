@@ -130,7 +130,7 @@ class MoE(Method):
         else:
             try:
                 raw = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise UsageError(f"--fixed-gates {path} is not JSON ({e}); give a .json of per-block gates or a .jsonl of prompts.") from e
             gates = _parse_gate_json(raw, blocks, path)
             record = {"from": str(path), "kind": "per-block gates"}
@@ -178,7 +178,7 @@ def _read_prompts(path: Path) -> list:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:
             raise UsageError(f"{path}:{i} is not JSON ({e}).") from e
         p = obj if isinstance(obj, str) else next((obj[k] for k in ("prompt", "text", "messages") if isinstance(obj, dict) and k in obj), None)
         if p is None:

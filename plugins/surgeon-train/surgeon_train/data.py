@@ -56,8 +56,9 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); expected {FORMAT_HINT}.") from None
+                except (ValueError, RecursionError) as e:
+                    why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise DataError(f"{path}, line {lineno}: not valid JSON ({why}); expected {FORMAT_HINT}.") from None
                 if rename and isinstance(obj, dict):
                     obj = {rename.get(k, k): v for k, v in obj.items()}
                 records.append((lineno, _check(obj, path, lineno)))
