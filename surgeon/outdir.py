@@ -70,14 +70,15 @@ def unsafe_reason(out: Path, inputs: list[Path]) -> str | None:
 
 
 def _tree(folder: Path) -> list[str]:
-    """Every file under `folder` (links not followed), as sorted relative POSIX paths."""
-    return sorted(q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file() or q.is_symlink())
+    """Every file of an output (links not followed), as sorted relative POSIX paths, but the listing
+    itself and the run's bookkeeping."""
+    rel = (q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file() or q.is_symlink())
+    return sorted(f for f in rel if f != FILES and not f.startswith(f"{WORK}/"))
 
 
 def _write_listing(folder: Path) -> None:
     """Record what a finished output holds (names only, so a resumed run writes the same bytes)."""
-    files = [f for f in _tree(folder) if f != FILES and not f.startswith(f"{WORK}/")]
-    (folder / FILES).write_text("".join(f + "\n" for f in files))
+    (folder / FILES).write_text("".join(f + "\n" for f in _tree(folder)))
 
 
 def _not_ours(folder: Path) -> str | None:
@@ -87,7 +88,7 @@ def _not_ours(folder: Path) -> str | None:
         listed = set((folder / FILES).read_text().splitlines())
     except OSError:
         return None
-    extra = [f for f in _tree(folder) if f not in listed and f != FILES and not f.startswith(f"{WORK}/")]
+    extra = [f for f in _tree(folder) if f not in listed]
     if not extra:
         return None
     more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
