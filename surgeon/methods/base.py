@@ -7,6 +7,7 @@ float64 tensors on the compute device and never touches files; the pipeline does
 
 from __future__ import annotations
 
+import math
 from dataclasses import KW_ONLY, dataclass, field
 
 import torch
@@ -57,8 +58,6 @@ class MethodConfig:
 
 def _number(v, option: str, integer: bool = False, low: float | None = None, positive: bool = False) -> None:
     """Refuse a setting that is not a finite number of the right kind (NaN, inf, text, null)."""
-    import math
-
     kinds = (int,) if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
         raise UsageError(f"{option} {v!r} must be a finite {'whole ' if integer else ''}number.")
