@@ -42,13 +42,10 @@ from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
 from surgeon.methods import Method
-from surgeon.outdir import WorkDir, copy_side_files, finish_completed, open_work
+from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
                               lora_key)
-
-
-COMMIT_SECONDS = 2.0  # resume points, as split's
 
 
 @dataclass
@@ -170,7 +167,8 @@ def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: 
                 reporter.advance(info.name, info.nbytes)
                 faults.point("tensor")
                 if time.monotonic() - last >= COMMIT_SECONDS:  # a resume point: a kill loses at most this much
-                    batch, last = _commit(work, writer, batch), time.monotonic()
+                    _commit(work, writer, batch)
+                    last = time.monotonic()
                 dist.check_peers()  # another rank failed: stop here
         except BaseException:
             with contextlib.suppress(Exception):  # keep what was written (an error or Ctrl-C): the same command resumes
@@ -180,13 +178,10 @@ def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: 
     writer.close()
 
 
-def _commit(work: WorkDir, writer: ShardSetWriter, batch: list[tuple[Future, dict]]) -> list:
-    """Wait for the batch's writes, fsync, journal them (none if one failed); returns the empty batch."""
-    recs = [(f.result(), rec)[1] for f, rec in batch]
-    writer.sync()
-    work.journal.commit(recs)
+def _commit(work: WorkDir, writer: ShardSetWriter, batch: list[tuple[Future, dict]]) -> None:
+    """A resume point over the batch, which is emptied."""
+    work.journal.commit_after(batch, [writer])
     batch.clear()
-    return batch
 
 
 def check_hash(hashes: dict[str, str], ckpt: Checkpoint, name: str) -> None:

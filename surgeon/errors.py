@@ -79,3 +79,7 @@ class DistributedError(SurgeonError):
 
 class PeerFailedError(DistributedError):
     """Another rank of a torchrun job failed; the message and exit code are that rank's."""
+
+
+# what reading a JSON file can raise: cannot read it, not UTF-8, not JSON, nested too deeply for the parser
+JSON_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)

@@ -14,14 +14,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgeon.errors import CorruptCheckpointError, NotHubReadyError, SourceError
+from surgeon.errors import CorruptCheckpointError, JSON_READ_ERRORS, NotHubReadyError, SourceError
 from surgeon.io.reader import read_header
 from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, MANIFEST, RUN_LOG
 
 INDEX = "model.safetensors.index.json"
 # HfApi.upload_file's docstring in huggingface_hub 2.4: "Upload a local file (up to 50 GB)".
 HUB_MAX_FILE = 50 * 10**9
-
 
 
 @dataclass
@@ -53,7 +52,7 @@ def _files(folder: Path) -> list[str]:
 def _json(path: Path, problems: list[str]) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except JSON_READ_ERRORS as e:
         problems.append(f"{path.name} is not valid JSON ({e}).")
         return None
 
@@ -153,18 +152,17 @@ def check_folder(folder: Path) -> FolderCheck:
         p.append("no config.json: transformers cannot load the folder; copy the source model's config.json into it.")
     else:
         _json(folder / "config.json", p)
-    root = folder.resolve()
-    for f in chk.files:  # a link would upload what it points to
-        if not (folder / f).resolve().is_relative_to(root):
-            p.append(f"{f} links to {(folder / f).resolve()}, outside {folder}; surgeon uploads only the folder's own files: copy it in or remove the link.")
     _check_weights(folder, chk.files, p)
     m = chk.manifest
     if m.get("operation") == "split":
         need = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if m.get("peft_adapter") else [FACTORS]
         p.extend(f"no {n}: the split's trainable factors are missing; re-run the split." for n in need if not (folder / n).is_file())
+    root = folder.resolve()
     for f in chk.files:
-        size = (folder / f).stat().st_size
-        if size > HUB_MAX_FILE:
+        real = (folder / f).resolve()
+        if not real.is_relative_to(root):  # a link would upload what it points to
+            p.append(f"{f} links to {real}, outside {folder}; surgeon uploads only the folder's own files: copy it in or remove the link.")
+        elif (size := real.stat().st_size) > HUB_MAX_FILE:
             p.append(f"{f} is {size / 1e9:.1f} GB; the Hub takes files up to 50 GB: re-run with --shard-size 5GB.")
     if m:
         _check_card(folder, m, p, chk.warnings)
@@ -187,7 +185,7 @@ def write_card(folder: Path) -> Path:
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except JSON_READ_ERRORS as e:
         raise NotHubReadyError(f"cannot build a card for {folder}: {MANIFEST} is missing or invalid ({e}).") from e
     build_card(manifest).save(folder / CARD)
     return folder / CARD

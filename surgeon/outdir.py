@@ -36,6 +36,7 @@ from surgeon.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 
 WORK = ".surgeon"  # bookkeeping inside the work folder
 JOURNALS = "journal*.jsonl"  # journal.jsonl (one process) and journal.rankN.jsonl (torchrun ranks)
+COMMIT_SECONDS = 2.0  # how often finished tensors are fsynced and journaled: what a kill may lose
 FILES = ".surgeon.files"  # every file a finished output holds, one relative path a line: what --overwrite may delete
 
 
@@ -103,15 +104,20 @@ def check_outside(out: Path, inputs: list[Path]) -> None:
             raise UnsafeOutputError(f"{out} lies inside the input {i}; surgeon never writes into its input, so choose an --out outside it.")
 
 
+def _content_reason(folder: Path) -> str | None:
+    """Why the folder's content forbids deleting it: not a folder, or not only what surgeon wrote."""
+    if not folder.is_dir():
+        return f"{folder} is a file, not an output folder"
+    if not any(folder.iterdir()):
+        return None
+    if not is_surgeon_output(folder):
+        return f"{folder} was not written by surgeon (no surgeon.json) and holds {_listing(folder)}"
+    return _not_ours(folder)
+
+
 def check_replaceable(out: Path, inputs: list[Path]) -> None:
     """Raise unless `out` is a folder --overwrite may delete: empty, or written by surgeon, and no input."""
-    why = unsafe_reason(out, inputs)
-    if why is None and not out.is_dir():
-        why = f"{out} is a file, not an output folder"
-    if why is None and any(out.iterdir()) and not is_surgeon_output(out):
-        why = f"{out} was not written by surgeon (no surgeon.json) and holds {_listing(out)}"
-    if why is None:
-        why = _not_ours(out)
+    why = unsafe_reason(out, inputs) or _content_reason(out)
     if why:
         raise UnsafeOutputError(f"refusing to replace: {why}; surgeon replaces only empty folders and its own outputs, so choose another --out.")
 
@@ -317,7 +323,7 @@ class WorkDir:
 
     def _drop(self, replaced: Path) -> None:
         """The older OUT moved aside by a replacing run: surgeon's (check_replaceable allowed it)."""
-        if not any(replaced.iterdir()) or (is_surgeon_output(replaced) and _not_ours(replaced) is None):
+        if _content_reason(replaced) is None:  # else something was added meanwhile: it stays
             self._discard_tree(replaced)
 
 

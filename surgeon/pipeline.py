@@ -31,7 +31,7 @@ from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned
 from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
-from surgeon.outdir import WorkDir, copy_side_files, finish_completed, open_work
+from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
@@ -61,7 +61,7 @@ class SplitOptions:
     prefetch: int = 2
     workers: int = 0  # concurrent solves (threads; CUDA: one stream each); 0 = 2 on CPU, 1 on CUDA
     spectra: bool = False  # also keep every singular value (surgeon.spectra.safetensors): a full eigensolve per weight
-    commit_seconds: float = 2.0  # how often finished tensors are fsynced and journaled (resume points)
+    commit_seconds: float = COMMIT_SECONDS  # how often finished tensors are fsynced and journaled (resume points)
     seed: int = 0  # methods with random initial factors (KaSA): per-layer seeds derive from it
     kasa_beta: float = 1e-4  # KaSA's regulariser weights, recorded for the runtime (PEFT's defaults)
     kasa_gamma: float = 1e-3

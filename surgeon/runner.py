@@ -111,12 +111,7 @@ class SplitRunner:
         """fsync, then journal the batch's tensors, but none if any of their writes failed (the
         executor runs this even after an earlier write raised: a failed tensor must never be "done")."""
         with self.clock("commit_busy"):
-            for write, _ in batch:
-                if write.exception() is not None:
-                    raise write.exception()
-            for w in self.w.all:
-                w.sync()
-            self.work.journal.commit([rec for _, rec in batch])
+            self.work.journal.commit_after(batch, self.w.all)
 
     def _wait_pending(self) -> None:
         while self.pending:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgeon.errors import CorruptCheckpointError, PickleRefusedError, SourceError, UsageError
+from surgeon.errors import CorruptCheckpointError, JSON_READ_ERRORS, PickleRefusedError, SourceError, UsageError
 from surgeon.io.reader import Checkpoint, regular_file
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*"]
@@ -115,7 +115,7 @@ def read_index(index: Path) -> dict[str, str]:
     """The weight_map of a model.safetensors.index.json: {tensor: shard file name}, validated."""
     try:
         obj = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except JSON_READ_ERRORS as e:
         raise SourceError(f"{index}: not a valid safetensors index ({e}); download it again.") from None
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon.errors import SplitDirError, UsageError
+from surgeon.errors import JSON_READ_ERRORS, SourceError, SplitDirError, UsageError
 
 MANIFEST = "surgeon.json"  # what was done, with which settings, per layer: deterministic, so resumed runs match
 RUN_LOG = "surgeon.run.json"  # this run's timings, resumed tensors and ranks: differs from run to run, stays local
@@ -47,7 +47,7 @@ def read_manifest(folder: Path, what: str = "a folder written by surgeon") -> di
         m = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SplitDirError(f"{folder} is not a surgeon split or output folder (no {MANIFEST}); give {what}.") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except JSON_READ_ERRORS as e:
         raise SplitDirError(f"{path} is damaged ({e}); re-run the command that wrote {folder}.") from None
     if not isinstance(m, dict) or m.get("operation") not in OPERATIONS or "surgeon_version" not in m:
         raise SplitDirError(f"{path} is not a surgeon manifest (no operation/surgeon_version); give {what}.")
@@ -92,7 +92,6 @@ class SplitDir:
 
     def _check_files(self) -> None:
         """The factor files must be valid safetensors (the library's check), the source recorded."""
-        from surgeon.errors import SourceError
         from surgeon.io.reader import read_header
 
         for p in (self.factors_file, self.init_file):
@@ -118,7 +117,7 @@ class SplitDir:
         if self.lora and ac.exists():  # a trainer may have saved its own config
             try:
                 c = json.loads(ac.read_text())
-            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            except JSON_READ_ERRORS as e:
                 raise SplitDirError(f"{ac} is damaged ({e}); re-run the command that wrote {self.path}.") from None
             if not isinstance(c, dict):
                 raise SplitDirError(f"{ac} is not a JSON object; re-run the command that wrote {self.path}.")

@@ -75,8 +75,7 @@ def test_reopening_with_the_same_plan_keeps_written_data(tmp_path):
 
 def test_journal_ignores_a_torn_last_line(tmp_path):
     j = Journal(tmp_path / "j.jsonl")
-    j.add({"name": "a"})
-    j.commit()
+    j.commit([{"name": "a"}])
     with open(tmp_path / "j.jsonl", "a") as f:
         f.write('{"name": "b"')  # crash mid-write
     assert set(Journal(tmp_path / "j.jsonl").done) == {"a"}

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,12 +161,10 @@ class ShardSetWriter:
         self.prefix = prefix
         self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (file idx, abs offset, spec)
         self._fds: list[int] = []
-        self.sizes: list[tuple[Path, int]] = []  # (file, planned size): what the disk must hold
         metadata = {"format": "pt", **(metadata or {})}
         for i, (path, tensors) in enumerate(zip(self.files, shards)):
             head, offsets = _header_bytes(tensors, metadata)
-            total = len(head) + sum(t.nbytes for t in tensors)
-            self.sizes.append((path, total))
+            total = len(head) + sum(t.nbytes for t in tensors)  # as planned_sizes says
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             existing = os.pread(fd, len(head), 0) if os.fstat(fd).st_size == total else b""
             if existing != head:  # new file, or a layout from another plan: start it afresh
@@ -257,22 +254,17 @@ class Journal:
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("name"), str):
                     self.done[rec["name"]] = rec
-        self._pending: list[dict] = []
-        self._lock = threading.Lock()
 
-    def add(self, record: dict) -> None:
-        with self._lock:
-            self._pending.append(record)
+    def commit_after(self, batch: list, writers: list) -> None:
+        """A resume point: wait for the batch's writes [(future, record)], fsync the writers, then
+        journal the records; none of them if any write failed (a failed tensor is never "done")."""
+        for write, _ in batch:
+            write.result()
+        for w in writers:
+            w.sync()
+        self.commit([rec for _, rec in batch])
 
-    def take(self) -> list[dict]:
-        """The records added so far, handed to a later `commit(records)` (e.g. on the writer thread,
-        after the writes they name)."""
-        with self._lock:
-            recs, self._pending = self._pending, []
-        return recs
-
-    def commit(self, records: list[dict] | None = None) -> None:
-        recs = self.take() if records is None else records
+    def commit(self, recs: list[dict]) -> None:
         if not recs:
             return
         with disk_errors(self.path), open(self.path, "a") as f:
