@@ -36,6 +36,7 @@ from pathlib import Path
 from surgeon.card import for_repo
 from surgeon.errors import HubAuthError, HubError, UsageError
 from surgeon.hubcheck import validate
+from surgeon.readlock import reads
 from surgeon.splitdir import ADAPTER_CONFIG, CARD, MANIFEST
 
 TIMEOUT_ENV = "SURGEON_HUB_TIMEOUT"  # seconds any one Hub request may wait for an answer
@@ -112,6 +113,7 @@ def default_message(manifest: dict) -> str:
     return f"surgeon {op}: {method} of {src}"
 
 
+@reads("folder")
 def push(
     folder: Path,
     repo_id: str,

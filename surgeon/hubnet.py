@@ -25,10 +25,10 @@ transport for them, with per-operation timeouts only), and xet transfers (hf_xet
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import httpcore2
 import httpx2

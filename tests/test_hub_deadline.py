@@ -14,14 +14,14 @@ import time
 
 import httpx2
 import pytest
+from cliutil import one_error_line, run
+from fake_hub import FakeHub
 from huggingface_hub import get_session, set_client_factory
 from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from huggingface_hub.utils._http import default_client_factory
-
-from cliutil import one_error_line, run
-from fake_hub import FakeHub
-from surgeon.hubnet import install
 from test_hub import TOKEN, point_client_at
+
+from surgeon.hubnet import install
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
 
