@@ -18,8 +18,9 @@ large shard at any real speed finishes while a silent or trickling server fails 
 request raises httpx2.ConnectTimeout / WriteTimeout / ReadTimeout, which huggingface_hub handles like any
 timeout (some calls retry through http_backoff: each retry is a new request with a new budget).
 
-Not covered: requests sent through an HTTP(S)_PROXY from the environment (httpx mounts its own proxy
-transport for them, with per-operation timeouts only), and xet transfers (hf_xet has its own client).
+Proxies from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) are honoured as httpx does,
+through the same backend. Not covered: xet transfers (hf_xet has its own client), and HTTP/2 (off in
+huggingface_hub's client).
 """
 
 from __future__ import annotations
@@ -164,10 +165,13 @@ class _Body(httpx2.SyncByteStream):
 class DeadlineTransport(httpx2.BaseTransport):
     """httpx2's HTTP/1.1 transport, with a budget of `seconds` per request (see the module docstring)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, proxy: httpx2.Proxy | None = None) -> None:
         self.seconds = seconds
+        via = None
+        if proxy is not None:  # what httpx2.HTTPTransport makes of an HTTP(S)_PROXY / ALL_PROXY
+            via = httpcore2.Proxy(url=str(proxy.url), auth=proxy.raw_auth, headers=proxy.headers.raw, ssl_context=proxy.ssl_context)
         self._pool = httpcore2.ConnectionPool(
-            ssl_context=httpx2.create_ssl_context(), max_connections=None, keepalive_expiry=5.0, network_backend=_Backend()
+            ssl_context=httpx2.create_ssl_context(), proxy=via, max_connections=None, keepalive_expiry=5.0, network_backend=_Backend()
         )
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -189,9 +193,21 @@ class DeadlineTransport(httpx2.BaseTransport):
         self._pool.close()
 
 
-def client(seconds: float, event_hooks: dict | None = None) -> httpx2.Client:
-    """A client like huggingface_hub's own (its event hooks, redirects followed), sending through DeadlineTransport."""
-    return httpx2.Client(event_hooks=event_hooks, follow_redirects=True, timeout=seconds, transport=DeadlineTransport(seconds))
+class DeadlineClient(httpx2.Client):
+    """huggingface_hub's client (its event hooks, redirects followed), every request through a
+    DeadlineTransport: the direct one and one per proxy the environment names. httpx builds them in
+    _init_transport and _init_proxy_transport; passing transport= instead would make it ignore
+    the environment's proxies."""
+
+    def __init__(self, seconds: float, event_hooks: dict | None = None) -> None:
+        self.seconds = seconds
+        super().__init__(event_hooks=event_hooks, follow_redirects=True, timeout=seconds)
+
+    def _init_transport(self, *args, **kwargs) -> httpx2.BaseTransport:
+        return DeadlineTransport(self.seconds)
+
+    def _init_proxy_transport(self, proxy: httpx2.Proxy, *args, **kwargs) -> httpx2.BaseTransport:
+        return DeadlineTransport(self.seconds, proxy)
 
 
 def install(seconds: float) -> None:
@@ -199,7 +215,7 @@ def install(seconds: float) -> None:
     global _INSTALLED
     _INSTALLED = seconds
     hooks = _hub_event_hooks()
-    set_client_factory(lambda: client(seconds, hooks))  # closes the current shared client; the next call makes one
+    set_client_factory(lambda: DeadlineClient(seconds, hooks))  # closes the current shared client; the next call makes one
 
 
 _INSTALLED: float | None = None

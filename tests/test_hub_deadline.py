@@ -110,3 +110,23 @@ def test_the_deadline_binds_a_request_sent_with_timeout_none_but_not_a_large_ans
     got = get_session().get(url, timeout=None)
     assert got.status_code == 200 and got.content == data
     assert time.monotonic() - t0 > 1.0  # it did outlast the deadline, on the bytes it moved
+
+
+def test_a_proxy_from_the_environment_is_still_used_and_bounded_too(hub, monkeypatch):
+    """HTTP_PROXY: the client sends through the proxy (here the fake hub, a forward proxy for an
+    endpoint that resolves nowhere), and a proxy that stops answering meets the same deadline."""
+    from huggingface_hub import HfApi
+
+    for k in ("NO_PROXY", "ALL_PROXY", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+        monkeypatch.delenv(k.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", hub.endpoint)
+    oid = hub.seed("org/p", {"config.json": b"{}"})
+    install(2.0)
+    assert HfApi(endpoint="http://hub.invalid").model_info("org/p").sha == oid
+    assert "http://hub.invalid/api/models/org/p" in hub.requests("GET")  # the absolute form a proxy receives
+    hub.stall("GET", "")
+    t0 = time.monotonic()
+    with pytest.raises(httpx2.ReadTimeout):
+        get_session().get("http://hub.invalid/api/models/org/p", timeout=None)
+    assert time.monotonic() - t0 < BOUND
