@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - moved in a later release: a plain clie
 
 MIN_RATE = 64 * 1024  # bytes per second a transfer must average beyond the first `seconds`
 WRITE_PIECE = 64 * 1024  # a send is cut into pieces, each bounded by the time left
+LONGEST = 1e6  # seconds: the most one socket operation is given (a socket refuses a timeout past time_t)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _bounded(timeout: float | None, exc: type[Exception]) -> float | None:
     left = budget.left()
     if left <= 0:
         raise exc("timed out")  # as the socket says it; hub.py and cause() name the deadline
-    return left if timeout is None else min(timeout, left)
+    return min(LONGEST, left if timeout is None else min(timeout, left))
 
 
 def _count(n: int) -> None:
@@ -177,7 +178,8 @@ class DeadlineTransport(httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         budget = Budget(self.seconds)
         asked = request.extensions.get("timeout") or {}
-        timeouts = {k: self.seconds if asked.get(k) is None else min(asked[k], self.seconds) for k in ("connect", "read", "write", "pool")}
+        most = min(self.seconds, LONGEST)
+        timeouts = {k: most if asked.get(k) is None else min(asked[k], most) for k in ("connect", "read", "write", "pool")}
         req = httpcore2.Request(
             method=request.method,
             url=httpcore2.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path),

@@ -130,3 +130,11 @@ def test_a_proxy_from_the_environment_is_still_used_and_bounded_too(hub, monkeyp
     with pytest.raises(httpx2.ReadTimeout):
         get_session().get("http://hub.invalid/api/models/org/p", timeout=None)
     assert time.monotonic() - t0 < BOUND
+
+
+@pytest.mark.parametrize("seconds", [1e300, float("inf")])
+def test_a_deadline_too_long_for_a_socket_means_no_deadline_not_a_crash(hub, seconds):
+    """socket.settimeout refuses more than time_t holds (OverflowError was a traceback)."""
+    oid = hub.seed("org/long", {"config.json": b"{}"})
+    install(seconds)
+    assert get_session().get(f"{hub.endpoint}/api/models/org/long", timeout=None).json()["sha"] == oid
