@@ -26,7 +26,7 @@ Something that does not take the lock (a person's `mv`, an older surgeon) can st
 while it is read: on release the reader compares S with the folder it locked (device and inode)
 and raises if they differ, so such a read ends in an error, not a silent mix.
 
-Limits: flock is advisory (only surgeon runs take it). Where the lock file cannot be created (S
+Limits: flock is advisory (only surgeon runs take it), and POSIX only (on Windows reads take no lock). Where the lock file cannot be created (S
 in a read-only folder, such as a shared cache), S is read without it: no surgeon run can write
 beside S there either.
 """
@@ -34,7 +34,6 @@ beside S there either.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import inspect
 import json
@@ -44,6 +43,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from surgeon.errors import JSON_READ_ERRORS, OutputLockedError, SplitDirError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; reads take no lock there
+    fcntl = None
 
 
 def lock_path(folder: Path) -> Path:
@@ -101,6 +105,8 @@ def _holder(path: Path) -> str:
 
 def only_readers(path: Path) -> bool:
     """Whether the lock file `path`, which an exclusive lock could not take, is held by readers only."""
+    if fcntl is None:
+        return False
     try:
         fd = _locked(path, fcntl.LOCK_SH)
     except BlockingIOError:
@@ -115,7 +121,7 @@ def shared(folder: Path) -> Iterator[None]:
     """Hold the shared lock of `folder` (see the module docstring) for the body of the with."""
     path = lock_path(folder)
     try:
-        fd = _locked(path, fcntl.LOCK_SH)
+        fd = _locked(path, fcntl.LOCK_SH) if fcntl is not None else None
     except BlockingIOError:
         raise OutputLockedError(
             f"{folder} is being written by another surgeon run ({_holder(path)}); wait for it to finish, then run this again."
