@@ -44,6 +44,7 @@ from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned
 from surgeon.methods import Method
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
+from surgeon.readlock import reads
 from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
                               lora_key)
 
@@ -119,6 +120,7 @@ def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
 
 
 @distributed.collective
+@reads("split_dir")
 def absorb(split_dir: Path, out: Path, opts: AbsorbOptions | None = None, reporter: Reporter | None = None) -> dict:
     dist = distributed.current()
     opts = opts or AbsorbOptions()
@@ -247,6 +249,7 @@ def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.T
     return (stored.double() + d).to(stored.dtype)
 
 
+@reads("split_dir")
 def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     """A PEFT LoRA for the original model: rank 2r [B' | B₀] [A' ; −A₀] with lora_alpha doubled for
     LoRA-shaped splits, the method's rank-r `lora_change` otherwise (or `lora_form` on the residual)."""

@@ -36,6 +36,7 @@ from pathlib import Path
 from surgeon.card import for_repo
 from surgeon.errors import HubAuthError, HubError, UsageError
 from surgeon.hubcheck import validate
+from surgeon.readlock import reads
 from surgeon.splitdir import ADAPTER_CONFIG, CARD, MANIFEST
 
 TIMEOUT_ENV = "SURGEON_HUB_TIMEOUT"  # seconds any one Hub request may wait for an answer
@@ -56,13 +57,12 @@ class PushResult:
 
 
 def request_timeout(seconds: float | None = None) -> float:
-    """Give every huggingface_hub request of this process a timeout (its shared httpx client has
-    none, so a server that accepts and never answers would hang a push for ever). The client is
-    remade by huggingface_hub after some errors, so the timeout goes into the client factory too.
-    Returns the timeout set."""
+    """Give every huggingface_hub request of this process a deadline: connect, send and the whole answer
+    within `seconds` (plus one second per 64 KiB moved), whatever timeout huggingface_hub passes itself
+    (surgeon.hubnet says how). Returns the deadline set."""
     import os
 
-    from huggingface_hub import get_session, set_client_factory
+    from surgeon.hubnet import install
 
     raw = seconds if seconds is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)
     try:
@@ -73,28 +73,11 @@ def request_timeout(seconds: float | None = None) -> float:
         raise UsageError(f"the Hub timeout must be a positive number of seconds, not {raw!r}.")
     global _TIMEOUT
     _TIMEOUT = t
-    base = _default_factory()
-    if base is not None:
-        set_client_factory(lambda: _with_timeout(base(), t))
-    get_session().timeout = t  # httpx's public setter: connect, read, write and pool limits
+    install(t)
     return t
 
 
 _TIMEOUT = DEFAULT_TIMEOUT
-
-
-def _default_factory():
-    """huggingface_hub's own client factory (event hooks, redirects), to wrap; None if it moved."""
-    try:
-        from huggingface_hub.utils._http import default_client_factory
-    except ImportError:
-        return None
-    return default_client_factory
-
-
-def _with_timeout(client, t: float):
-    client.timeout = t
-    return client
 
 
 def require_token(token: str | None = None) -> str:
@@ -130,6 +113,7 @@ def default_message(manifest: dict) -> str:
     return f"surgeon {op}: {method} of {src}"
 
 
+@reads("folder")
 def push(
     folder: Path,
     repo_id: str,

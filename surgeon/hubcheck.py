@@ -16,6 +16,7 @@ from pathlib import Path
 
 from surgeon.errors import CorruptCheckpointError, JSON_READ_ERRORS, NotHubReadyError, SourceError
 from surgeon.io.reader import read_header
+from surgeon.readlock import reads
 from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, MANIFEST, RUN_LOG
 
 INDEX = "model.safetensors.index.json"
@@ -169,6 +170,7 @@ def check_folder(folder: Path) -> FolderCheck:
     return chk
 
 
+@reads("folder")
 def validate(folder: Path) -> FolderCheck:
     """check_folder, raising NotHubReadyError with every problem when there is any."""
     chk = check_folder(folder)

@@ -2,6 +2,7 @@
 resumed after a kill at any moment, and never replacing what surgeon did not write.
 
     PARENT/.OUT.lock                 an exclusive lock (filelock) for the whole run; holds the holder's pid
+                                     (commands that read OUT share it: surgeon/readlock.py)
     PARENT/.OUT.partial/             everything is written here
         .surgeon/plan.json           what this run writes; a resumed run must plan exactly the same
         .surgeon/journal*.jsonl      finished tensors, appended only after their bytes are fsynced
@@ -32,6 +33,7 @@ from pathlib import Path
 from surgeon import faults
 from surgeon.errors import DistributedError, OutputExistsError, OutputLockedError, UnsafeOutputError, UsageError
 from surgeon.io.writer import Journal, disk_errors, fsync_tree, write_json
+from surgeon.readlock import only_readers
 from surgeon.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 
 WORK = ".surgeon"  # bookkeeping inside the work folder
@@ -139,6 +141,9 @@ class OutputLock:
             lock.acquire()
         except Timeout:
             self._openable()  # filelock reports a lock file it cannot even create as held
+            if only_readers(self.path):
+                raise OutputLockedError(f"{self.path.parent / self.path.name[1:-5]} is being read by another surgeon run (absorb, export, train, "
+                                        "spectra or push); wait for it to finish, or choose another --out.") from None
             raise OutputLockedError(f"{self.path.parent / self.path.name[1:-5]} is being written by another surgeon run ({self._holder()}); "
                                     "wait for it to finish, or choose another --out.") from None
         self._lock = lock

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from surgeon.errors import SplitDirError, UsageError
+from surgeon.readlock import reads
 
 
 def spectra(sd, rx: re.Pattern, device: str = "auto"):
@@ -60,6 +61,7 @@ def picture_path(out: Path, overwrite: bool) -> Path:
     return out
 
 
+@reads("split_dir")
 def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False) -> tuple[int, Path]:
     """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
     returns (how many, the file written)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import OutputExistsError, SplitDirError
+from surgeon.readlock import reads
 
 
 class LoRALinear(nn.Module):
@@ -153,6 +154,7 @@ def load_residual_model(path: Path, dtype: torch.dtype = torch.float32, model_cl
         return model_cls.from_pretrained(view, dtype=dtype)
 
 
+@reads("path")
 def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trainable: bool = True, model_cls=None) -> SplitModel:
     from safetensors import safe_open
 

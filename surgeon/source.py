@@ -212,10 +212,12 @@ def _from_hub(repo_id: str, revision: str | None, config: Path | None, allow_pic
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from surgeon.hub import request_timeout
+    from surgeon.hub import TIMEOUT_ENV, request_timeout
+    from surgeon.hubnet import cause, is_network_error
 
     patterns = ALLOW_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
-    request_timeout()  # API calls (the file list) too: a server that never answers must not hang the split
+    request_timeout()  # every request, the file list's included: a server that never answers must not hang the split
+    fix = f"check the network and HF_ENDPOINT, or allow more time with {TIMEOUT_ENV}=SECONDS"
     try:
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError as e:
@@ -223,9 +225,15 @@ def _from_hub(repo_id: str, revision: str | None, config: Path | None, allow_pic
     except RevisionNotFoundError as e:
         raise SourceError(f"revision {revision!r} not found in {repo_id}.") from e
     except LocalEntryNotFoundError as e:
-        raise SourceError(f"{repo_id} is not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE?): {e}") from e
+        if e.__cause__ is None or not is_network_error(e.__cause__):
+            raise SourceError(f"{repo_id} is not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE?): {' '.join(str(e).split())}") from e
+        raise SourceError(f"{repo_id} is not in the local cache and the Hub cannot be reached ({cause(e)}); {fix}.") from e
     except HfHubHTTPError as e:
         raise SourceError(f"downloading {repo_id} failed: {e}") from e
+    except Exception as e:
+        if not is_network_error(e):
+            raise
+        raise SourceError(f"downloading {repo_id} failed ({cause(e)}); {fix}, then run the same command again.") from e
     src = resolve(str(local), None, config, allow_pickle)
     src.model, src.hub_id = given, repo_id
     src.revision = revision or local.name  # snapshot folders are named by commit hash

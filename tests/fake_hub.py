@@ -24,20 +24,26 @@ plain HTTP too.
 
 Faults: `hub.drop(method, path_substring, times)` closes the connection of the next matching
 requests without an answer, after reading half of the body: what a network cut mid-upload does.
+`hub.stall(method, path_substring, every=None, times, piece=1)` reads the next matching requests and then
+never answers (every=None), or sends the right answer `piece` bytes every `every` seconds: a server that trickles.
+A stalled request ends when the client hangs up, when the hub is closed, or after STALL_LIMIT seconds.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+STALL_LIMIT = 60.0  # seconds a stalled request is held at most: a test that fails never leaves a thread behind for long
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -84,6 +90,8 @@ class FakeHub:
         self.log: list[tuple[str, str]] = []  # (method, path?query)
         self.create_payloads: list[dict] = []
         self._drops: list[list] = []
+        self._stalls: list[list] = []
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._n = 0
         hub = self
@@ -102,12 +110,16 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.server.shutdown()
         self.server.server_close()
 
     # --- test helpers -------------------------------------------------------------
     def drop(self, method: str, path_part: str, times: int = 1) -> None:
         self._drops.append([method, path_part, times])
+
+    def stall(self, method: str, path_part: str, every: float | None = None, times: int = 1_000_000, piece: int = 1) -> None:
+        self._stalls.append([method, path_part, times, every, piece])
 
     def seed(self, repo_id: str, files: dict[str, bytes], private: bool = False, message: str = "initial") -> str:
         """Create a repo holding `files` on main (the download side); returns the commit oid."""
@@ -133,12 +145,15 @@ class FakeHub:
             return oid
 
     def _take_drop(self, method: str, path: str) -> bool:
+        return self._take(self._drops, method, path) is not None
+
+    def _take(self, faults: list[list], method: str, path: str) -> list | None:
         with self._lock:
-            for d in self._drops:
+            for d in faults:
                 if d[0] == method and d[1] in path and d[2] > 0:
                     d[2] -= 1
-                    return True
-        return False
+                    return d
+        return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -191,11 +206,39 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
             return
         body = self._body() if method in ("POST", "PUT") else b""
+        stall = self.hub._take(self.hub._stalls, method, path)
+        if stall is not None:
+            return self._stalled(method, path, body, query, stall[3], stall[4])
+        self._route(method, path, body, query)
+
+    def _route(self, method: str, path: str, body: bytes, query: dict) -> None:
         for pattern, name in ROUTES:
             m = re.fullmatch(pattern, path)
             if m and name.startswith(method.lower() + "_"):
                 return getattr(self, name)(*m.groups(), body=body, query=query)
         self._send(404, {"error": f"no route {method} {path}"})
+
+    def _stalled(self, method: str, path: str, body: bytes, query: dict, every: float | None, piece: int) -> None:
+        """No answer at all (every=None), or the right answer `piece` bytes every `every` seconds."""
+        self.close_connection = True
+        if every is None:
+            self.hub._closing.wait(STALL_LIMIT)
+            return
+        real, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self._route(method, path, body, query)
+            answer = self.wfile.getvalue()
+        finally:
+            self.wfile = real
+        end = time.monotonic() + STALL_LIMIT
+        for i in range(0, len(answer), piece):
+            if self.hub._closing.wait(every) or time.monotonic() > end:
+                return
+            try:
+                real.write(answer[i : i + piece])
+                real.flush()
+            except OSError:  # the client hung up
+                return
 
     def do_GET(self):  # noqa: N802
         self._dispatch("GET")

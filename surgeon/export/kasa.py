@@ -20,9 +20,11 @@ from safetensors import safe_open
 
 from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, lora_key, publish_adapter
+from surgeon.readlock import reads
 from surgeon.splitdir import PEFT_PREFIX, SplitDir
 
 
+@reads("split_dir")
 def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     sd = SplitDir(split_dir)
     if sd.method.name != "kasa":

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from surgeon.errors import NumericsError, SplitDirError, UsageError
+from surgeon.readlock import reads
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
 from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
@@ -166,6 +167,7 @@ def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.
     return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
 
 
+@reads("split_dir")
 def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = None, eval_data=None, callback: Callback | None = None) -> dict:
     """Tokenise the data (JSONL, or any `datasets` source: surgeon_train.sources) with SPLIT_DIR's tokenizer and train."""
     from transformers import AutoTokenizer
@@ -197,6 +199,7 @@ def _load(split_dir: Path, data: Packed, opts: TrainOptions, d: dist.Dist):
     return sm, named
 
 
+@reads("split_dir")
 def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = None, eval_data: Packed | None = None,
           callback: Callback | None = None, meta: dict | None = None) -> dict:
     """Train the factors of SPLIT_DIR on packed rows; OUT becomes the trained split folder."""
