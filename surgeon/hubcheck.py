@@ -49,6 +49,16 @@ def _files(folder: Path) -> list[str]:
     return out
 
 
+def _links_to_folders(folder: Path) -> list[str]:
+    """Links to folders under `folder` (not followed), but hidden ones and local state."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_symlink() and p.is_dir() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] not in LOCAL_ONLY:
+            out.append(rel.as_posix())
+    return out
+
+
 def _json(path: Path, problems: list[str]) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -158,6 +168,9 @@ def check_folder(folder: Path) -> FolderCheck:
         need = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if m.get("peft_adapter") else [FACTORS]
         p.extend(f"no {n}: the split's trainable factors are missing; re-run the split." for n in need if not (folder / n).is_file())
     root = folder.resolve()
+    for d in _links_to_folders(folder):  # skipped by the upload, so refused like a file's link
+        if not (folder / d).resolve().is_relative_to(root):
+            p.append(f"{d} links to {(folder / d).resolve()}, outside {folder}; surgeon uploads only the folder's own files: copy it in or remove the link.")
     for f in chk.files:
         real = (folder / f).resolve()
         if not real.is_relative_to(root):  # a link would upload what it points to

@@ -66,7 +66,8 @@ def write_listing(folder: Path, marks: dict[str, str] | None = None, cache: dict
         if cache.get(rel, (None,))[0] != key:
             cache[rel] = (key, content_hash(p))
         lines.append(f"{cache[rel][1]} {size} {marks.get(rel, EXACT)} {rel}")
-    lines += [f"- 0 {TEMP} {rel}" for rel, m in sorted(marks.items()) if m == TEMP and rel not in files]
+    empty = xxhash.xxh3_128().hexdigest()  # a log not yet begun is listed as empty, a temporary not yet made as anything
+    lines += [f"{empty} 0 {m} {rel}" if m == GROWS else f"- 0 {m} {rel}" for rel, m in sorted(marks.items()) if rel not in files]
     tmp = folder / f"{FILES}.tmp"
     tmp.write_text("".join(ln + "\n" for ln in lines))
     os.replace(tmp, folder / FILES)

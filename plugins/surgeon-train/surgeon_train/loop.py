@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from surgeon import faults
 from surgeon.errors import NumericsError, SplitDirError, UsageError
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
@@ -172,7 +173,7 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
 
     opts = opts or TrainOptions()
     _check(opts)
-    check_out(split_dir, out)  # before the data is read
+    check_out(split_dir, out, opts.overwrite, opts.resume)  # before the data is read
     try:
         tok = AutoTokenizer.from_pretrained(split_dir)
     except (OSError, ValueError) as e:
@@ -203,7 +204,7 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     """Train the factors of SPLIT_DIR on packed rows; OUT becomes the trained split folder."""
     opts = opts or TrainOptions()
     _check(opts)
-    check_out(split_dir, out)  # before the model is loaded
+    check_out(split_dir, out, opts.overwrite, opts.resume)  # before the model is loaded
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
     resolve(opts.loss, d.device)  # a loss that cannot run here fails before the model loads
@@ -296,6 +297,7 @@ def _run(sm, named, runner: Runner, data: Packed, run: RunDir, opts: TrainOption
             "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing,
         }
         run.log(info)
+        faults.point("train-step")  # tests: a kill after the step's log line, before its save
         if (opts.save_every and (step + 1) % opts.save_every == 0) or step + 1 == total:
             run.save(step + 1, plan, named, opt, sched)
         if d.main:

@@ -26,7 +26,7 @@ import torch
 
 from surgeon.errors import OutputExistsError, SplitDirError, UsageError
 from surgeon.listing import GROWS, TEMP, write_listing
-from surgeon.outdir import OutputLock
+from surgeon.outdir import OutputLock, check_replaceable
 from surgeon.outplace import out_path
 from surgeon.runtime import check_save_target
 from surgeon.splitdir import SplitDir
@@ -41,10 +41,26 @@ SUMMARY = "surgeon.train.json"
 MARKS = {METRICS: GROWS, f"{STATE_DIR}/state.tmp": TEMP}
 
 
-def check_out(split_dir: Path, out: Path) -> None:
+def check_out(split_dir: Path, out: Path, overwrite: bool = False, resume: bool = False) -> None:
     """Before any work: OUT may not be, hold or lie inside the split or the model it came from, nor be
-    a mount point or lie under a file."""
-    check_save_target(out_path(out), SplitDir(Path(split_dir)).inputs())
+    a mount point or lie under a file; an existing OUT needs --resume, or --overwrite and surgeon's
+    listed files only (checked again under the lock)."""
+    out, sd = out_path(out), SplitDir(Path(split_dir))
+    check_save_target(out, sd.inputs())
+    if not out.exists() or resume or unsaved(out, sd.path):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out} exists; add --resume to continue the run saved there, --overwrite to start over, or choose another --out.")
+    check_replaceable(out, sd.inputs())
+
+
+def unsaved(out: Path, split: Path) -> bool:
+    """OUT holds a run of this trainer from `split`, killed before its first save: nothing in it is worth resuming."""
+    try:
+        started = json.loads((out / STATE_DIR / STARTED).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(started, dict) and started.get("split") == str(split.resolve()) and not (out / STATE_DIR / STATE).exists()
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -75,12 +91,7 @@ class RunDir:
 
     # --- start --------------------------------------------------------------------------------
     def unsaved(self) -> bool:
-        """OUT holds a run of this trainer killed before its first save: nothing in it is worth resuming."""
-        try:
-            started = json.loads((self.out / STATE_DIR / STARTED).read_text())
-        except (OSError, ValueError):
-            return False
-        return isinstance(started, dict) and started.get("split") == str(self.sm.split.path.resolve()) and not self.state_file.exists()
+        return unsaved(self.out, self.sm.split.path)
 
     def create(self, overwrite: bool) -> None:
         """A fresh run: OUT becomes a copy of the split (base shards hard-linked). A run killed before
