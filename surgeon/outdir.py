@@ -10,7 +10,8 @@ resumed after a kill at any moment, and never replacing what surgeon did not wri
 A run killed anywhere resumes with the same command: before the rename the partial folder is picked
 up (its plan equal); after it, OUT still holds .surgeon/ with the same plan, and the run only cleans
 up. `--overwrite` replaces an existing OUT only when it is empty, or surgeon wrote it (its surgeon.json)
-and every file in it is one surgeon listed, unchanged (surgeon/listing.py), and never the input, a folder holding the input or inside it, /, home or the current folder.
+and every file in it is one surgeon listed, unchanged (surgeon/listing.py); never the input, a folder
+holding the input or inside it, /, home or the current folder.
 The old OUT is moved aside (.OUT.replaced) just before the rename and deleted just after.
 
 Under torchrun (surgeon/distributed.py) each rank keeps its own journal, journal.rankN.jsonl, and

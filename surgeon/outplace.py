@@ -57,22 +57,15 @@ def folder_mode() -> int:
 TRASH_MARK = ".surgeon-trash"  # inside every trash folder surgeon makes: only those are ever swept
 
 
-def discard(folder: Path, out: Path) -> None:
+def discard(folder: Path, out: Path, put: Callable[[], None] | None = None) -> None:
     """Delete a folder surgeon made, atomically as far as anyone can tell: renamed into a marked trash
-    folder beside `out` first, so a kill mid-delete leaves no half folder under a meaningful name."""
+    folder beside `out` first, so a kill mid-delete leaves no half folder under a meaningful name.
+    put: called once the folder is in the trash (it puts the new one in its place)."""
     trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.trash-"))
     (trash / TRASH_MARK).touch()
     os.replace(folder, trash / "x")
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def discard_after(folder: Path, put: Callable[[], None]) -> None:
-    """Move `folder` into a marked trash folder, call `put` (which puts the new folder in its place),
-    then delete the trash: the old folder is gone only once the new one is there."""
-    trash = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.trash-"))
-    (trash / TRASH_MARK).touch()
-    os.replace(folder, trash / "x")
-    put()
+    if put is not None:
+        put()
     shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from surgeon.errors import OutputExistsError, SplitDirError, UnsafeOutputError
 from surgeon.listing import FILES, unlisted_reason, write_listing
 from surgeon.outdir import check_outside, check_replaceable, unsafe_reason
-from surgeon.outplace import check_place, discard, discard_after, out_path
+from surgeon.outplace import check_place, discard, out_path, sweep_trash
 from surgeon.source import confined
 
 
@@ -116,6 +116,7 @@ def _save_copy(sm: SplitModel, out: Path, overwrite: bool) -> Path:
         raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
     if out.exists():
         check_replaceable(out, inputs)  # empty, or surgeon's with every file listed and unchanged
+    sweep_trash(out)
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists() or tmp.is_symlink():
         if not (tmp / SAVING).is_file() and unlisted_reason(tmp) and (tmp.is_symlink() or not tmp.is_dir() or any(tmp.iterdir())):
@@ -131,7 +132,7 @@ def _save_copy(sm: SplitModel, out: Path, overwrite: bool) -> Path:
     (tmp / SAVING).unlink()
     write_listing(tmp)
     if out.exists():  # replaced only after the new copy is complete
-        discard_after(out, lambda: os.replace(tmp, out))
+        discard(out, out, put=lambda: os.replace(tmp, out))
     else:
         os.replace(tmp, out)
     return out
