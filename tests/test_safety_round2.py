@@ -233,6 +233,19 @@ def test_minor_a_train_killed_before_its_first_save_starts_over(sp, tmp_path, ag
     assert (out / "train_state" / "state.pt").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_train_killed_mid_save_stays_replaceable_and_resumable(sp, tmp_path):
+    """Not a finding: the listing's guard for train's own saves (the factor file is rewritten before
+    the state and the listing follow)."""
+    out = tmp_path / "t"
+    args = ["train", sp, "--out", out, *TRAIN]
+    assert surgeon(*args, env={"SURGEON_FAULT": "train-save:1"}).returncode == -signal.SIGKILL
+    r = run(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    (out / "mine.txt").write_text("mine")  # and what the user adds is still refused
+    r = run(*args, "--overwrite")
+    assert r.exit_code == 2 and "mine.txt" in one_error_line(r)
+
+
 def test_minor_a_model_card_linking_outside_is_refused_before_any_work(M, tmp_path):
     (tmp_path / "card.md").write_text("---\nlicense: mit\n---\n")
     (M / "README.md").unlink(missing_ok=True)

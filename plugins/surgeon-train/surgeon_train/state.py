@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from surgeon import faults
 from surgeon.errors import OutputExistsError, SplitDirError, UsageError
 from surgeon.listing import GROWS, TEMP, write_listing
 from surgeon.outdir import OutputLock, check_replaceable
@@ -108,15 +109,18 @@ class RunDir:
             self.sm.save(self.out, overwrite=overwrite or unsaved)
             for stale in (METRICS, SUMMARY):  # when SPLIT_DIR was itself a trained folder
                 (self.out / stale).unlink(missing_ok=True)
+            self.relist(busy=[f"{STATE_DIR}/{STARTED}"])  # a kill before the next listing leaves nothing unlisted
             (self.out / STATE_DIR).mkdir(exist_ok=True)
             (self.out / STATE_DIR / STARTED).write_text(json.dumps({"split": str(split)}) + "\n")
             self.relist()
         dist.barrier(self.d)
         self.sm.split = SplitDir(self.out)  # later saves write OUT's factor file in place
 
-    def relist(self) -> None:
-        """Rewrite OUT's content listing (what a later --overwrite may delete); unchanged files are not read again."""
-        write_listing(self.out, MARKS, self._hashes)
+    def relist(self, busy: list[str] = ()) -> None:
+        """Rewrite OUT's content listing (what a later --overwrite may delete); unchanged files are not
+        read again. busy: files about to be rewritten, listed as surgeon's whatever they hold until
+        the next listing, so that a kill in between leaves OUT replaceable."""
+        write_listing(self.out, MARKS | {b: TEMP for b in busy}, self._hashes)
 
     def close(self) -> None:
         """Release OUT's lock (a refused or failed run leaves no lock file behind)."""
@@ -152,6 +156,7 @@ class RunDir:
             _set_rng_state(st["rng"][self.d.rank], self.d.device)
         step = int(st["step"])
         if self.d.main:
+            self.relist(busy=[METRICS])
             self._truncate_metrics(step)
             self.relist()
         dist.barrier(self.d)
@@ -177,8 +182,9 @@ class RunDir:
         rng = dist.gather(_rng_state(self.d.device), self.d)  # every rank takes part
         if not self.d.main:
             return
+        self.relist(busy=[self.sm.split.factors_file.name, f"{STATE_DIR}/{STATE}"])
         self.sm.save(self.out)  # in place: the factor file only
-        self.relist()
+        faults.point("train-save")  # tests: a kill between the factor file and the state
         state = {
             "step": step,
             "plan": plan,
@@ -198,6 +204,7 @@ class RunDir:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
+            self.relist(busy=[SUMMARY])
             (self.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
             self.relist()
             self.close()
