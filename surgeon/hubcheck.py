@@ -16,6 +16,7 @@ from pathlib import Path
 
 from surgeon.errors import CorruptCheckpointError, JSON_READ_ERRORS, NotHubReadyError, SourceError
 from surgeon.io.reader import read_header
+from surgeon.listing import relist_one
 from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, MANIFEST, RUN_LOG
 
 INDEX = "model.safetensors.index.json"
@@ -201,4 +202,5 @@ def write_card(folder: Path) -> Path:
     except JSON_READ_ERRORS as e:
         raise NotHubReadyError(f"cannot build a card for {folder}: {MANIFEST} is missing or invalid ({e}).") from e
     build_card(manifest).save(folder / CARD)
+    relist_one(folder, CARD)  # surgeon's own card again: a later --overwrite may replace it
     return folder / CARD

@@ -68,9 +68,25 @@ def write_listing(folder: Path, marks: dict[str, str] | None = None, cache: dict
         lines.append(f"{cache[rel][1]} {size} {marks.get(rel, EXACT)} {rel}")
     empty = xxhash.xxh3_128().hexdigest()  # a log not yet begun is listed as empty, a temporary not yet made as anything
     lines += [f"{empty} 0 {m} {rel}" if m == GROWS else f"- 0 {m} {rel}" for rel, m in sorted(marks.items()) if rel not in files]
-    tmp = folder / f"{FILES}.tmp"
+    _save(folder, lines)
+
+
+def _save(folder: Path, lines: list[str]) -> None:
+    tmp = folder / f"{FILES}.tmp"  # written whole, then renamed: a kill leaves the old listing or the new
     tmp.write_text("".join(ln + "\n" for ln in lines))
     os.replace(tmp, folder / FILES)
+
+
+def relist_one(folder: Path, rel: str) -> None:
+    """After surgeon itself rewrote one file of a finished output (push --regenerate-card's card):
+    that file's entry only, so that nothing else is blessed. No-op without a content listing."""
+    listed = read_listing(folder)
+    if isinstance(listed, str):
+        return
+    p = folder / rel
+    listed[rel] = (content_hash(p), p.stat().st_size, listed.get(rel, ("", 0, EXACT))[2])
+    lines = [HEADER] + [f"{h} {n} {m} {r}" for r, (h, n, m) in sorted(listed.items())]
+    _save(folder, lines)
 
 
 def read_listing(folder: Path) -> dict[str, tuple[str, int, str]] | str:

@@ -246,6 +246,14 @@ def test_a_train_killed_mid_save_stays_replaceable_and_resumable(sp, tmp_path):
     assert r.exit_code == 2 and "mine.txt" in one_error_line(r)
 
 
+def test_a_card_surgeon_regenerated_stays_replaceable(M, sp):
+    """Not a finding: push --regenerate-card rewrites README.md, surgeon's own, so its listing follows."""
+    (sp / "README.md").write_text("my edit")
+    assert run("push", sp, "--check", "--regenerate-card").exit_code in (0, 1)
+    assert "my edit" not in (sp / "README.md").read_text()
+    assert run("split", M, "--rank", "4", "--out", sp, "--overwrite", "-q").exit_code == 0
+
+
 def test_minor_a_model_card_linking_outside_is_refused_before_any_work(M, tmp_path):
     (tmp_path / "card.md").write_text("---\nlicense: mit\n---\n")
     (M / "README.md").unlink(missing_ok=True)
