@@ -7,7 +7,9 @@ One line per file: its xxh3-128 content hash (streamed, 1 MiB at a time), its si
 relative POSIX path. The mark says what surgeon allows to differ later:
   `=`  nothing: the bytes must be the ones listed (every file of split, absorb and export);
   `+`  more bytes after the listed ones (train's metrics.jsonl, which a run appends to between saves);
-  `~`  anything, or no file (train's state file while it is being written: its temporary name).
+  `~`  anything, or no file: the run log (surgeon.run.json, timings that differ from run to run, so
+       that the listing of a resumed run equals an uninterrupted one's byte for byte), and train's
+       files while a save rewrites them.
 A folder holding a file that is not listed, or whose bytes differ (a trained adapter copied in, a
 hand-edited README.md), is not surgeon's to delete, and the first such file is named.
 """
@@ -60,6 +62,9 @@ def write_listing(folder: Path, marks: dict[str, str] | None = None, cache: dict
     marks, cache = marks or {}, {} if cache is None else cache
     files, lines = tree(folder), [HEADER]
     for rel in files:
+        if marks.get(rel) == TEMP:  # no hash: the listing stays the same whatever the file holds
+            lines.append(f"- 0 {TEMP} {rel}")
+            continue
         p = folder / rel
         st = p.lstat()
         size, key = (0 if p.is_symlink() else st.st_size), (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -30,7 +30,7 @@ from pathlib import Path
 from surgeon import faults
 from surgeon.errors import DistributedError, OutputExistsError, UnsafeOutputError
 from surgeon.io.writer import Journal, disk_errors, fsync_tree, write_json
-from surgeon.listing import FILES, WORK, unlisted_reason, write_listing  # noqa: F401 (FILES: imported from here)
+from surgeon.listing import FILES, TEMP, WORK, unlisted_reason, write_listing  # noqa: F401 (FILES: imported from here)
 from surgeon.outplace import OutputLock, check_place, discard, folder_mode, out_path, sweep_trash  # noqa: F401 (OutputLock: imported from here)
 from surgeon.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 
@@ -218,7 +218,7 @@ class WorkDir:
         the bookkeeping. Each step is safe to repeat after a kill."""
         trash = self.out.parent / f".{self.out.name}.replaced"
         if not self.complete:
-            write_listing(self.path)
+            write_listing(self.path, {RUN_LOG: TEMP})  # the run log's timings differ from run to run
             fsync_tree(self.path)
             faults.point("before-rename")
             if self.out.exists():  # only reached with --overwrite, over a folder check_replaceable allowed

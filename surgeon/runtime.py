@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from surgeon.errors import OutputExistsError, SplitDirError, UnsafeOutputError
-from surgeon.listing import FILES, unlisted_reason, write_listing
+from surgeon.listing import FILES, TEMP, unlisted_reason, write_listing
 from surgeon.outdir import check_outside, check_replaceable, unsafe_reason
 from surgeon.outplace import check_place, discard, out_path, sweep_trash
 from surgeon.source import confined
+from surgeon.splitdir import RUN_LOG
 
 
 class LoRALinear(nn.Module):
@@ -130,7 +131,7 @@ def _save_copy(sm: SplitModel, out: Path, overwrite: bool) -> Path:
     save_file(sm.factor_state(), str(tmp / sm.split.factors_file.name), metadata={"format": "pt"})
     os.chmod(tmp / sm.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
     (tmp / SAVING).unlink()
-    write_listing(tmp)
+    write_listing(tmp, {RUN_LOG: TEMP})  # the split's run log: timings, listed by name only
     if out.exists():  # replaced only after the new copy is complete
         discard(out, out, put=lambda: os.replace(tmp, out))
     else:

@@ -27,7 +27,6 @@ from cliutil import one_error_line, run, tree_hashes
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ["--rank", "4", "--shard-size", "100KB", "-q"]
 RUN_LOG = frozenset({"surgeon.run.json"})
-LOCAL = RUN_LOG | {".surgeon.files"}  # the run log differs from run to run, and the listing records its hash
 
 
 def surgeon(*args, env: dict | None = None, wait: bool = True):
@@ -52,7 +51,7 @@ def test_kill_anywhere_then_the_same_command_finishes_byte_identical(tiny, clean
     assert r.returncode == -signal.SIGKILL, r.stderr
     r = run("split", tiny["tiny-llama"], *SPLIT, "--out", out)  # the same command (in-process: faster)
     assert r.exit_code == 0, r.output
-    assert tree_hashes(out, LOCAL) == tree_hashes(clean, LOCAL)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no lock, partial or half-made folder left
 
 
@@ -63,7 +62,7 @@ def test_kill_while_replacing_an_older_output(tiny, clean, tmp_path, point):
     r = surgeon("split", tiny["tiny-llama"], *SPLIT, "--out", out, "--overwrite", env={"SURGEON_FAULT": point})
     assert r.returncode == -signal.SIGKILL
     assert run("split", tiny["tiny-llama"], *SPLIT, "--out", out, "--overwrite").exit_code == 0
-    assert tree_hashes(out, LOCAL) == tree_hashes(clean, LOCAL)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
@@ -78,7 +77,7 @@ def test_an_outside_kill_mid_run_resumes_byte_identical(tiny, clean, tmp_path):
     r = run("split", tiny["tiny-llama"], *SPLIT, "--out", out)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "surgeon.run.json").read_text())["resumed_tensors"] >= 4
-    assert tree_hashes(out, LOCAL) == tree_hashes(clean, LOCAL)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
 
 
 def test_absorb_killed_in_its_final_step_resumes(clean, tmp_path):
@@ -88,7 +87,7 @@ def test_absorb_killed_in_its_final_step_resumes(clean, tmp_path):
         out = tmp_path / point.replace(":", "")
         assert surgeon("absorb", clean, "--out", out, env={"SURGEON_FAULT": point}).returncode == -signal.SIGKILL
         assert run("absorb", clean, "--out", out).exit_code == 0
-        assert tree_hashes(out, LOCAL) == tree_hashes(ref, LOCAL), point
+        assert tree_hashes(out, RUN_LOG) == tree_hashes(ref, RUN_LOG), point
 
 
 # --- concurrency -------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def test_two_identical_runs_half_a_second_apart(tiny, clean, tmp_path):
     errs = a.stderr.read() + b.stderr.read()
     assert codes == [0, 2] and "Traceback" not in errs and len(errs.strip().splitlines()) == 1
     assert "another surgeon run" in errs or "exists; pass --overwrite" in errs  # refused while running, or after
-    assert tree_hashes(out, LOCAL) == tree_hashes(clean, LOCAL)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
 
 
 # --- a full disk -------------------------------------------------------------------------------------
@@ -160,7 +159,7 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_resumes(tiny, clean, tmp_p
     monkeypatch.setattr(writer, "_pwrite_all", real)
     r = run("split", tiny["tiny-llama"], *SPLIT, "--out", out)
     assert r.exit_code == 0, r.output
-    assert tree_hashes(out, LOCAL) == tree_hashes(clean, LOCAL)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
 
 
 @pytest.mark.parametrize("fail_at", [3, 7, 12])
@@ -184,7 +183,7 @@ def test_a_failed_write_is_never_journaled_as_done(tiny, clean, tmp_path, monkey
         split(str(tiny["tiny-llama"]), out, opts)
     monkeypatch.setattr(writer, "_pwrite_all", real)
     split(str(tiny["tiny-llama"]), out, opts)
-    assert tree_hashes(out, LOCAL) == tree_hashes(clean, LOCAL)
+    assert tree_hashes(out, RUN_LOG) == tree_hashes(clean, RUN_LOG)
 
 
 def test_absorb_commits_as_it_goes_and_never_resumes_against_changed_factors(clean, tmp_path):

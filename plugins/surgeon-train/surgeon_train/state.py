@@ -30,7 +30,7 @@ from surgeon.listing import GROWS, TEMP, write_listing
 from surgeon.outdir import OutputLock, check_replaceable
 from surgeon.outplace import out_path
 from surgeon.runtime import check_save_target
-from surgeon.splitdir import SplitDir
+from surgeon.splitdir import RUN_LOG, SplitDir
 from surgeon_train import dist
 
 STATE_DIR = "train_state"
@@ -39,7 +39,7 @@ STARTED = "run.json"  # train_state/run.json: written at the start, so a run kil
 METRICS = "metrics.jsonl"
 SUMMARY = "surgeon.train.json"
 # what a run changes between two listings (surgeon/listing.py): the log grows, the state's temporary may be half written
-MARKS = {METRICS: GROWS, f"{STATE_DIR}/state.tmp": TEMP}
+MARKS = {METRICS: GROWS, f"{STATE_DIR}/state.tmp": TEMP, RUN_LOG: TEMP}
 
 
 def check_out(split_dir: Path, out: Path, overwrite: bool = False, resume: bool = False) -> None:
