@@ -45,6 +45,7 @@ from surgeon.methods import Method
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.readlock import reads
+from surgeon.source import confined
 from surgeon.splitdir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, SplitDir,  # noqa: F401
                               lora_key)
 
@@ -66,6 +67,7 @@ class AbsorbJob:
     hashes: dict[str, str]  # source tensor -> content hash at split time (verified while reading)
     mult: dict[str, float] | None  # module -> fixed gate multiplying its delta (moe only)
     plan: dict
+    side: list[Path]  # config and tokenizer files to copy, checked before any work
 
 
 def choose_base(sd: SplitDir, wanted: str) -> tuple[str, str]:
@@ -116,7 +118,19 @@ def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
     plan = {"op": "absorb", "split": str(sd.path.resolve()), "base": base, "shard_size": opts.shard_size, **sd.identity()}
     if gates is not None:
         plan["fixed_gates"] = gates
-    return AbsorbJob(sd, base, why, ckpt, sd.source_hashes() if base == "original" else {}, mult, plan)
+    return AbsorbJob(sd, base, why, ckpt, sd.source_hashes() if base == "original" else {}, mult, plan, side_files(sd, base))
+
+
+def side_files(sd: SplitDir, base: str) -> list[Path]:
+    """The config and tokenizer files absorb copies: regular files inside the split folder (a link out
+    of it is refused, as split refuses one out of the model folder); with the original weights, the
+    source's own config.json, which carries the original dtype."""
+    side = [confined(sd.path, p.name, "the split folder") for p in sorted(sd.path.iterdir())
+            if (p.is_file() or p.is_symlink()) and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
+    source = Path(sd.source_files()[0]["path"]).parent
+    if base == "original" and (source / "config.json").is_file():
+        side = [p for p in side if p.name != "config.json"] + [confined(source, "config.json", "the source model folder")]
+    return side
 
 
 @distributed.collective
@@ -220,11 +234,7 @@ def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Rep
     writer.write_index()
     changed = sum(1 for rec in work.records().values() if rec.get("changed"))
     skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_FACTORS, SPECTRA, FACTORS, MANIFEST, RUN_LOG, CARD}
-    side = [p for p in sd.path.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken") and "index" not in p.name]
-    source_config = Path(sd.source_files()[0]["path"]).parent / "config.json"
-    if job.base == "original" and source_config.is_file():  # the source's config carries the original dtype
-        side = [p for p in side if p.name != "config.json"] + [source_config]
-    copy_side_files(side, work.path, skip)
+    copy_side_files(job.side, work.path, skip)
     if (work.path / "config.json").exists():  # quant hook: the merged weights are plain floats
         quant.strip_config(work.path / "config.json")
     manifest = {

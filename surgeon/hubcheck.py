@@ -17,6 +17,7 @@ from pathlib import Path
 from surgeon.errors import CorruptCheckpointError, JSON_READ_ERRORS, NotHubReadyError, SourceError
 from surgeon.io.reader import read_header
 from surgeon.readlock import reads
+from surgeon.listing import relist_one
 from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, MANIFEST, RUN_LOG
 
 INDEX = "model.safetensors.index.json"
@@ -46,6 +47,16 @@ def _files(folder: Path) -> list[str]:
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
         if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] not in LOCAL_ONLY:
+            out.append(rel.as_posix())
+    return out
+
+
+def _links_to_folders(folder: Path) -> list[str]:
+    """Links to folders under `folder` (not followed), but hidden ones and local state."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_symlink() and p.is_dir() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] not in LOCAL_ONLY:
             out.append(rel.as_posix())
     return out
 
@@ -159,6 +170,9 @@ def check_folder(folder: Path) -> FolderCheck:
         need = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if m.get("peft_adapter") else [FACTORS]
         p.extend(f"no {n}: the split's trainable factors are missing; re-run the split." for n in need if not (folder / n).is_file())
     root = folder.resolve()
+    for d in _links_to_folders(folder):  # skipped by the upload, so refused like a file's link
+        if not (folder / d).resolve().is_relative_to(root):
+            p.append(f"{d} links to {(folder / d).resolve()}, outside {folder}; surgeon uploads only the folder's own files: copy it in or remove the link.")
     for f in chk.files:
         real = (folder / f).resolve()
         if not real.is_relative_to(root):  # a link would upload what it points to
@@ -190,4 +204,5 @@ def write_card(folder: Path) -> Path:
     except JSON_READ_ERRORS as e:
         raise NotHubReadyError(f"cannot build a card for {folder}: {MANIFEST} is missing or invalid ({e}).") from e
     build_card(manifest).save(folder / CARD)
+    relist_one(folder, CARD)  # surgeon's own card again: a later --overwrite may replace it
     return folder / CARD

@@ -10,8 +10,9 @@ resumed after a kill at any moment, and never replacing what surgeon did not wri
 
 A run killed anywhere resumes with the same command: before the rename the partial folder is picked
 up (its plan equal); after it, OUT still holds .surgeon/ with the same plan, and the run only cleans
-up. `--overwrite` replaces an existing OUT only when surgeon wrote it (its surgeon.json) or it is
-empty, and never the input, a folder holding the input or inside it, /, home or the current folder.
+up. `--overwrite` replaces an existing OUT only when it is empty, or surgeon wrote it (its surgeon.json)
+and every file in it is one surgeon listed, unchanged (surgeon/listing.py); never the input, a folder
+holding the input or inside it, /, home or the current folder.
 The old OUT is moved aside (.OUT.replaced) just before the rename and deleted just after.
 
 Under torchrun (surgeon/distributed.py) each rank keeps its own journal, journal.rankN.jsonl, and
@@ -24,22 +25,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from surgeon import faults
-from surgeon.errors import DistributedError, OutputExistsError, OutputLockedError, UnsafeOutputError, UsageError
+from surgeon.errors import DistributedError, OutputExistsError, UnsafeOutputError
 from surgeon.io.writer import Journal, disk_errors, fsync_tree, write_json
-from surgeon.readlock import only_readers
+from surgeon.listing import FILES, TEMP, WORK, unlisted_reason, write_listing  # noqa: F401 (FILES: imported from here)
+from surgeon.outplace import OutputLock, check_place, discard, folder_mode, out_path, sweep_trash  # noqa: F401 (OutputLock: imported from here)
 from surgeon.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 
-WORK = ".surgeon"  # bookkeeping inside the work folder
 JOURNALS = "journal*.jsonl"  # journal.jsonl (one process) and journal.rankN.jsonl (torchrun ranks)
 COMMIT_SECONDS = 2.0  # how often finished tensors are fsynced and journaled: what a kill may lose
-FILES = ".surgeon.files"  # every file a finished output holds, one relative path a line: what --overwrite may delete
 
 
 def _normal(obj):
@@ -72,32 +69,6 @@ def unsafe_reason(out: Path, inputs: list[Path]) -> str | None:
     return None
 
 
-def _tree(folder: Path) -> list[str]:
-    """Every file of an output (links not followed), as sorted relative POSIX paths, but the listing
-    itself and the run's bookkeeping."""
-    rel = (q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file() or q.is_symlink())
-    return sorted(f for f in rel if f != FILES and not f.startswith(f"{WORK}/"))
-
-
-def _write_listing(folder: Path) -> None:
-    """Record what a finished output holds (names only, so a resumed run writes the same bytes)."""
-    (folder / FILES).write_text("".join(f + "\n" for f in _tree(folder)))
-
-
-def _not_ours(folder: Path) -> str | None:
-    """Why --overwrite must not delete this folder of surgeon's: files added since it was written
-    (None when there are none, or the folder predates the listing)."""
-    try:
-        listed = set((folder / FILES).read_text().splitlines())
-    except OSError:
-        return None
-    extra = [f for f in _tree(folder) if f not in listed]
-    if not extra:
-        return None
-    more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-    return f"{folder} holds files surgeon did not write ({', '.join(extra[:3])}{more}); move them out first"
-
-
 def check_outside(out: Path, inputs: list[Path]) -> None:
     """Refuse an --out inside an input folder: writing there changes the input, --overwrite or not."""
     r = Path(out).resolve()
@@ -114,7 +85,7 @@ def _content_reason(folder: Path) -> str | None:
         return None
     if not is_surgeon_output(folder):
         return f"{folder} was not written by surgeon (no surgeon.json) and holds {_listing(folder)}"
-    return _not_ours(folder)
+    return unlisted_reason(folder)
 
 
 def check_replaceable(out: Path, inputs: list[Path]) -> None:
@@ -124,63 +95,13 @@ def check_replaceable(out: Path, inputs: list[Path]) -> None:
         raise UnsafeOutputError(f"refusing to replace: {why}; surgeon replaces only empty folders and its own outputs, so choose another --out.")
 
 
-class OutputLock:
-    """An exclusive, non-blocking lock on an output path (filelock: flock, released by the kernel if
-    the process dies). A second run on the same --out fails at once, naming the holder."""
-
-    def __init__(self, out: Path):
-        self.path = out.parent / f".{out.name}.lock"
-        self._lock = None
-
-    def acquire(self) -> OutputLock:
-        from filelock import FileLock, Timeout
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path, timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            self._openable()  # filelock reports a lock file it cannot even create as held
-            if only_readers(self.path):
-                raise OutputLockedError(f"{self.path.parent / self.path.name[1:-5]} is being read by another surgeon run (absorb, export, train, "
-                                        "spectra or push); wait for it to finish, or choose another --out.") from None
-            raise OutputLockedError(f"{self.path.parent / self.path.name[1:-5]} is being written by another surgeon run ({self._holder()}); "
-                                    "wait for it to finish, or choose another --out.") from None
-        self._lock = lock
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:6]}
-        with open(self.path, "w") as f:  # the lock is on the open file description, not the content
-            json.dump(info, f)
-        return self
-
-    def _openable(self) -> None:
-        try:
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
-        except OSError as e:
-            raise UsageError(f"cannot create {self.path} ({e.strerror}); choose an --out in a folder you can write to.") from None
-
-    def _holder(self) -> str:
-        try:
-            h = json.loads(self.path.read_text())
-            return f"pid {h['pid']} on {h['host']}, since {h['since']}: {' '.join(h['argv'])}"
-        except Exception:
-            return "process unknown"
-
-    def release(self) -> None:
-        """Unlink the lock file, then unlock: filelock (>= 4.3) retries an acquire that won the
-        flock of an unlinked file, so a racing run never holds a lock nobody else can see."""
-        if self._lock is not None:
-            self.path.unlink(missing_ok=True)
-            self._lock.release()
-            self._lock = None
-
-
 class WorkDir:
     """The work folder of one output; `finish()` renames it into place. Use as a context manager
     (or call `close()`) so that the lock is released on failure."""
 
     def __init__(self, out: Path, plan: dict, overwrite: bool, rank: int | None = None, inputs: list[Path] = ()):
         """rank: None for a single process, else this torchrun rank (rank 0 creates the folder)."""
-        self.out = Path(out).absolute()
+        self.out = out_path(out)
         self.path = self.out.parent / f".{self.out.name}.partial"
         self.plan = _normal(plan)
         self.inputs = [Path(i) for i in inputs]
@@ -191,6 +112,7 @@ class WorkDir:
             self._join(rank)
             return
         check_outside(self.out, self.inputs)
+        check_place(self.out)
         finished_here = self._plan_at(self.out) == self.plan  # this very run, killed after its rename
         if (self.out.exists() or self.out.is_symlink()) and not finished_here:  # refused before anything is created beside it
             why = unsafe_reason(self.out, self.inputs)
@@ -245,6 +167,7 @@ class WorkDir:
     def _create(self) -> None:
         """The work folder appears whole, plan included (a kill never leaves one without its plan)."""
         tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.partial.new-"))
+        os.chmod(tmp, folder_mode())  # the output gets the umask's mode, as a folder made by mkdir would
         (tmp / WORK).mkdir()
         write_json(tmp / WORK / "plan.json", self.plan)
         os.rename(tmp, self.path)
@@ -255,16 +178,10 @@ class WorkDir:
         for p in self.out.parent.glob(f".{self.out.name}.partial.new-*"):
             if {q.relative_to(p).as_posix() for q in p.rglob("*")} <= {WORK, f"{WORK}/plan.json", f"{WORK}/plan.json.tmp"}:
                 shutil.rmtree(p, ignore_errors=True)
-        for p in self.out.parent.glob(f".{self.out.name}.trash-*"):  # _discard_tree's: empty, or holding "x" only
-            if p.is_dir() and not p.is_symlink() and {q.name for q in p.iterdir()} <= {"x"}:
-                shutil.rmtree(p, ignore_errors=True)
+        sweep_trash(self.out)
 
     def _discard_tree(self, folder: Path) -> None:
-        """Delete a folder surgeon made, atomically as far as anyone can tell: renamed to a trash name
-        first, so a kill mid-delete leaves no half folder under a meaningful name (_clear_stale sweeps it)."""
-        trash = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.trash-"))
-        os.replace(folder, trash / "x")
-        shutil.rmtree(trash, ignore_errors=True)
+        discard(folder, self.out)
 
     @staticmethod
     def _plan_at(folder: Path) -> dict | None:
@@ -302,7 +219,7 @@ class WorkDir:
         the bookkeeping. Each step is safe to repeat after a kill."""
         trash = self.out.parent / f".{self.out.name}.replaced"
         if not self.complete:
-            _write_listing(self.path)
+            write_listing(self.path, {RUN_LOG: TEMP})  # the run log's timings differ from run to run
             fsync_tree(self.path)
             faults.point("before-rename")
             if self.out.exists():  # only reached with --overwrite, over a folder check_replaceable allowed

@@ -29,6 +29,7 @@ from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
 from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
 from surgeon.linalg import get_backend
+from surgeon.linalg.decompose import SOLVERS
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
@@ -148,6 +149,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
 def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     """Resolve and validate the source, choose the targets and lay out every output tensor."""
     method = get_method(opts.method)
+    if opts.solver not in SOLVERS:  # checked before the work folder exists, not at the first tensor
+        raise UsageError(f"--solver {opts.solver!r} unknown; choose {', '.join(SOLVERS)}.")
     for opt in ("null_energy", "null_rank"):
         if getattr(opts, opt) is not None and opt not in method.options:
             raise UsageError(f"--{opt.replace('_', '-')} is an option of --method nusa, not of {method.name}; drop it or choose nusa.")
@@ -186,6 +189,7 @@ def _meanwhile(*work):
 def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_bytes) -> SplitJob:
     alpha = cfg.alpha
     src = resolve(model, opts.revision, opts.config, opts.allow_pickle)
+    src.card_metadata()  # the model card is read at the finish: a link out of the folder is refused now, not after the work
     ckpt = src.checkpoint()
     model_cfg = src.config()
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from surgeon.errors import SplitDirError, UsageError
 from surgeon.readlock import reads
+from surgeon.outplace import check_place, out_path
+from surgeon.splitdir import SplitDir
 
 
 def spectra(sd, rx: re.Pattern, device: str = "auto"):
@@ -48,8 +50,9 @@ FORMATS = (".png", ".pdf", ".svg")
 
 
 def picture_path(out: Path, overwrite: bool) -> Path:
-    """The file to draw into: .png unless it names .pdf or .svg; an existing file only with overwrite, never a link."""
-    out = Path(out)
+    """The file to draw into: .png unless it names .pdf or .svg; an existing file only with overwrite,
+    never a link. Its folders are resolved first (`a/../p.png` makes no folder `a`)."""
+    out = out_path(out)
     if not out.suffix:
         out = out.with_suffix(".png")
     if out.suffix.lower() not in FORMATS:
@@ -58,7 +61,15 @@ def picture_path(out: Path, overwrite: bool) -> Path:
         raise UsageError(f"--out {out} is a link or a folder; give a file name.")
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out.")
+    check_place(out)
     return out
+
+
+def check_not_input(out: Path, inputs: list[Path]) -> None:
+    """The picture never goes into an input: the split folder, the source model folder or files."""
+    for i in map(Path, inputs):
+        if out == i.resolve() or out.is_relative_to(i.resolve()):
+            raise UsageError(f"--out {out} lies inside the input {i}; surgeon never writes into its input, so choose another --out.")
 
 
 @reads("split_dir")
@@ -70,6 +81,8 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
         rx = re.compile(layers)
     except re.error as e:
         raise UsageError(f"--layers {layers!r} is not a regular expression ({e}).") from None
+    sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
+    check_not_input(out.parent.resolve() / out.name, sd.inputs())
     try:
         import matplotlib
 
@@ -77,9 +90,6 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UsageError("plotting needs matplotlib: pip install 'surgeon[plot]'.") from e
-    from surgeon.splitdir import SplitDir
-
-    sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
     manifest = sd.manifest
     groups: dict[str, list] = {}
     for name, sigma in spectra(sd, rx):
@@ -105,6 +115,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
         ax.axis("off")
     fig.suptitle(f"{manifest['method']} split of {manifest['source'].get('hub_id') or manifest['source']['model']} (colour: layer depth)")
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial{out.suffix}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgeon.errors import OutputExistsError, SplitDirError
+from surgeon.errors import OutputExistsError, SplitDirError, UnsafeOutputError
+from surgeon.listing import FILES, TEMP, unlisted_reason, write_listing
+from surgeon.outdir import check_outside, check_replaceable, unsafe_reason
+from surgeon.outplace import check_place, discard, out_path, sweep_trash
+from surgeon.source import confined
+from surgeon.splitdir import RUN_LOG
 from surgeon.readlock import reads
 
 
@@ -79,39 +84,60 @@ class SplitModel:
 
         out = Path(out)
         src = self.split.path
-        if out.resolve() == src.resolve():
+        if out.resolve() == src.resolve():  # a trainer's later saves: the factor file only
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
             save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
             os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
             os.replace(tmp / self.split.factors_file.name, self.split.factors_file)
             shutil.rmtree(tmp)
             return out
-        from surgeon.outdir import FILES, check_outside, check_replaceable
+        return _save_copy(self, out_path(out), overwrite)
 
-        check_outside(out, self.split.inputs())
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
-        if out.exists():
-            check_replaceable(out, self.split.inputs())  # never the split, nor the model it came from
-        tmp = out.parent / f".{out.name}.partial"
-        if tmp.exists():
-            check_replaceable(tmp, self.split.inputs())  # an earlier, killed save: surgeon's own
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for f in src.iterdir():
-            if f.is_file() and f.name not in (self.split.factors_file.name, FILES):  # the split's listing is not the copy's
-                _link_or_copy(f, tmp / f.name)
-        save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
-        os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
-        if out.exists():  # replaced only after the new copy is complete
-            trash = out.parent / f".{out.name}.replaced"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        return out
+
+SAVING = ".surgeon-saving"  # inside a copy being written: the partial folder of a killed save is surgeon's
+
+
+def check_save_target(out: Path, inputs: list[Path]) -> None:
+    """Refuse, before any work, an `out` that is, holds or lies inside an input (the split, its
+    source), or that cannot be renamed into place (under a file, a mount point)."""
+    why = unsafe_reason(out, inputs)
+    if why:
+        raise UnsafeOutputError(f"{why}; surgeon never writes into its input, so choose another --out.")
+    check_outside(out, inputs)
+    check_place(out)
+
+
+def _save_copy(sm: SplitModel, out: Path, overwrite: bool) -> Path:
+    """A new folder: the split's files (base shards hard-linked, side files only as regular files
+    inside the split), the current factors and the content listing, renamed into place when whole."""
+    from safetensors.torch import save_file
+
+    src, inputs = sm.split.path, sm.split.inputs()
+    check_save_target(out, inputs)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder.")
+    if out.exists():
+        check_replaceable(out, inputs)  # empty, or surgeon's with every file listed and unchanged
+    sweep_trash(out)
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists() or tmp.is_symlink():
+        if not (tmp / SAVING).is_file() and unlisted_reason(tmp) and (tmp.is_symlink() or not tmp.is_dir() or any(tmp.iterdir())):
+            raise UnsafeOutputError(f"{tmp} exists but was not made by surgeon; move it away, or choose another --out.")
+        discard(tmp, out)  # an earlier, killed save: surgeon's own
+    tmp.mkdir(parents=True)
+    (tmp / SAVING).touch()
+    for f in sorted(src.iterdir()):
+        if (f.is_file() or f.is_symlink()) and f.name not in (sm.split.factors_file.name, FILES):  # the split's listing is not the copy's
+            _link_or_copy(confined(src, f.name, "the split folder"), tmp / f.name)
+    save_file(sm.factor_state(), str(tmp / sm.split.factors_file.name), metadata={"format": "pt"})
+    os.chmod(tmp / sm.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
+    (tmp / SAVING).unlink()
+    write_listing(tmp, {RUN_LOG: TEMP})  # the split's run log: timings, listed by name only
+    if out.exists():  # replaced only after the new copy is complete
+        discard(out, out, put=lambda: os.replace(tmp, out))
+    else:
+        os.replace(tmp, out)
+    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -149,8 +175,8 @@ def load_residual_model(path: Path, dtype: torch.dtype = torch.float32, model_cl
         model_cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
     with tempfile.TemporaryDirectory() as view:
         for f in path.iterdir():
-            if f.is_file() and not f.name.startswith(("adapter_", "surgeon.")):
-                os.symlink(f.resolve(), Path(view) / f.name)
+            if (f.is_file() or f.is_symlink()) and not f.name.startswith(("adapter_", "surgeon.")):  # regular files inside the folder only
+                os.symlink(confined(path, f.name, "the split folder").resolve(), Path(view) / f.name)
         return model_cls.from_pretrained(view, dtype=dtype)
 
 

@@ -114,6 +114,8 @@ def check_targets(tensors: dict[str, TensorInfo], targets: dict[str, Target], ra
                 "Dequantize the checkpoint first, or exclude it with --target."
             )
         k = min(t.out_features, t.in_features)
+        if k == 0:
+            raise UsageError(f"{name} is empty ({t.out_features}x{t.in_features}): there is nothing to split; exclude {t.module} with --target.")
         if rank_t >= k:
             what = f"--rank {rank_t}" if rank_t == rank else f"rank {rank_t} (from --rank-pattern)"
             raise UsageError(f"{what} is not below min(out, in) = {k} of {t.module} ({t.out_features}x{t.in_features}); choose a rank below {k}.")

@@ -35,10 +35,24 @@ def disk_errors(path: Path):
         if e.errno not in FULL:
             raise
         free = shutil.disk_usage(path.parent).free
+        if e.errno == errno.ENOSPC and _no_inodes(path.parent):
+            raise DiskSpaceError(
+                f"the file system holding {path.parent} has no free inodes left (room for no more files, though "
+                f"{human_size(free)} are free) writing {path}; delete some files there and run the same command again."
+            ) from None
         raise DiskSpaceError(
             f"the disk is full writing {path} ({human_size(free)} free at {path.parent}); free some space and run the same "
             "command again: it resumes after the tensors already written."
         ) from None
+
+
+def _no_inodes(folder: Path) -> bool:
+    """Whether a file system that has inodes at all has none left (statvfs; btrfs and others report 0 of 0)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_files > 0 and st.f_favail == 0
 
 
 def check_free_space(folder: Path, files: list[tuple[Path, int]]) -> None:

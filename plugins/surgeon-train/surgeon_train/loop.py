@@ -38,12 +38,13 @@ from typing import Callable
 
 import torch
 
+from surgeon import faults
 from surgeon.errors import NumericsError, SplitDirError, UsageError
 from surgeon.readlock import reads
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
 from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
-from surgeon_train.state import RunDir
+from surgeon_train.state import RunDir, check_out
 from surgeon_train.step import Runner, autocast, forward_ce, packing_supported
 
 Callback = Callable[[str, dict], None]  # (event: "start" | "step" | "eval", info)
@@ -174,6 +175,7 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
 
     opts = opts or TrainOptions()
     _check(opts)
+    check_out(split_dir, out, opts.overwrite, opts.resume)  # before the data is read
     try:
         tok = AutoTokenizer.from_pretrained(split_dir)
     except (OSError, ValueError) as e:
@@ -205,10 +207,24 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     """Train the factors of SPLIT_DIR on packed rows; OUT becomes the trained split folder."""
     opts = opts or TrainOptions()
     _check(opts)
+    check_out(split_dir, out, opts.overwrite, opts.resume)  # before the model is loaded
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
     resolve(opts.loss, d.device)  # a loss that cannot run here fails before the model loads
     sm, named = _load(split_dir, data, opts, d)
+    run = RunDir(out, sm, d)
+    try:
+        summary = _train(sm, named, run, data, opts, eval_data, d, callback, split_dir, meta)
+    except BaseException:
+        run.close()  # refused or failed: the lock goes, the last save stays
+        raise
+    run.finish(summary)
+    summary["out"] = str(run.out)
+    return summary
+
+
+def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: Packed | None, d: dist.Dist, callback: Callback,
+           split_dir: Path, meta: dict | None) -> dict:
     kernels = speed.resolve(opts.kernels, sm.model, d.device)
     with speed.scoped_kernels(sm.model, kernels):
         runner = Runner(sm.model, sm.extra_loss, data, d, opts.loss, opts.document_mask)
@@ -220,20 +236,17 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
         from surgeon_train import __version__
 
         summary = {"surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {})}
-        done, run = _run(sm, named, runner, data, out, opts, d, callback)
-        summary |= done | {"setup": setup}
+        summary |= _run(sm, named, runner, data, run, opts, d, callback) | {"setup": setup}
         if eval_data is not None:
             ev_loss, ev_tok = evaluate(sm.model, eval_data, opts.eval_batch_size, d, runner.loss)
             summary |= {"eval_loss": ev_loss, "eval_tokens": ev_tok}
             run.log({"event": "eval", "step": summary["steps_done"], "eval_loss": ev_loss, "eval_tokens": ev_tok})
             if d.main:
                 callback("eval", {"eval_loss": ev_loss, "eval_tokens": ev_tok})
-    run.finish(summary)
-    summary["out"] = str(run.out)
     return summary
 
 
-def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions, d: dist.Dist, callback: Callback) -> tuple[dict, RunDir]:
+def _run(sm, named, runner: Runner, data: Packed, run: RunDir, opts: TrainOptions, d: dist.Dist, callback: Callback) -> dict:
     params = [p for _, p in named]
     R = opts.batch_size * opts.grad_accum * d.world  # rows per optimizer step, all ranks
     total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(data) / R))
@@ -247,10 +260,9 @@ def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions,
         "min_lr_ratio": opts.min_lr_ratio, "weight_decay": opts.weight_decay, "max_grad_norm": opts.max_grad_norm, "seed": opts.seed,
         "document_mask": runner.document_mask,
     }
-    run = RunDir(out, sm, d)
-    if opts.resume:
+    if opts.resume and not run.unsaved():
         start = run.resume(plan, named, opt, sched)
-    else:
+    else:  # a run killed before its first save starts over, --resume or not
         run.create(opts.overwrite)
         start = 0
         torch.manual_seed(opts.seed + d.rank)  # dropout masks differ across ranks
@@ -288,6 +300,7 @@ def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions,
             "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing,
         }
         run.log(info)
+        faults.point("train-step")  # tests: a kill after the step's log line, before its save
         if (opts.save_every and (step + 1) % opts.save_every == 0) or step + 1 == total:
             run.save(step + 1, plan, named, opt, sched)
         if d.main:
@@ -299,7 +312,7 @@ def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions,
         "tokens_per_s_this_run": round(tokens_run / max(time.perf_counter() - t_run, 1e-9), 1),
         "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing,
         "peak_cuda_gib": None if peak is None else round(peak / 2**30, 3),
-    }, run
+    }
 
 
 def _rank_rows(rows: torch.Tensor, batch: int, accum: int, d: dist.Dist) -> torch.Tensor:
