@@ -102,6 +102,7 @@ def verified_source(sd: SplitDir) -> Checkpoint:
 
 
 def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
+    parse_size(opts.shard_size)  # refused before any folder is made
     sd = SplitDir(split_dir)
     base, why = choose_base(sd, opts.base)
     mult, gates = None, None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon import __version__, distributed, faults, patterns, quant
+from surgeon import __version__, distributed, faults, options, patterns, quant
 from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
@@ -147,6 +147,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
 
 def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     """Resolve and validate the source, choose the targets and lay out every output tensor."""
+    options.check(("--workers", opts.workers, options.WORKERS), ("--tol", opts.tol, options.POSITIVE))
+    options.device(opts.device)
     method = get_method(opts.method)
     for opt in ("null_energy", "null_rank"):
         if getattr(opts, opt) is not None and opt not in method.options:

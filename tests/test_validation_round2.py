@@ -1,0 +1,132 @@
+"""Issue 27, round two of bad inputs (findings 9, 10, 12, 16 and the tracebacks): factor files checked
+against the manifest, out-of-range casts named, numeric options checked in one place, user regexes
+bounded in time. Each test failed on 3b6e02f.
+
+    PYTHONPATH=$PWD:$PWD/plugins/surgeon-train python -m pytest tests/test_validation_round2.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cliutil import one_error_line, run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
+TRAIN = ["--steps", "1", "--seq-len", "32", "--batch-size", "2", "-q"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def model(tiny, tmp_path) -> Path:
+    m = tmp_path / "m"
+    shutil.copytree(tiny["tiny-llama"], m)
+    return m
+
+
+@pytest.fixture()
+def split_dir(model, tmp_path) -> Path:
+    s = tmp_path / "s"
+    assert run("split", model, "--rank", "4", "--out", s, "-q").exit_code == 0
+    return s
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """What a refused command left beside its --out (a partial or work folder)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+# --- finding 12 and the tracebacks: numeric options, checked before any folder is made -----------------
+
+SPLIT_BAD = [
+    (["--shard-size", "nan"], "--shard-size"), (["--shard-size", "infGB"], "--shard-size"), (["--shard-size", "1e400GB"], "--shard-size"),
+    (["--workers", "-1"], "--workers"), (["--device", "meta"], "--device"), (["--tol", "nan"], "--tol"),
+]
+
+
+@pytest.mark.parametrize("opts, word", SPLIT_BAD, ids=[" ".join(o) for o, _ in SPLIT_BAD])
+def test_split_numeric_options_are_one_line_and_leave_nothing(model, tmp_path, opts, word):
+    r = run("split", model, "--rank", "4", *opts, "--out", tmp_path / "o", "-q")
+    assert r.exit_code == 2 and word in one_error_line(r)
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []  # --workers -1 left .o.partial
+
+
+@pytest.mark.parametrize("size", ["nan", "infGB", "1e400GB"])
+def test_absorb_shard_size_is_one_line(split_dir, tmp_path, size):
+    r = run("absorb", split_dir, "--out", tmp_path / "a", "--shard-size", size, "-q")
+    assert r.exit_code == 2 and "--shard-size" in one_error_line(r)
+    assert not (tmp_path / "a").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-3"])
+def test_push_timeout_must_be_finite_and_positive(split_dir, timeout, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_used")  # checked before any token or network use
+    r = run("push", split_dir, "acme/x", "--timeout", timeout, "-q")
+    assert r.exit_code == 2 and "--timeout" in one_error_line(r)
+
+
+TRAIN_BAD = [
+    (["--steps", "1", "--device", "meta"], "--device"), (["--epochs", "nan"], "--epochs"), (["--epochs", "inf"], "--epochs"),
+    (["--steps", "1", "--weight-decay", "nan"], "--weight-decay"), (["--steps", "1", "--min-lr-ratio", "-5"], "--min-lr-ratio"),
+    (["--steps", "1", "--min-lr-ratio", "nan"], "--min-lr-ratio"), (["--steps", "1", "--max-grad-norm", "nan"], "--max-grad-norm"),
+    (["--steps", "1", "--lr", "inf"], "--lr"),
+]
+
+
+@pytest.mark.parametrize("opts, word", TRAIN_BAD, ids=[" ".join(o) for o, _ in TRAIN_BAD])
+def test_train_numeric_options_are_one_line(split_dir, tmp_path, opts, word):
+    r = run("train", split_dir, "--data", DATA, "--out", tmp_path / "t", "--seq-len", "32", *opts, "-q")
+    assert r.exit_code == 2 and word in one_error_line(r)
+    assert not (tmp_path / "t").exists()
+
+
+def test_min_lr_ratio_in_range_still_trains(split_dir, tmp_path):
+    r = run("train", split_dir, "--data", DATA, "--out", tmp_path / "t", *TRAIN, "--min-lr-ratio", "0.5")
+    assert r.exit_code == 0, r.output
+
+
+def test_train_data_that_is_not_data_is_one_line(split_dir, model, tmp_path):
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("garbage{\n")
+    for data, word in ((garbage, "JSON parse error"), (model, "model folder")):
+        r = run("train", split_dir, "--data", data, "--out", tmp_path / "t", *TRAIN)
+        assert r.exit_code == 1 and word in one_error_line(r) and str(data) in r.output
+        assert not (tmp_path / "t").exists()
+
+
+@pytest.fixture()
+def trained(split_dir, tmp_path) -> Path:
+    """Two steps, saved after each."""
+    out = tmp_path / "t"
+    r = run("train", split_dir, "--data", DATA, "--out", out, *TRAIN[2:], "--steps", "2", "--save-every", "1")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_resume_drops_a_metrics_line_torn_by_a_kill(split_dir, trained):
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    with open(trained / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill while appending
+    r = run("train", split_dir, "--data", DATA, "--out", trained, *TRAIN[2:], "--steps", "2", "--save-every", "1", "--resume")
+    assert r.exit_code == 0, r.output
+    assert (trained / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_resume_from_a_truncated_state_is_one_line(split_dir, trained):
+    state = trained / "train_state" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    r = run("train", split_dir, "--data", DATA, "--out", trained, *TRAIN[2:], "--steps", "2", "--resume")
+    assert r.exit_code == 1 and "state.pt is damaged" in one_error_line(r) and "--overwrite" in r.output
