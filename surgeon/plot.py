@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from surgeon.errors import SplitDirError, UsageError
+from surgeon.patterns import UserRegex
 
 
-def spectra(sd, rx: re.Pattern, device: str = "auto"):
+def spectra(sd, rx: UserRegex, device: str = "auto"):
     """(module, every singular value descending) of the split layers `rx` selects: from
     surgeon.spectra.safetensors when the split stored them (--spectra), else computed from the source
     weights (each verified by its content hash first), one tensor at a time."""
@@ -64,10 +64,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
     """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
     returns (how many, the file written)."""
     out = picture_path(out, overwrite)
-    try:
-        rx = re.compile(layers)
-    except re.error as e:
-        raise UsageError(f"--layers {layers!r} is not a regular expression ({e}).") from None
+    rx = UserRegex(layers, "--layers")  # matched under a time bound
     try:
         import matplotlib
 

@@ -130,3 +130,45 @@ def test_resume_from_a_truncated_state_is_one_line(split_dir, trained):
     state.write_bytes(state.read_bytes()[:1000])
     r = run("train", split_dir, "--data", DATA, "--out", trained, *TRAIN[2:], "--steps", "2", "--resume")
     assert r.exit_code == 1 and "state.pt is damaged" in one_error_line(r) and "--overwrite" in r.output
+
+
+# --- finding 16: user regexes matched under a time bound ---------------------------------------------
+
+SLOW = "(.*?.*?)*(X|Y)"  # backtracks exponentially in `regex` too: only the time bound stops it
+
+
+@pytest.fixture()
+def quick_bound(monkeypatch):
+    """The bound itself, lowered so the suite spends a second, not several, per case."""
+    from surgeon import patterns
+
+    monkeypatch.setattr(patterns, "REGEX_SECONDS", 0.5)
+
+
+def test_the_issues_target_regex_ends_at_once(model, tmp_path):
+    r = run("split", model, "--rank", "4", "--target", "(.*.*)*X", "--out", tmp_path / "o", "-q")  # `re` ran past 60 s
+    assert r.exit_code == 2 and "no linear weight matches" in one_error_line(r)
+
+
+@pytest.mark.parametrize("opts", [["--target", SLOW], ["--rank-pattern", f"{SLOW}=8"], ["--alpha-pattern", f"{SLOW}=8"]])
+def test_a_backtracking_split_regex_is_one_line(model, tmp_path, quick_bound, opts):
+    r = run("split", model, "--rank", "4", *opts, "--out", tmp_path / "o", "-q")
+    assert r.exit_code == 2 and f"{opts[0]} '{SLOW}' takes more than 0.5 s" in one_error_line(r)
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_backtracking_spectra_regex_is_one_line(split_dir, tmp_path, quick_bound):
+    r = run("spectra", split_dir, "--layers", SLOW, "--out", tmp_path / "p.png")
+    assert r.exit_code == 2 and "--layers" in one_error_line(r) and not (tmp_path / "p.png").exists()
+
+
+def test_bounded_regexes_select_what_re_selects():
+    import re
+
+    from surgeon.patterns import UserRegex
+
+    names = [f"model.layers.{i}.{m}" for i in (0, 11) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
+    for p in (r".*\.(q|v)_proj", r"model\.layers\.1\d?\..*", r"(?i).*UP_proj", r".*(?<!q)_proj"):
+        rx = UserRegex(p, "--target")
+        assert [n for n in names if rx.fullmatch(n)] == [n for n in names if re.fullmatch(p, n)], p
+        assert [n for n in names if rx.search(n)] == [n for n in names if re.search(p, n)], p
