@@ -35,7 +35,7 @@ from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_comp
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
-from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_key
+from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_hashes, factor_key
 from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
 
 
@@ -280,6 +280,7 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     faults.point("after-index")
     records = work.records()
     manifest = _manifest(job, records)
+    manifest["factor_hashes"] = factor_hashes(work.path / INIT_FACTORS)  # the untrained factors, checked before any use (SplitDir)
     _side_files(job, work.path, manifest["target_modules"])
     write_json(work.path / MANIFEST, manifest)
     faults.point("after-manifest")

@@ -172,3 +172,96 @@ def test_bounded_regexes_select_what_re_selects():
         rx = UserRegex(p, "--target")
         assert [n for n in names if rx.fullmatch(n)] == [n for n in names if re.fullmatch(p, n)], p
         assert [n for n in names if rx.search(n)] == [n for n in names if re.search(p, n)], p
+
+
+# --- finding 9: factor files checked against the manifest before any use ------------------------------
+
+def _absorb_export_train(split: Path, tmp_path: Path) -> list:
+    return [run("absorb", split, "--out", tmp_path / "a", "-q"), run("export", split, "--out", tmp_path / "e"),
+            run("train", split, "--data", DATA, "--out", tmp_path / "t", *TRAIN)]
+
+
+def test_a_factor_file_of_another_rank_is_refused_everywhere(model, split_dir, tmp_path):
+    r8 = tmp_path / "s8"
+    assert run("split", model, "--rank", "8", "--out", r8, "-q").exit_code == 0
+    shutil.copy(r8 / "adapter_model.safetensors", split_dir / "adapter_model.safetensors")  # the issue's `cp sp8/adapter_model.safetensors sp/`
+    for r in _absorb_export_train(split_dir, tmp_path):
+        line = one_error_line(r)
+        assert r.exit_code == 1 and "adapter_model.safetensors does not belong to this split" in line
+        assert "layers.0.self_attn.k_proj.lora_A.weight has shape [8, 64], the split's is [4, 64]" in line
+    assert not any((tmp_path / d).exists() for d in "aet")
+    from surgeon.errors import SplitDirError
+    from surgeon.runtime import load_split
+
+    with pytest.raises(SplitDirError, match="does not belong"):
+        load_split(split_dir)
+
+
+def test_untrained_factors_of_another_split_are_refused_by_their_hash(model, split_dir, tmp_path):
+    pissa = tmp_path / "p"
+    assert run("split", model, "--method", "pissa", "--rank", "4", "--out", pissa, "-q").exit_code == 0  # same keys and shapes
+    shutil.copy(pissa / "surgeon.init.safetensors", split_dir / "surgeon.init.safetensors")
+    for r in _absorb_export_train(split_dir, tmp_path):
+        assert r.exit_code == 1 and "surgeon.init.safetensors is not the file split wrote" in one_error_line(r)
+        assert "lora_A.weight differs from the content hash" in r.output
+
+
+def test_an_adapter_config_of_another_rank_is_refused(split_dir, tmp_path):
+    conf = json.loads((split_dir / "adapter_config.json").read_text())
+    (split_dir / "adapter_config.json").write_text(json.dumps(conf | {"r": 8, "lora_alpha": 8}))
+    r = run("absorb", split_dir, "--out", tmp_path / "a", "-q")
+    assert r.exit_code == 1 and "rank 8" in one_error_line(r) and "records 4" in r.output
+
+
+def test_factors_trained_elsewhere_keep_working(model, split_dir, tmp_path):
+    """README's PEFT recipe: trained factors (same keys and shapes, other values) put into the split."""
+    f = split_dir / "adapter_model.safetensors"
+    t = load_file(f)
+    key = next(k for k in t if k.endswith("q_proj.lora_B.weight"))
+    t[key] = t[key] + 0.01
+    save_file(t, f, metadata={"format": "pt"})
+    r = run("absorb", split_dir, "--out", tmp_path / "a", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["layers_changed"] == 1
+    assert run("train", split_dir, "--data", DATA, "--out", tmp_path / "t", *TRAIN).exit_code == 0
+    assert run("absorb", tmp_path / "t", "--out", tmp_path / "a2", "-q").exit_code == 0  # a train output too
+
+
+# --- finding 10: a cast that overflows is named, never written -------------------------------------
+
+def _set(model: Path, name: str, index: tuple, value: float, dtype: torch.dtype | None = None) -> None:
+    """Set one value of tensor `name` (and cast every tensor to `dtype`) in the model's shards."""
+    for f in sorted(model.glob("model-*.safetensors")):
+        t = load_file(f)
+        if name in t:
+            t[name][index] = value
+        if dtype is not None:
+            t = {k: v.to(dtype) for k, v in t.items()}
+        save_file(t, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"])
+def test_a_weight_beyond_float16_is_named_not_written_as_inf(model, tmp_path, name):
+    _set(model, name, (3, 5) if name.endswith("proj.weight") else (5,), 1e5)
+    r = run("split", model, "--rank", "4", "--dtype", "float16", "--out", tmp_path / "o", "-q")
+    line = one_error_line(r)
+    assert r.exit_code == 1 and f"{name}: a value of 1e+05 does not fit float16 (largest 65504)" in line and "--dtype float32" in line
+    assert not (tmp_path / "o").exists()
+    r = run("split", model, "--rank", "4", "--dtype", "bfloat16", "--out", tmp_path / "b", "-q")
+    assert r.exit_code == 0, r.output
+    for f in (tmp_path / "b").glob("*.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(f).values())
+
+
+def test_an_absorb_that_overflows_float16_is_named(model, tmp_path):
+    _set(model, "", (), 0.0, dtype=torch.float16)  # a float16 model
+    s = tmp_path / "s"
+    assert run("split", model, "--rank", "4", "--out", s, "-q").exit_code == 0
+    t = load_file(s / "adapter_model.safetensors")
+    key = next(k for k in t if "layers.1.mlp.up_proj.lora_B" in k)
+    t[key] = t[key] * 1e9  # trained far too far
+    save_file(t, s / "adapter_model.safetensors", metadata={"format": "pt"})
+    for base in ("original", "residual"):
+        r = run("absorb", s, "--out", tmp_path / base, "--base", base, "-q")
+        assert r.exit_code == 1 and "model.layers.1.mlp.up_proj.weight: a value of" in one_error_line(r) and "float16" in r.output
+        assert not (tmp_path / base).exists()
