@@ -20,12 +20,13 @@ from surgeon.errors import UsageError
 
 @dataclass(frozen=True)
 class Range:
-    """Where a number may lie: lo ≤ v (lo < v when lo_open) and v ≤ hi; always finite."""
+    """Where a number may lie: lo ≤ v ≤ hi (< where open); always finite."""
 
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
     integer: bool = False
+    hi_open: bool = False
 
     def holds(self, v) -> bool:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.integer and not isinstance(v, int)):
@@ -34,14 +35,14 @@ class Range:
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
-        return self.hi is None or v <= self.hi
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
 
     def describe(self) -> str:
         kind = "a whole number" if self.integer else "a finite number"
-        if self.lo is not None and self.hi is not None and not self.lo_open:
-            return f"{kind} from {_num(self.lo)} to {_num(self.hi)}"
+        if self.lo is not None and self.hi is not None and self.lo_open == self.hi_open:
+            return f"{kind} {'strictly between' if self.lo_open else 'from'} {_num(self.lo)} {'and' if self.lo_open else 'to'} {_num(self.hi)}"
         parts = [f"{'>' if self.lo_open else '≥'} {_num(self.lo)}"] if self.lo is not None else []
-        parts += [f"≤ {_num(self.hi)}"] if self.hi is not None else []
+        parts += [f"{'<' if self.hi_open else '≤'} {_num(self.hi)}"] if self.hi is not None else []
         return f"{kind} {' and '.join(parts)}".strip()
 
 
@@ -56,10 +57,11 @@ COUNT = Range(1, integer=True)  # steps, batch sizes: at least one
 WORKERS = Range(0, 256, integer=True)  # 0: the default for the device
 
 
-def check(*rules: tuple[str, object, Range]) -> None:
-    """Refuse the first (option, value, range) whose value is given (not None) and outside its range."""
+def check(*rules: tuple[str, object, Range], required: bool = False) -> None:
+    """Refuse the first (option, value, range) whose value is outside its range; None passes (an option
+    not given) unless `required`."""
     for option, value, rng in rules:
-        if value is not None and not rng.holds(value):
+        if (value is not None or required) and not rng.holds(value):
             raise UsageError(f"{option} {value!r} must be {rng.describe()}.")
 
 
