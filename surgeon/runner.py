@@ -26,7 +26,6 @@ from surgeon.linalg import decompose
 from surgeon.splitdir import factor_key
 from surgeon.stages import HostCopy, StageClock, write_all
 
-
 DTYPE_FIX = "split with --dtype float32 or bfloat16 (bfloat16 has float32's range), or keep the checkpoint's dtype."
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from cliutil import one_error_line, run
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
