@@ -37,9 +37,10 @@ from safetensors import safe_open
 
 from surgeon import __version__, distributed, faults, quant
 from surgeon.card import build_card
-from surgeon.errors import SourceChangedError, SplitDirError, UsageError
+from surgeon.errors import NumericsError, SourceChangedError, SplitDirError, UsageError
 from surgeon.export.peft import adapter_config, publish_adapter, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
+from surgeon.io.dtypes import cast_overflow
 from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
 from surgeon.methods import Method
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
@@ -105,6 +106,7 @@ def verified_source(sd: SplitDir) -> Checkpoint:
 
 
 def plan_absorb(split_dir: Path, opts: AbsorbOptions, dist) -> AbsorbJob:
+    parse_size(opts.shard_size)  # refused before any folder is made
     sd = SplitDir(split_dir)
     base, why = choose_base(sd, opts.base)
     mult, gates = None, None
@@ -217,12 +219,12 @@ def _merge_one(job: AbsorbJob, module: str, tensor: torch.Tensor, cur, ini) -> t
     g = 1.0 if job.mult is None else job.mult[module]
     f_cur, cfg = sd.factors(cur, module), sd.layer_cfg(module)
     if job.base == "residual":
-        return _add(tensor, g * sd.method.delta(f_cur, cfg), lay["transposed"]), True
+        return _add(tensor, g * sd.method.delta(f_cur, cfg), lay["transposed"], module), True
     f_ini = sd.factors(ini, module)
     if g == 0 or all(torch.equal(f_cur[k], f_ini[k]) for k in f_cur):
         return tensor, False  # untrained: the original, bit for bit
     delta = sd.method.delta(f_cur, cfg) - sd.method.delta(f_ini, cfg)  # (out, in)
-    return _add(tensor, g * delta, lay["transposed"]), True
+    return _add(tensor, g * delta, lay["transposed"], module), True
 
 
 def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist, seconds: float) -> dict | None:
@@ -254,9 +256,14 @@ def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Rep
     return manifest
 
 
-def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.Tensor:
+def _add(stored: torch.Tensor, delta: torch.Tensor, transposed: bool, module: str) -> torch.Tensor:
     d = delta.mT if transposed else delta  # stored layout
-    return (stored.double() + d).to(stored.dtype)
+    merged = stored.double() + d
+    out = merged.to(stored.dtype)
+    if why := cast_overflow(f"{module}.weight", merged, out):  # a trained change too large for a float16 base
+        raise NumericsError(f"{why} once merged; the trained change is too large for this dtype (retrain with a lower --lr, "
+                            "or split a float32 copy of the model).")
+    return out
 
 
 @reads("split_dir")

@@ -22,8 +22,52 @@ scale unless an alpha was asked for. With --alpha given, PEFT's own rule holds u
 from __future__ import annotations
 
 import re
+import time
+
+import regex
 
 from surgeon.errors import UsageError
+
+REGEX_SECONDS = 2.0  # what all the matches of one user regex may take together (regex checks the clock coarsely: ~2x)
+
+
+class UserRegex:
+    """A regex the user typed (--target, --rank-pattern, --alpha-pattern, spectra --layers), matched by
+    the `regex` engine under one time budget for all its matches: a pattern that backtracks
+    exponentially, such as '(.*?.*?)*(X|Y)', is refused in one line instead of running for hours
+    (Python's `re` has no timeout). `regex` is compatible with `re` for these patterns, and it also
+    skips at once many a pattern that `re` gets lost in, such as '(.*.*)*X'."""
+
+    def __init__(self, pattern: str, option: str, shown: str | None = None, seconds: float | None = None):
+        """shown: the user's own text when `pattern` wraps it (PEFT's suffix rule)."""
+        self.pattern, self.option = shown if shown is not None else pattern, option
+        try:
+            self.rx = regex.compile(pattern)
+        except regex.error as e:
+            raise UsageError(f"{option} {self.pattern!r} is not a regular expression ({e}).") from None
+        self.seconds = REGEX_SECONDS if seconds is None else seconds
+        self.deadline: float | None = None  # set by the first match
+
+    def _run(self, how: str, text: str):
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
+        try:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            return getattr(self.rx, how)(text, timeout=left)
+        except TimeoutError:
+            raise UsageError(f"{self.option} {self.pattern!r} takes more than {self.seconds:g} s to match names like {text!r} "
+                             "(nested repeats such as (.*.*)* backtrack exponentially); simplify the regular expression.") from None
+
+    def fullmatch(self, text: str):
+        return self._run("fullmatch", text)
+
+    def match(self, text: str):
+        return self._run("match", text)
+
+    def search(self, text: str):
+        return self._run("search", text)
 
 
 def parse(items: list[str] | None, option: str, integer: bool) -> dict[str, float | int]:
@@ -46,10 +90,11 @@ def parse(items: list[str] | None, option: str, integer: bool) -> dict[str, floa
     return out
 
 
-def pattern_key(keys, name: str) -> str | None:
-    """PEFT's get_pattern_key: the first key matching a dotted suffix of `name` entirely, else None."""
+def pattern_key(keys, name: str, option: str = "a rank/alpha pattern") -> str | None:
+    """PEFT's get_pattern_key: the first key matching a dotted suffix of `name` entirely, else None
+    (each match bounded in time: UserRegex)."""
     for key in keys:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if UserRegex(rf"(.*\.)?({key})$", option, shown=key).match(name):
             return key
     return None
 
@@ -71,7 +116,7 @@ def layer_ranks(modules: list[str], rank: int, alpha: float, rank_pattern: dict,
             alpha_pattern.setdefault(k, float(default_alpha(int(r))))
     for option, pats in (("--rank-pattern", rank_pattern), ("--alpha-pattern", alpha_pattern)):
         for k in pats:
-            if not any(pattern_key([k], m) for m in modules):
+            if not any(pattern_key([k], m, option) for m in modules):
                 raise UsageError(f"{option} {k!r} matches no targeted module (PEFT matches a whole dotted suffix, e.g. "
                                  f"'q_proj' or 'layers\\.0\\..*'); targeted modules look like {modules[0]}.")
     ranks = {m: resolve(m, rank, alpha, rank_pattern, alpha_pattern) for m in modules}

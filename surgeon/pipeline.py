@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon import __version__, distributed, faults, patterns, quant
+from surgeon import __version__, distributed, faults, options, patterns, quant
 from surgeon.errors import UsageError
 from surgeon.export.peft import adapter_config, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
@@ -36,7 +36,7 @@ from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_comp
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
-from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_key
+from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_hashes, factor_key
 from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
 
 
@@ -148,6 +148,8 @@ def split(model: str, out: Path, opts: SplitOptions | None = None, reporter: Rep
 
 def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     """Resolve and validate the source, choose the targets and lay out every output tensor."""
+    options.check(("--workers", opts.workers, options.WORKERS), ("--tol", opts.tol, options.POSITIVE))
+    options.device(opts.device)
     method = get_method(opts.method)
     if opts.solver not in SOLVERS:  # checked before the work folder exists, not at the first tensor
         raise UsageError(f"--solver {opts.solver!r} unknown; choose {', '.join(SOLVERS)}.")
@@ -282,6 +284,7 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     faults.point("after-index")
     records = work.records()
     manifest = _manifest(job, records)
+    manifest["factor_hashes"] = factor_hashes(work.path / INIT_FACTORS)  # the untrained factors, checked before any use (SplitDir)
     _side_files(job, work.path, manifest["target_modules"])
     write_json(work.path / MANIFEST, manifest)
     faults.point("after-manifest")

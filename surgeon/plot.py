@@ -6,16 +6,16 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from surgeon.errors import SplitDirError, UsageError
 from surgeon.readlock import reads
 from surgeon.outplace import check_place, out_path
 from surgeon.splitdir import SplitDir
+from surgeon.patterns import UserRegex
 
 
-def spectra(sd, rx: re.Pattern, device: str = "auto"):
+def spectra(sd, rx: UserRegex, device: str = "auto"):
     """(module, every singular value descending) of the split layers `rx` selects: from
     surgeon.spectra.safetensors when the split stored them (--spectra), else computed from the source
     weights (each verified by its content hash first), one tensor at a time."""
@@ -77,10 +77,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
     """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
     returns (how many, the file written)."""
     out = picture_path(out, overwrite)
-    try:
-        rx = re.compile(layers)
-    except re.error as e:
-        raise UsageError(f"--layers {layers!r} is not a regular expression ({e}).") from None
+    rx = UserRegex(layers, "--layers")  # matched under a time bound
     sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
     check_not_input(out.parent.resolve() / out.name, sd.inputs())
     try:

@@ -20,11 +20,13 @@ import torch
 
 from surgeon import faults, quant
 from surgeon.errors import NumericsError
-from surgeon.io.dtypes import torch_dtype
+from surgeon.io.dtypes import cast_overflow, torch_dtype
 from surgeon.io.reader import tensor_hash
 from surgeon.linalg import decompose
 from surgeon.splitdir import factor_key
 from surgeon.stages import HostCopy, StageClock, write_all
+
+DTYPE_FIX = "split with --dtype float32 or bfloat16 (bfloat16 has float32's range), or keep the checkpoint's dtype."
 
 
 class SplitRunner:
@@ -138,7 +140,10 @@ class SplitRunner:
         target = job.targets.get(info.name)
         out_dt = job.out_dtype(info.dtype)
         if target is None:
-            return record, [(w.base, info.name, tensor.to(torch_dtype(out_dt)))]
+            cast = tensor.to(torch_dtype(out_dt))
+            if out_dt != info.dtype and (why := cast_overflow(info.name, tensor, cast)):
+                raise NumericsError(f"{why}; {DTYPE_FIX}")
+            return record, [(w.base, info.name, cast)]
         record["layer"], outs = split_one(target, tensor, job, out_dt, self.clock)
         residual = outs.pop("__residual__")  # a tensor, or {name: tensor} of a quantized weight's group
         outputs = [(w.base, n, t) for n, t in (residual.items() if isinstance(residual, dict) else [(info.name, residual)])]
@@ -172,6 +177,11 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
             res, residual, qstats = quant.quantized_split(w64, res, method, cfg, job.qspec, solve, target.tensor, quant.qdtype_name(out_dtype))
         else:
             residual = res.residual.to(torch_dtype(out_dtype))  # (out, in), cast once
+            if why := cast_overflow(target.tensor, res.residual, residual):  # e.g. a weight of 1e5 as float16
+                raise NumericsError(f"{why} in its residual; {DTYPE_FIX}")
+        for fname, f in res.factors.items():
+            if not bool(torch.isfinite(f).all()):
+                raise NumericsError(f"{target.tensor}: its factor {fname} holds non-finite values; lower --alpha or --rank for this module.")
     # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
     # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
     # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.

@@ -68,6 +68,35 @@ def _str_map(obj, kinds) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, kinds) and not isinstance(v, bool) for k, v in obj.items())
 
 
+FLOATS = ("F32", "BF16", "F16", "F64")
+
+
+def _first_mismatch(want: dict[str, tuple[int, ...]], have: dict, dtype: str | None) -> str | None:
+    """The first way a factor file's header (name → TensorInfo) differs from the expected key → shape:
+    a missing or extra key, another shape, a dtype other than `dtype` (None: any float)."""
+    for key, shape in want.items():
+        info = have.get(key)
+        if info is None:
+            return f"it lacks {key}"
+        if tuple(info.shape) != shape:
+            return f"{key} has shape {list(info.shape)}, the split's is {list(shape)}"
+        if info.dtype != dtype if dtype else info.dtype not in FLOATS:
+            return f"{key} is {info.dtype}, not {dtype or 'a float dtype'}"
+    extra = [k for k in have if k not in want]
+    return f"it holds {extra[0]}, which the split does not have" if extra else None
+
+
+def factor_hashes(path: Path) -> dict[str, str]:
+    """Content hash of every tensor of a factor file, by key (sorted): what split records of the
+    untrained factors (surgeon.json "factor_hashes") and SplitDir checks."""
+    from safetensors import safe_open
+
+    from surgeon.io.reader import tensor_hash
+
+    with safe_open(path, "pt") as f:
+        return {k: tensor_hash(f.get_tensor(k)) for k in sorted(f.keys())}
+
+
 class SplitDir:
     """A surgeon split folder: manifest, residual checkpoint, current and initial factors."""
 
@@ -89,6 +118,7 @@ class SplitDir:
             raise SplitDirError(f"{self.path} lacks {self.factors_file.name}; the split is incomplete, re-run it.")
         self._check_files()
         self.cfg = self._config()
+        self._check_factors()
 
     def _check_files(self) -> None:
         """The factor files must be valid safetensors (the library's check), the source recorded."""
@@ -107,6 +137,49 @@ class SplitDir:
         hashes = src.get("tensor_hashes") or {}
         if not _str_map(hashes, str):
             raise SplitDirError(f"{self.path / MANIFEST} holds damaged source hashes; re-run the split.")
+
+    def expected_factors(self) -> dict[str, tuple[int, ...]]:
+        """Every factor tensor this split has, key → shape, from the manifest: each layer's shape and
+        rank, and the per-block tensors (moe routers)."""
+        want: dict[str, tuple[int, ...]] = {}
+        for module, lay in self.layers.items():
+            shape, r = lay.get("shape") if isinstance(lay, dict) else None, lay.get("rank", self.manifest["rank"]) if isinstance(lay, dict) else None
+            if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(r, int) and r > 0):
+                raise SplitDirError(f"{self.path / MANIFEST}: the record of layer {module} is damaged; re-run the split.")
+            if self.layer_cfg(module).rank != r:
+                raise SplitDirError(f"{self.path / ADAPTER_CONFIG} gives {module} rank {self.layer_cfg(module).rank}, {MANIFEST} records {r}; "
+                                    "put back the adapter config split wrote (or split again).")
+            cfg = dataclasses.replace(self.cfg, rank=r)
+            want |= {self.factor_key(module, f): tuple(s) for f, s in self.method.factor_shapes(*shape, cfg).items()}
+        for block, info in (self.manifest.get("blocks") or {}).items():
+            shapes = self.method.block_shapes(info["hidden"], len(info["experts"]), self.cfg)
+            want |= {f"{block}.{f}": tuple(s) for f, s in shapes.items()}
+        return want
+
+    def _check_factors(self) -> None:
+        """Factor files against the manifest, before any use: the same keys, shapes (so ranks) and float
+        dtypes in both; the untrained factors (surgeon.init) also by the content hash split recorded of
+        each tensor. The trainable file may hold other values (training, by surgeon or PEFT, changes
+        them), never other shapes. A file copied from another split is refused naming its first wrong key."""
+        from surgeon.io.reader import read_header
+
+        want = self.expected_factors()
+        for p in (self.factors_file, self.init_file):
+            if not p.exists():
+                continue
+            have = read_header(p)[0]
+            why = _first_mismatch(want, have, "F32" if p == self.init_file else None)
+            if why:
+                raise SplitDirError(f"{p} does not belong to this split: {why}; put back the file split wrote there (or split again).")
+        hashes = self.manifest.get("factor_hashes")
+        if hashes is None or not self.init_file.exists():
+            return  # a split by surgeon < 0.3 recorded shapes only
+        if not _str_map(hashes, str):
+            raise SplitDirError(f"{self.path / MANIFEST} holds damaged factor hashes; re-run the split.")
+        for key, got in factor_hashes(self.init_file).items():
+            if hashes.get(key) != got:
+                raise SplitDirError(f"{self.init_file} is not the file split wrote: {key} differs from the content hash in {MANIFEST}; "
+                                    "put back the file split wrote there (or split again).")
 
     def _config(self):
         from surgeon.methods import MethodConfig

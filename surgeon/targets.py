@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from surgeon.errors import UsageError
 from surgeon.io.dtypes import FLOAT_DTYPES
 from surgeon.io.reader import TensorInfo
+from surgeon.patterns import UserRegex
 
 BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
 EXCLUDE = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_|layernorm|rotary|score|relative_attention_bias)", re.IGNORECASE)
@@ -56,7 +57,7 @@ def select_targets(tensors: dict[str, TensorInfo], spec: list[str] | None, model
         ]
     elif len(spec) == 1 and not PLAIN_NAME.match(spec[0]):
         try:
-            rx = re.compile(spec[0])
+            rx = UserRegex(spec[0], "--target")  # matched under a time bound (surgeon/patterns.py)
         except re.error as e:
             raise UsageError(f"--target {spec[0]!r} is not a valid regular expression ({e}).") from e
         chosen = [n for n in linear if rx.fullmatch(n[: -len(".weight")])]

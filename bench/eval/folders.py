@@ -108,6 +108,8 @@ def lora_folder(model: Path, milora: Path, out: Path, seed: int) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from surgeon.splitdir import factor_hashes
+
     with locked(out):
         if (out / "surgeon.json").exists():
             return out
@@ -139,6 +141,7 @@ def lora_folder(model: Path, milora: Path, out: Path, seed: int) -> Path:
             save_file(new, str(tmp / name), metadata={"format": "pt"})
         mf = json.loads((milora / "surgeon.json").read_text())
         mf["eval_methods_note"] = "plain LoRA (PEFT default init) built by bench/eval/folders.py from a milora split"
+        mf["factor_hashes"] = factor_hashes(tmp / "surgeon.init.safetensors")  # the new untrained factors, as split records them
         (tmp / "surgeon.json").write_text(json.dumps(mf, indent=2))
         os.replace(tmp, out)
     return out

@@ -246,10 +246,12 @@ def push(
     quiet: Quiet = False,
 ):
     """Check an output folder (shards, config, model card) and upload it to the Hub in one commit."""
+    from surgeon import options
     from surgeon.errors import UsageError
     from surgeon.hubcheck import validate, write_card
 
     with errors_to_exit():
+        options.check(("--timeout", timeout, options.POSITIVE))  # inf or NaN would mean no deadline at all
         if repo_id is None and not check_only:
             raise UsageError("give the Hub repo to push to (surgeon push FOLDER org/name), or --check to only check the folder.")
         if regenerate_card:

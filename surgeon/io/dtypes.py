@@ -38,3 +38,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def itemsize(name: str) -> int:
     return DTYPES[name][1]
+
+
+def cast_overflow(name: str, src: torch.Tensor, out: torch.Tensor) -> str | None:
+    """Why `out` (a cast of `src`, same shape) cannot be written: values finite in `src` that the cast
+    made ±inf or NaN, named with the largest of them and the dtype's range; None when the cast lost
+    nothing (values already non-finite in `src` are not the cast's doing)."""
+    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+        return None
+    lost = torch.isfinite(src) & ~torch.isfinite(out)
+    if not bool(lost.any()):
+        return None
+    big = float(src[lost].abs().max())
+    kind = CONFIG_DTYPE.get(_BY_TORCH.get(out.dtype, ""), str(out.dtype))
+    return f"{name}: a value of {big:.4g} does not fit {kind} (largest {torch.finfo(out.dtype).max:.5g})"

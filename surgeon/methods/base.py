@@ -7,11 +7,11 @@ float64 tensors on the compute device and never touches files; the pipeline does
 
 from __future__ import annotations
 
-import math
 from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
+from surgeon import options
 from surgeon.errors import UsageError
 from surgeon.linalg import Triplets
 
@@ -33,38 +33,19 @@ class MethodConfig:
     null_rank: int | None = None  # NuSA: fixed null-space size n (None: chosen by the energy cutoff)
 
     def __post_init__(self):
-        _number(self.rank, "--rank", integer=True, low=1)
-        _number(self.alpha, "--alpha", positive=True)
-        _number(self.seed, "--seed", integer=True)
-        _number(self.kasa_beta, "--kasa-beta", low=0)
-        _number(self.kasa_gamma, "--kasa-gamma", low=0)
-        _number(self.moe_top_k, "--top-k", integer=True, low=0)
+        options.check(  # finite, in range: the one checker of numeric options (surgeon/options.py)
+            ("--rank", self.rank, options.COUNT), ("--alpha", self.alpha, options.POSITIVE), ("--seed", self.seed, options.Range(integer=True)),
+            ("--kasa-beta", self.kasa_beta, options.NON_NEGATIVE), ("--kasa-gamma", self.kasa_gamma, options.NON_NEGATIVE),
+            ("--top-k", self.moe_top_k, options.Range(0, integer=True)), required=True,
+        )
+        options.check(("--null-energy", self.null_energy, options.Range(0, 1, lo_open=True, hi_open=True)), ("--null-rank", self.null_rank, options.COUNT))
         if not isinstance(self.use_rslora, bool) or not isinstance(self.moe_pooling, str):
             raise UsageError("use_rslora must be true or false and the pooling a name.")
-        if self.null_energy is not None:
-            _number(self.null_energy, "--null-energy")
-        if self.null_rank is not None:
-            _number(self.null_rank, "--null-rank", integer=True)
-        if self.null_energy is not None and not 0.0 < self.null_energy < 1.0:
-            raise UsageError(f"--null-energy {self.null_energy} must lie strictly between 0 and 1 (e.g. 0.95, the NuSA-CL authors').")
-        if self.null_rank is not None and self.null_rank < 1:
-            raise UsageError(f"--null-rank {self.null_rank} must be at least 1.")
 
     @property
     def scale(self) -> float:
         """PEFT's LoRA scaling: alpha/r, or alpha/sqrt(r) with rsLoRA."""
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
-
-
-def _number(v, option: str, integer: bool = False, low: float | None = None, positive: bool = False) -> None:
-    """Refuse a setting that is not a finite number of the right kind (NaN, inf, text, null)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
-        raise UsageError(f"{option} {v!r} must be a finite {'whole ' if integer else ''}number.")
-    if positive and not v > 0:
-        raise UsageError(f"{option} {v!r} must be positive (it sets the scale alpha/r of the factors).")
-    if low is not None and v < low:
-        raise UsageError(f"{option} {v!r} must be at least {low:g}.")
 
 
 @dataclass

@@ -68,6 +68,10 @@ def train(
         chat_template=not no_chat_template, resume=resume, overwrite=overwrite,
     )
     main = dist.env_rank() == 0
+    if quiet or not main:  # --quiet: no bar at all, transformers' "Loading weights" one included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     with errors_to_exit():
         opts.columns = parse_columns(columns)
     bar = _Bar() if main and not quiet else None

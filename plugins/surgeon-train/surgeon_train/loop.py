@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from surgeon import faults
+from surgeon import options
 from surgeon.errors import NumericsError, SplitDirError, UsageError
 from surgeon.readlock import reads
 from surgeon_train import dist, speed
@@ -81,20 +82,20 @@ class TrainOptions:
 
 
 def _check(o: TrainOptions) -> None:
+    """Every option, before anything is read or written: numbers through the core's one checker
+    (finite, in range: surgeon.options), then the combinations."""
+    options.check(
+        ("--steps", o.steps, options.COUNT), ("--epochs", o.epochs, options.POSITIVE), ("--lr", o.lr, options.POSITIVE),
+        *((f"--{n.replace('_', '-')}", getattr(o, n), options.COUNT) for n in ("batch_size", "grad_accum", "eval_batch_size", "micro_batch")),
+        ("--seq-len", o.seq_len, options.Range(2, integer=True)), ("--warmup-steps", o.warmup_steps, options.Range(0, integer=True)),
+        ("--min-lr-ratio", o.min_lr_ratio, options.FRACTION), ("--weight-decay", o.weight_decay, options.NON_NEGATIVE),
+        ("--max-grad-norm", o.max_grad_norm, options.NON_NEGATIVE), ("--save-every", o.save_every, options.Range(0, integer=True)),
+        ("--seed", o.seed, options.Range(0, 2**32 - 1, integer=True)),
+    )
+    options.device(o.device)
     bad = []
     if o.steps is not None and o.epochs is not None:
         bad.append("give --steps or --epochs, not both")
-    if o.steps is not None and o.steps < 1:
-        bad.append(f"--steps {o.steps} must be ≥ 1")
-    if o.epochs is not None and o.epochs <= 0:
-        bad.append(f"--epochs {o.epochs} must be > 0")
-    for name in ("batch_size", "grad_accum", "eval_batch_size", "micro_batch"):
-        if getattr(o, name) is not None and getattr(o, name) < 1:
-            bad.append(f"--{name.replace('_', '-')} must be ≥ 1")
-    if o.lr <= 0 or not math.isfinite(o.lr):
-        bad.append(f"--lr {o.lr} must be a positive number")
-    if o.save_every < 0 or o.max_grad_norm < 0 or o.weight_decay < 0 or (o.warmup_steps or 0) < 0:
-        bad.append("--save-every, --max-grad-norm, --weight-decay and --warmup-steps cannot be negative")
     if o.resume and o.overwrite:
         bad.append("--resume continues the run in --out, --overwrite discards it: choose one")
     if o.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -37,6 +37,9 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
 def load_records(source, split: str = "train", columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
     """(number, record) pairs from a JSONL path, a datasets-readable file or folder, or a Hub id."""
     path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise DataError(f"--data {source} is a model folder (config.json and weights), not training data; give a JSONL file "
+                        "with one example a line, a data folder or a dataset id.")
     if path.suffix == ".jsonl" and path.is_file():
         return load_jsonl(path, columns)
     if path.suffix in BUILDERS and not path.is_file():
@@ -62,6 +65,8 @@ def _load_dataset(source: str, path: Path, split: str):
         raise DataError(f"reading {source} needs the `datasets` library: pip install 'surgeon-train[datasets]' "
                         "(JSONL files need nothing more).") from None
     datasets.disable_progress_bars()
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its builders log a failure, then raise it: one line is ours
     try:
         if path.is_file():
             return datasets.load_dataset(BUILDERS.get(path.suffix, "json"), data_files=str(path), split="train")
@@ -69,7 +74,10 @@ def _load_dataset(source: str, path: Path, split: str):
             ds = datasets.load_from_disk(str(path))
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         return datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError, datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e  # what the builder met
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise DataError(f"could not read --data {source} with datasets ({first}); give a JSONL/JSON/parquet/CSV file, "
                         "a folder, or a dataset id reachable from here (set HF_DATASETS_OFFLINE=1 to use the cache only).") from None
+    finally:
+        datasets.logging.set_verbosity(level)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -64,6 +65,9 @@ def unsaved(out: Path, split: Path) -> bool:
     return isinstance(started, dict) and started.get("split") == str(split.resolve()) and not (out / STATE_DIR / STATE).exists()
 
 
+STATE_KEYS = {"step", "plan", "params", "optimizer", "scheduler", "rng"}
+
+
 def _rng_state(device: torch.device) -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
@@ -72,6 +76,16 @@ def _set_rng_state(s: dict, device: torch.device) -> None:
     torch.set_rng_state(s["cpu"])
     if device.type == "cuda" and s.get("cuda") is not None:
         torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line of a training step; None for an event (eval), a blank or torn line."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    ok = isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("step"), int)
+    return rec["step"] if ok else None
 
 
 class RunDir:
@@ -136,7 +150,7 @@ class RunDir:
         self._take_lock()
         if not self.state_file.exists():
             raise UsageError(f"--resume: {self.out} holds no saved training state ({STATE_DIR}/{STATE}); run without --resume to start.")
-        st = torch.load(self.state_file, map_location="cpu", weights_only=True)
+        st = self._read_state()
         old = st["plan"]
         diff = [f"{k} {old.get(k)!r} → {v!r}" for k, v in plan.items() if old.get(k) != v]
         if diff:
@@ -163,11 +177,23 @@ class RunDir:
         self.sm.split = SplitDir(self.out)
         return step
 
+    def _read_state(self) -> dict:
+        """The saved state, or one line saying it is damaged (a file cut short, not a torch save)."""
+        try:
+            st = torch.load(self.state_file, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            raise SplitDirError(f"{self.state_file} is damaged ({first}); it cannot be resumed: start over with --overwrite "
+                                "instead of --resume.") from None
+        if not isinstance(st, dict) or not STATE_KEYS <= st.keys() or not isinstance(st["plan"], dict) or not isinstance(st["params"], dict):
+            raise SplitDirError(f"{self.state_file} is not a surgeon training state; start over with --overwrite instead of --resume.")
+        return st
+
     def _truncate_metrics(self, step: int) -> None:
-        """Steps after the last save are done again, so their lines go."""
+        """Steps after the last save are done again, so their lines go; so does a line a kill cut short."""
         f = self.out / METRICS
         if f.exists():
-            keep = [ln for ln in f.read_text().splitlines() if ln.strip() and "event" not in json.loads(ln) and json.loads(ln)["step"] <= step]
+            keep = [ln for ln in f.read_text(errors="replace").splitlines() if _step_of(ln) is not None and _step_of(ln) <= step]
             f.write_text("".join(ln + "\n" for ln in keep))
 
     # --- during the run -----------------------------------------------------------------------
