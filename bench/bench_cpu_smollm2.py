@@ -41,7 +41,7 @@ def main() -> None:
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     convert_smollm2(model_dir)
 
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
 
     surgeon_times = []
     for _ in range(args.repeat):

@@ -7,7 +7,7 @@
 
 Rank 0 builds the Llama-2-7B-shaped checkpoint once with bench_gpu_7b.build() (bf16, 13.5 GB;
 reused when present) and, as root, drops the page cache; then every rank runs
-`surgeon.pipeline.split` (milora, rank 64, all-linear, each rank on cuda:LOCAL_RANK) into the same
+`surgeon.commands.split.split` (milora, rank 64, all-linear, each rank on cuda:LOCAL_RANK) into the same
 output folder. Prints per-rank lines (tensors, share of the cost model, seconds of its own work,
 its largest waits) and one JSON object: total wall time of the call, the pipeline's seconds, GB/s,
 speedup against the 1-GPU result saved in --dir, and a digest of every output file but surgeon.json
@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench_gpu_7b as b7  # noqa: E402
 import torch  # noqa: E402
 
-import bench_gpu_7b as b7  # noqa: E402
-from surgeon import distributed  # noqa: E402
-from surgeon.pipeline import SplitOptions, split  # noqa: E402
+from surgeon.commands.split import SplitOptions, split  # noqa: E402
+from surgeon.engine import distributed  # noqa: E402
 
 
 def digest(folder: Path) -> str:

@@ -56,8 +56,8 @@ def spectrum(k: int, dev) -> torch.Tensor:
 
 
 def build(d: Path, layers: int, device: str = "cuda") -> Path:
-    from surgeon.io import OutTensor, ShardSetWriter, plan_shards
-    from surgeon.io.writer import write_json
+    from surgeon.format import OutTensor, ShardSetWriter, plan_shards
+    from surgeon.format.writer import write_json
 
     if (d / "model.safetensors.index.json").exists():
         return d
@@ -156,7 +156,7 @@ def solve_times() -> dict:
 def subspace_check(src: Path, out: Path, names: list[str]) -> float:
     from safetensors import safe_open
 
-    from surgeon.io import Checkpoint
+    from surgeon.format import Checkpoint
 
     ck = Checkpoint.open(sorted(src.glob("model-*.safetensors")))
     worst = 0.0
@@ -199,7 +199,7 @@ def main():
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build_s": round(time.perf_counter() - t0, 1),
            "checkpoint_GB": round(sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e9, 2)}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import surgeon.cli.commands, surgeon.pipeline, torch; torch.zeros(1, device='cuda')"],
+    subprocess.run([sys.executable, "-c", "import surgeon.cli.commands, surgeon.commands.split, torch; torch.zeros(1, device='cuda')"],
                    check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     res["process_start_imports_cuda_init_s"] = round(time.perf_counter() - t0, 2)
     res["dropped_caches"] = drop_caches()

@@ -71,7 +71,7 @@ def _build(name: str, work: Path, rank: int, device: str) -> tuple[Path, Path]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
 
     base, sp = work / f"{name}-base", work / f"{name}-milora-r{rank}"
     if (sp / "surgeon.json").exists():
@@ -89,7 +89,6 @@ def _build(name: str, work: Path, rank: int, device: str) -> tuple[Path, Path]:
 
 def _data(steps: int, batch: int, seq_len: int, vocab: int):
     import torch
-
     from surgeon_train.data import IGNORE, Packed
 
     g = torch.Generator().manual_seed(1)
@@ -109,9 +108,8 @@ def _data(steps: int, batch: int, seq_len: int, vocab: int):
 def _peft(base: Path, data, a, device, steps: int, on_step) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from surgeon_train.loop import _Order, schedule
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)

@@ -64,7 +64,7 @@ def parse_args():
 
 def build(args, dev: torch.device):
     """The moe split of the model, loaded, with random B (so experts change the output) and prompts."""
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
     from surgeon.runtime import load_split
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,8 +41,8 @@ def drop_caches() -> bool:
 
 
 def one_run(model: Path, variant: str, args) -> dict:
-    import surgeon.io.reader as reader
-    from surgeon.pipeline import SplitOptions, split
+    import surgeon.format.reader as reader
+    from surgeon.commands.split import SplitOptions, split
 
     real = reader.content_hash
     if "nohash" in variant:

@@ -54,11 +54,11 @@ def _answers(model, tok, records, max_new_tokens=24) -> list[str]:
 
 def cpu_curve(args) -> dict:
     from conftest import convert_smollm2, smollm2_cache
+    from surgeon_train import TrainOptions, load_jsonl, train_files
     from transformers import AutoTokenizer
 
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
     from surgeon.runtime import load_split
-    from surgeon_train import TrainOptions, load_jsonl, train_files
 
     model_dir = smollm2_cache()
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +106,8 @@ def _smollm2_shaped(layers: int):
 
 def _peft_run(base_dir: Path, data, args, device: torch.device) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from surgeon_train.loop import _autocast, _base_dtype, schedule, token_ce_sum
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_base_dtype("auto", device)).to(device)
@@ -139,11 +138,11 @@ def _peft_run(base_dir: Path, data, args, device: torch.device) -> dict:
 
 
 def compare(args) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from surgeon.pipeline import SplitOptions, split
     from surgeon_train import Packed, TrainOptions, train
     from surgeon_train.data import IGNORE
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.commands.split import SplitOptions, split
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

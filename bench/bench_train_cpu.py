@@ -52,7 +52,7 @@ def _data(work: Path) -> Path:
 def _split(work: Path, rank: int) -> Path:
     from conftest import convert_smollm2, smollm2_cache
 
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
 
     model = smollm2_cache()
     model.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +64,8 @@ def _split(work: Path, rank: int) -> Path:
 
 
 def _packed(split_dir: Path, data: Path, seq_len: int):
-    from transformers import AutoTokenizer
-
     from surgeon_train.data import load_packed
+    from transformers import AutoTokenizer
 
     return load_packed(data, AutoTokenizer.from_pretrained(split_dir), seq_len)
 
@@ -90,9 +89,8 @@ def run_surgeon(args, split_dir: Path, data: Path, full: bool) -> dict:
 def run_peft(args, split_dir: Path, data: Path) -> dict:
     from conftest import smollm2_cache
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from surgeon_train.loop import _Order, schedule
+    from transformers import AutoModelForCausalLM
 
     packed = _packed(split_dir, data, args.seq_len)
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ def main():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
 
     src = build(Path(args.dir) / "model")
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import surgeon.linalg.subspace as sub  # noqa: E402
 from surgeon.linalg import decompose, get_backend  # noqa: E402
 from surgeon.linalg.decompose import _gram  # noqa: E402
-import surgeon.linalg.subspace as sub  # noqa: E402
 from surgeon.linalg.subspace import orth, subspace_pairs  # noqa: E402
 
 R = 64

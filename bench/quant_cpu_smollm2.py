@@ -27,7 +27,7 @@ def main():
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
     from surgeon.runtime import load_split
 
     ap = argparse.ArgumentParser()

@@ -95,13 +95,13 @@ def qlora_steps(split_dir: Path) -> dict:
 
 
 def one_model(name: str, path: str, work: Path) -> dict:
+    from surgeon_train import TrainOptions, train_files
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from surgeon.absorb import AbsorbOptions, absorb
-    from surgeon.pipeline import SplitOptions, split
-    from surgeon.plan import dry_run
+    from surgeon.commands.absorb import AbsorbOptions, absorb
+    from surgeon.commands.plan import dry_run
+    from surgeon.commands.split import SplitOptions, split
     from surgeon.runtime import load_split
-    from surgeon_train import TrainOptions, train_files
 
     rec: dict = {"model": path}
     src = build_random(work / f"{name}-src") if path == "random" else Path(path)

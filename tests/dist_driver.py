@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import surgeon.pipeline as pipeline  # noqa: E402
-import surgeon.runner as runner  # noqa: E402
-from surgeon import distributed  # noqa: E402
+import surgeon.commands.split as pipeline  # noqa: E402
+import surgeon.engine.runner as runner  # noqa: E402
+from surgeon.engine import distributed  # noqa: E402
 from surgeon.errors import NumericsError, SurgeonError  # noqa: E402
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cliutil import one_error_line, run
 from safetensors.torch import save_file
 
-import surgeon.runner as split_runner
-from cliutil import one_error_line, run
-from surgeon.pipeline import SplitOptions, split
+import surgeon.engine.runner as split_runner
+from surgeon.commands.split import SplitOptions, split
 
 
 def test_help_and_version():
@@ -107,7 +107,7 @@ def test_pickle_is_refused_unless_asked(tiny, tmp_path):
     assert json.loads(r.stdout)["summary"]["layers"] == 14
     r = run("absorb", tmp_path / "o", "--out", tmp_path / "a", "--json")  # into the pickled original, hash-checked
     assert r.exit_code == 0 and json.loads(r.stdout)["base"] == "original" and json.loads(r.stdout)["layers_changed"] == 0, r.output
-    from surgeon.io import Checkpoint
+    from surgeon.format import Checkpoint
 
     got = Checkpoint.open([tmp_path / "a" / "model.safetensors"])
     assert all(torch.equal(got.read(n), t) for n, t in sd.items())  # bit for bit

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgeon import distributed
-from surgeon.absorb import AbsorbOptions, absorb
-from surgeon.distributed import Group, assign, matrix_cost
-from surgeon.io import Checkpoint
-from surgeon.pipeline import SplitOptions, split, split_cost
-from surgeon.targets import select_targets
+from surgeon.commands.absorb import AbsorbOptions, absorb
+from surgeon.commands.split import SplitOptions, split, split_cost
+from surgeon.engine import distributed
+from surgeon.engine.distributed import Group, assign, matrix_cost
+from surgeon.format import Checkpoint
+from surgeon.model.selection import select_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cliutil import one_error_line, run, tree_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +141,7 @@ def test_not_enough_space_is_refused_before_writing(tiny, tmp_path):
 def test_a_disk_that_fills_up_mid_run_is_one_line_and_resumes(tiny, clean, tmp_path, monkeypatch):
     """ENOSPC from the 6th data write (an injected OSError: the planned-size check passes, then the
     disk fills with someone else's data), then the same command once space is back."""
-    import surgeon.io.writer as writer
+    import surgeon.format.writer as writer
 
     real, calls = writer._pwrite_all, {"n": 0}
 
@@ -166,8 +165,8 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_resumes(tiny, clean, tmp_p
 def test_a_failed_write_is_never_journaled_as_done(tiny, clean, tmp_path, monkeypatch, fail_at):
     """Resume points every tensor (commit_seconds=0), the k-th data write fails (EIO): the commit
     queued behind it must not journal it, so the resumed output equals a clean run's."""
-    import surgeon.io.writer as writer
-    from surgeon.pipeline import SplitOptions, split
+    import surgeon.format.writer as writer
+    from surgeon.commands.split import SplitOptions, split
 
     real, calls = writer._pwrite_all, {"n": 0}
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from surgeon.errors import CorruptCheckpointError, SourceError
-from surgeon.io import Checkpoint
-from surgeon.source import resolve
+from surgeon.format import Checkpoint
+from surgeon.format.source import resolve
 
 DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "F64": 8}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fake_hub import FakeHub
-from surgeon.card import for_repo
+
+from surgeon.commands.push import hub_copy, push
+from surgeon.commands.split import SplitOptions, split
+from surgeon.engine.outdir import FILES
 from surgeon.errors import HubAuthError, HubError, NotHubReadyError, SourceError
-from surgeon.hub import hub_copy, push
-from surgeon.hubcheck import check_folder, write_card
-from surgeon.outdir import FILES
-from surgeon.pipeline import SplitOptions, split
+from surgeon.format.card import for_repo
+from surgeon.format.hubcheck import check_folder, write_card
 
 # huggingface_hub 2.4 itself passes a file object as `data=` to httpx2 for LFS PUTs
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

@@ -4,7 +4,7 @@ byte at a time, fails the command with one line instead of hanging it.
     PYTHONPATH=$PWD python -m pytest tests/test_hub_deadline.py -q
 
 The server is tests/fake_hub.py on 127.0.0.1 with its `stall` fault. The deadline is 2 s and the bounds
-are generous (30 s): these check that the command ends, not how fast. Before surgeon.hubnet, each of
+are generous (30 s): these check that the command ends, not how fast. Before surgeon.format.hubnet, each of
 these waited until the fake hub gave up its stalled request (60 s) or for ever.
 """
 
@@ -21,7 +21,7 @@ from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from huggingface_hub.utils._http import default_client_factory
 from test_hub import TOKEN, point_client_at
 
-from surgeon.hubnet import install
+from surgeon.format.hubnet import install
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS PUT
 

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgeon.errors import CorruptCheckpointError
-from surgeon.io import Checkpoint, Journal, OutTensor, ShardSetWriter, plan_shards
-from surgeon.io.dtypes import dtype_name
+from surgeon.format import Checkpoint, Journal, OutTensor, ShardSetWriter, plan_shards
+from surgeon.format.dtypes import dtype_name
 
 
 def _tensors():

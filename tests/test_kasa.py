@@ -15,12 +15,12 @@ from conftest import logits
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from surgeon.absorb import AbsorbOptions, SplitDir, absorb, export_lora
+from surgeon.commands.absorb import AbsorbOptions, SplitDir, absorb, export_lora
+from surgeon.commands.export.kasa import export_kasa
+from surgeon.commands.split import INIT_FACTORS, SplitOptions, split
 from surgeon.errors import UsageError
-from surgeon.export.kasa import export_kasa
 from surgeon.methods import MethodConfig, get_method
 from surgeon.methods.kasa import KasaLinear, init_factors, kasa_regularizer, layer_seed
-from surgeon.pipeline import INIT_FACTORS, SplitOptions, split
 from surgeon.runtime import load_residual_model, load_split
 
 R = 4
@@ -28,7 +28,7 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11]])
 
 
 def _weights_stream(folder: Path):
-    from surgeon.source import resolve
+    from surgeon.format.source import resolve
 
     ckpt = resolve(str(folder)).checkpoint()
     return ckpt.stream(list(ckpt.tensors))
@@ -335,8 +335,8 @@ def test_smollm2_kasa(smollm2, tmp_path):
 
 
 def test_split_warns_where_the_truncation_removes_real_energy(tiny, tmp_path):
+    from surgeon.commands.manifest import truncation_warnings
     from surgeon.methods import get_method
-    from surgeon.manifest import truncation_warnings
 
     layers = {"a.v_proj": {"factor_energy": 0.038}, "b.v_proj": {"factor_energy": 0.02}, "c.q_proj": {"factor_energy": 1e-5}}
     (w,) = truncation_warnings(get_method("kasa"), layers)

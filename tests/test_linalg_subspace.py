@@ -12,7 +12,13 @@ import torch
 from surgeon.linalg import decompose, get_backend
 from surgeon.linalg.backends import TorchBackend
 from surgeon.linalg.decompose import _check, auto_route, singular_values
-from surgeon.linalg.subspace import certify_gap, chebyshev, orth, rayleigh_ritz, subspace_pairs
+from surgeon.linalg.subspace import (
+    certify_gap,
+    chebyshev,
+    orth,
+    rayleigh_ritz,
+    subspace_pairs,
+)
 
 CPU = get_backend("cpu")
 F64 = torch.float64

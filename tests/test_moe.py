@@ -15,10 +15,16 @@ from conftest import logits
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgeon.absorb import AbsorbOptions, absorb
+from surgeon.commands.absorb import AbsorbOptions, absorb
+from surgeon.commands.split import SplitOptions, split
 from surgeon.errors import UsageError
-from surgeon.methods.moe_runtime import LB_WEIGHT, RATIONAL_DEN, RATIONAL_NUM, Router, load_balancing_loss
-from surgeon.pipeline import SplitOptions, split
+from surgeon.methods.moe_runtime import (
+    LB_WEIGHT,
+    RATIONAL_DEN,
+    RATIONAL_NUM,
+    Router,
+    load_balancing_loss,
+)
 from surgeon.runtime import load_split
 
 PROMPTS = ["The quick brown fox", "Question: what is two plus two? Answer:", "One, two, three, four, five"]

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgeon.absorb import AbsorbOptions, absorb, export_lora
+from surgeon.commands.absorb import AbsorbOptions, absorb, export_lora
+from surgeon.commands.split import FACTORS, INIT_FACTORS, SplitOptions, split
 from surgeon.methods.base import MethodConfig
 from surgeon.methods.nusa import null_ranks
-from surgeon.pipeline import FACTORS, INIT_FACTORS, SplitOptions, split
 
 R = 8
 
@@ -109,9 +109,9 @@ def test_clip_targets_follow_peft_all_linear(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import CLIPModel
 
-    from surgeon.io import Checkpoint
-    from surgeon.source import resolve
-    from surgeon.targets import select_targets
+    from surgeon.format import Checkpoint
+    from surgeon.format.source import resolve
+    from surgeon.model.selection import select_targets
 
     src = resolve(str(tiny["tiny-clip"]))
     ckpt: Checkpoint = src.checkpoint()

@@ -7,16 +7,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import logits
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import logits
-from surgeon import patterns
-from surgeon.absorb import AbsorbOptions, absorb, export_lora
 from surgeon.cli import build_app
+from surgeon.commands.absorb import AbsorbOptions, absorb, export_lora
+from surgeon.commands.split import SplitOptions, split
 from surgeon.errors import UsageError
 from surgeon.methods import names
-from surgeon.pipeline import SplitOptions, split
+from surgeon.model import patterns
 from surgeon.runtime import load_split
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -128,7 +128,9 @@ def test_dry_run_writes_nothing_and_predicts_the_split(tiny, tmp_path):
         if name.endswith(".safetensors"):
             assert (out / name).stat().st_size == size, name
     assert plan["trainable_parameters"] == sum(p.numel() for p in load_split(out).trainable_parameters())
-    from surgeon.plan import dry_run  # moe: per-block routers count too; nusa: its frozen bases do not
+    from surgeon.commands.plan import (
+        dry_run,  # moe: per-block routers count too; nusa: its frozen bases do not
+    )
 
     for method in ("moe", "nusa"):
         opts = SplitOptions(method=method, rank=4, rank_pattern=[r"mlp\..*=6"])

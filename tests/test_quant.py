@@ -16,14 +16,13 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import logits
 from safetensors.torch import load_file
 
-from conftest import logits
-from surgeon import quant
-from surgeon.absorb import AbsorbOptions, absorb
+from surgeon.commands.absorb import AbsorbOptions, absorb
+from surgeon.commands.split import SplitOptions, split
 from surgeon.errors import UsageError
-from surgeon.pipeline import SplitOptions, split
+from surgeon.format import quant
 from surgeon.runtime import load_split
 
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "tiny_instruct.jsonl"
@@ -110,10 +109,9 @@ def test_absorb_default_gives_the_original_back_and_residual_dequantizes(qsplit,
 
 
 def test_surgeon_train_on_the_4bit_base_learns_and_absorbs(qsplit, tmp_path):
-    from transformers import AutoTokenizer
-
     from surgeon_train import TrainOptions, evaluate, train_files
     from surgeon_train.data import load_packed
+    from transformers import AutoTokenizer
 
     out, _ = qsplit
     trained = tmp_path / "trained"
@@ -130,7 +128,7 @@ def test_surgeon_train_on_the_4bit_base_learns_and_absorbs(qsplit, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from surgeon.absorb import export_lora
+    from surgeon.commands.absorb import export_lora
 
     m = absorb(trained, tmp_path / "on-original")
     assert m["base"] == "original" and m["layers_changed"] == 14

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import logits
-from surgeon.pipeline import SplitOptions, split
-from surgeon.runtime import load_split
 from test_quant import plain_nf4_logits
+
+from surgeon.commands.split import SplitOptions, split
+from surgeon.runtime import load_split
 
 pytestmark = pytest.mark.real_model
 IDS = torch.tensor([[1, 504, 3458, 314, 6462, 28, 3135, 46, 378, 2],

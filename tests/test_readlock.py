@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python -m pytest tests/test_readlock.py -q
 
-Before surgeon.readlock, `absorb S --base residual` while `split M --out S --overwrite` replaced S merged
+Before surgeon.format.readlock, `absorb S --base residual` while `split M --out S --overwrite` replaced S merged
 the old residual with the new factors (172 of 272 tensors matched neither result), and a train started
 during a re-split wrote rank-4 factors into a folder labelled rank 8. The first tests hold the writers'
 lock (outdir.OutputLock) or a reader's (readlock.shared) in this process and run the other side; the last
@@ -22,9 +22,9 @@ import pytest
 from cliutil import one_error_line, run, tree_hashes
 from safetensors.torch import load_file
 
+from surgeon.engine.outdir import OutputLock
 from surgeon.errors import OutputLockedError, SplitDirError
-from surgeon.outdir import OutputLock
-from surgeon.readlock import lock_path, shared
+from surgeon.format.readlock import lock_path, shared
 from surgeon.runtime import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +109,9 @@ def test_a_folder_moved_away_while_read_is_an_error_not_a_mix(sp, tmp_path):
 RACE = """
 import sys, time
 from pathlib import Path
-from surgeon.absorb import AbsorbOptions, absorb
+from surgeon.commands.absorb import AbsorbOptions, absorb
 from surgeon.errors import OutputLockedError
-from surgeon.pipeline import SplitOptions, split
+from surgeon.commands.split import SplitOptions, split
 role, model, s, out, seconds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
 end, n, refused = time.monotonic() + seconds, 0, 0  # after the imports: both loops run for `seconds`
 while time.monotonic() < end:

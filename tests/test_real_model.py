@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import logits
 from safetensors.torch import load_file
 
-from conftest import logits
-from surgeon.absorb import absorb
-from surgeon.pipeline import SplitOptions, split
+from surgeon.commands.absorb import absorb
+from surgeon.commands.split import SplitOptions, split
 
 pytestmark = pytest.mark.real_model
 IDS = torch.tensor([[1, 504, 3458, 314, 6462, 28, 3135, 46, 378, 2],

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from cliutil import one_error_line, run, tree_hashes
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +68,7 @@ def test_overwrite_refuses_the_current_folder_and_home(model, tmp_path, monkeypa
     assert r.exit_code == 2 and "current folder" in one_error_line(r)
     r = run("split", model, "--rank", "2", "--out", home, "--overwrite", "-q")
     assert r.exit_code == 2 and "home folder" in one_error_line(r)
-    from surgeon.outdir import unsafe_reason
+    from surgeon.engine.outdir import unsafe_reason
 
     assert "root folder" in unsafe_reason(Path("/"), [])  # never run for real: the check is the same code
     for d in (work, home):
@@ -190,7 +189,7 @@ def load_file_all(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def _poke(shard: Path, name: str, value: float) -> None:
     """Change one value of a tensor in place, keeping size and mtime (`touch -r` afterwards)."""
-    from surgeon.io import Checkpoint
+    from surgeon.format import Checkpoint
 
     st = shard.stat()
     info = Checkpoint.open([shard]).tensors[name]

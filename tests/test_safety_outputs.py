@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from cliutil import one_error_line, run, tree_hashes
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture()

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from cliutil import one_error_line, run, tree_hashes
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"

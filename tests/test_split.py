@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import logits
-from surgeon.absorb import AbsorbOptions, absorb, export_lora
-from surgeon.io import Checkpoint
+from surgeon.commands.absorb import AbsorbOptions, absorb, export_lora
+from surgeon.commands.split import SplitOptions, split
+from surgeon.format import Checkpoint
 from surgeon.methods import names
-from surgeon.pipeline import SplitOptions, split
 
 LORA_METHODS = ["milora", "pissa"]
 ARCHS = ["tiny-llama", "tiny-gpt2", "tiny-qwen2"]
@@ -224,8 +224,8 @@ def test_all_linear_skips_embeddings_inside_blocks():
     """T5 keeps an Embedding (relative_attention_bias) inside its blocks; PEFT's all-linear skips it."""
     from pathlib import Path
 
-    from surgeon.io.reader import TensorInfo
-    from surgeon.targets import select_targets
+    from surgeon.format.reader import TensorInfo
+    from surgeon.model.selection import select_targets
 
     names = {"encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 8),
@@ -237,8 +237,9 @@ def test_all_linear_skips_embeddings_inside_blocks():
 def test_spectra_are_opt_in_and_computed_from_the_source_on_demand(tiny, tmp_path):
     import re
 
-    from surgeon.plot import spectra
-    from surgeon.splitdir import SPECTRA, SplitDir
+    from surgeon.commands.spectra import spectra
+    from surgeon.format.splitdir import SPECTRA
+    from surgeon.methods.folder import SplitDir
 
     kept = tmp_path / "kept"
     split(str(tiny["tiny-llama"]), kept, SplitOptions(rank=4, spectra=True))

@@ -16,16 +16,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from surgeon_train import (
+    DataError,
+    TrainOptions,
+    evaluate,
+    load_jsonl,
+    pack,
+    tokenize,
+    train_files,
+)
+from surgeon_train.data import IGNORE, load_packed
 from typer.testing import CliRunner
 
-from surgeon.absorb import SplitDir
-from surgeon.outdir import FILES
 from surgeon.cli import build_app
+from surgeon.commands.absorb import SplitDir
+from surgeon.commands.split import SplitOptions, split
+from surgeon.engine.outdir import FILES
 from surgeon.methods import names
-from surgeon.pipeline import SplitOptions, split
 from surgeon.runtime import load_residual_model, load_split
-from surgeon_train import DataError, TrainOptions, evaluate, load_jsonl, pack, tokenize, train_files
-from surgeon_train.data import IGNORE, load_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
@@ -129,8 +137,8 @@ def test_trained_dir_loads_in_peft_absorbs_and_exports(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from surgeon.absorb import AbsorbOptions, absorb, export_lora
-    from surgeon.pipeline import MANIFEST
+    from surgeon.commands.absorb import AbsorbOptions, absorb, export_lora
+    from surgeon.commands.split import MANIFEST
 
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -12,15 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-
-from surgeon.errors import UsageError
-from surgeon.pipeline import SplitOptions, split
-from surgeon.runtime import load_split
-from surgeon_train import DataError, TrainOptions, train_files
-from surgeon_train import memory, step
+from surgeon_train import DataError, TrainOptions, memory, step, train_files
 from surgeon_train.data import IGNORE, pack
 from surgeon_train.loss import HeadCapture, chunked_ce_sum
 from surgeon_train.sources import load_records, parse_columns
+
+from surgeon.commands.split import SplitOptions, split
+from surgeon.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"

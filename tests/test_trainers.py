@@ -8,11 +8,11 @@ import json
 import shutil
 
 import torch
+from conftest import logits
 from safetensors.torch import load_file
 
-from conftest import logits
-from surgeon.absorb import absorb
-from surgeon.pipeline import SplitOptions, split
+from surgeon.commands.absorb import absorb
+from surgeon.commands.split import SplitOptions, split
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 

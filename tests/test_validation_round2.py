@@ -139,7 +139,7 @@ SLOW = "(.*?.*?)*(X|Y)"  # backtracks exponentially in `regex` too: only the tim
 @pytest.fixture()
 def quick_bound(monkeypatch):
     """The bound itself, lowered so the suite spends a second, not several, per case."""
-    from surgeon import patterns
+    from surgeon.model import patterns
 
     monkeypatch.setattr(patterns, "REGEX_SECONDS", 0.5)
 
@@ -164,7 +164,7 @@ def test_a_backtracking_spectra_regex_is_one_line(split_dir, tmp_path, quick_bou
 def test_bounded_regexes_select_what_re_selects():
     import re
 
-    from surgeon.patterns import UserRegex
+    from surgeon.model.patterns import UserRegex
 
     names = [f"model.layers.{i}.{m}" for i in (0, 11) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
     for p in (r".*\.(q|v)_proj", r"model\.layers\.1\d?\..*", r"(?i).*UP_proj", r".*(?<!q)_proj"):

@@ -1,6 +1,6 @@
 """Split folders for every arm, made once and shared between worker processes (file locks).
 
-Only surgeon's stable entry points are used: surgeon.pipeline.split and surgeon.absorb.absorb; the
+Only surgeon's stable entry points are used: surgeon.commands.split.split and surgeon.commands.absorb.absorb; the
 folder format (surgeon.json, adapter_model.safetensors, surgeon.init.safetensors) is read directly.
 
   lora    plain LoRA as PEFT initialises it: base W unchanged, A ~ U(±1/√in) (kaiming_uniform_,
@@ -87,7 +87,7 @@ def nusa_rank_for(budget: int, sizes: list[int], kmin: int) -> tuple[int, int]:
 
 def split_folder(model: Path, out: Path, method: str, rank: int, targets: str, seed: int, device: str) -> Path:
     """`surgeon split` into `out` once: an existing complete folder is reused (locked, so workers share it)."""
-    from surgeon.pipeline import SplitOptions, split
+    from surgeon.commands.split import SplitOptions, split
 
     with locked(out):
         if not (out / "surgeon.json").exists():
@@ -108,7 +108,7 @@ def lora_folder(model: Path, milora: Path, out: Path, seed: int) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from surgeon.splitdir import factor_hashes
+    from surgeon.format.splitdir import factor_hashes
 
     with locked(out):
         if (out / "surgeon.json").exists():
@@ -148,7 +148,7 @@ def lora_folder(model: Path, milora: Path, out: Path, seed: int) -> Path:
 
 
 def merge(trained: Path, out: Path) -> Path:
-    from surgeon.absorb import AbsorbOptions, absorb
+    from surgeon.commands.absorb import AbsorbOptions, absorb
 
     absorb(trained, out, AbsorbOptions(overwrite=True))
     return out

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from bench.eval import probes, tasks as T
+from bench.eval import probes
+from bench.eval import tasks as T
 
 
 def autocast(device: str):

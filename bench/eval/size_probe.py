@@ -52,10 +52,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=16)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    from surgeon.pipeline import SplitOptions, split
-    from surgeon.runtime import load_split
     from surgeon_train import TrainOptions, train
     from surgeon_train.data import Packed
+
+    from surgeon.commands.split import SplitOptions, split
+    from surgeon.runtime import load_split
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,9 +16,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from surgeon import __version__
 from surgeon.cli.common import err_console, errors_to_exit, print_json, reporter
-from surgeon.distributed import is_main_process
+from surgeon.engine.distributed import is_main_process
+from surgeon.version import __version__
 
 app = typer.Typer(
     name="surgeon",
@@ -91,8 +91,8 @@ def split(
     json_out: Json = False,
 ):
     """Split every targeted linear weight W into a frozen residual plus trainable factors (W = W_res + s·B·A)."""
-    from surgeon.pipeline import SplitOptions
-    from surgeon.pipeline import split as do_split
+    from surgeon.commands.split import SplitOptions
+    from surgeon.commands.split import split as do_split
 
     opts = SplitOptions(
         method=method, rank=rank, alpha=alpha, use_rslora=rslora, null_energy=null_energy, null_rank=null_rank, target=target or ["all-linear"], dtype=dtype,
@@ -106,7 +106,7 @@ def split(
         return _dry_run(model, out, opts, json_out)
     with errors_to_exit():
         if push_to_hub:
-            from surgeon.hub import preflight
+            from surgeon.commands.push import preflight
 
             preflight()  # token and not offline: before hours of work, not after
         manifest = do_split(model, out, opts, reporter(f"split {method}", quiet))
@@ -123,7 +123,7 @@ def split(
 
 
 def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
-    from surgeon.plan import dry_run
+    from surgeon.commands.plan import dry_run
 
     with errors_to_exit():
         p = dry_run(model, out, opts)
@@ -179,12 +179,12 @@ def absorb(
     json_out: Json = False,
 ):
     """Merge the factors back into plain weights with the source's tensor names."""
-    from surgeon.absorb import AbsorbOptions
-    from surgeon.absorb import absorb as do_absorb
+    from surgeon.commands.absorb import AbsorbOptions
+    from surgeon.commands.absorb import absorb as do_absorb
 
     with errors_to_exit():
         if push_to_hub:
-            from surgeon.hub import preflight
+            from surgeon.commands.push import preflight
 
             preflight()
         m = do_absorb(split_dir, out, AbsorbOptions(base=base, shard_size=shard_size, overwrite=overwrite, fixed_gates=fixed_gates), reporter("absorb", quiet))
@@ -206,9 +206,9 @@ def export(
     overwrite: Overwrite = False,
 ):
     """Export the trained change as an adapter for the original model."""
-    from surgeon.absorb import export_lora
+    from surgeon.commands.absorb import export_lora
+    from surgeon.commands.export.kasa import export_kasa
     from surgeon.errors import UsageError
-    from surgeon.export.kasa import export_kasa
 
     with errors_to_exit():
         if to not in ("lora", "kasa"):
@@ -226,7 +226,7 @@ def spectra(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ):
     """Plot the singular-value spectra of the split layers, with the trainable band shaded."""
-    from surgeon.plot import plot_spectra
+    from surgeon.commands.spectra import plot_spectra
 
     with errors_to_exit():
         n, written = plot_spectra(split_dir, out, layers, overwrite)
@@ -248,7 +248,7 @@ def push(
     """Check an output folder (shards, config, model card) and upload it to the Hub in one commit."""
     from surgeon import options
     from surgeon.errors import UsageError
-    from surgeon.hubcheck import validate, write_card
+    from surgeon.format.hubcheck import validate, write_card
 
     with errors_to_exit():
         options.check(("--timeout", timeout, options.POSITIVE))  # inf or NaN would mean no deadline at all
@@ -266,7 +266,7 @@ def push(
 
 
 def _push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, quiet: bool, timeout: float | None = None) -> None:
-    from surgeon.hub import push as do_push
+    from surgeon.commands.push import push as do_push
 
     with errors_to_exit():
         r = do_push(folder, repo_id, private=private, revision=revision, commit_message=message, timeout=timeout)

@@ -11,11 +11,17 @@ import time
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from surgeon.distributed import is_main_process, linger
+from surgeon.engine.distributed import is_main_process, linger
+from surgeon.engine.progress import NullReporter, Reporter
 from surgeon.errors import SurgeonError
-from surgeon.progress import NullReporter, Reporter
 
 
 def err_console() -> Console:

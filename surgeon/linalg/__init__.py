@@ -1,4 +1,5 @@
-"""The only place that decomposes matrices. Never opens a file, knows no method.
+"""The only place that decomposes matrices. Never opens a file, knows no method; imports only
+surgeon.errors (and nothing above it in the layers).
 
     from surgeon.linalg import decompose, get_backend
     t = decompose(W, rank=8, which="minor", backend=get_backend("cpu"))

@@ -1,4 +1,9 @@
-"""Split methods, one module each, in an explicit registry (no import-time side effects)."""
+"""Split methods, one module each, in an explicit registry (no import-time side effects), each with
+the trainable module it runs as (methods/lora.py: the LoRA layer; kasa, nusa, moe_runtime: theirs), and
+the split folder bound to its method (methods/folder.py: SplitDir).
+
+May import surgeon.format, surgeon.linalg and surgeon.model; never the engine, runtime or commands.
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch
 from surgeon import options
 from surgeon.errors import UsageError
 from surgeon.linalg import Triplets
+from surgeon.methods.lora import LoRALinear
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,6 @@ class Method:
     def runtime(self, base: torch.nn.Module, factors: dict[str, torch.Tensor], cfg: MethodConfig, transposed: bool) -> torch.nn.Module:
         """A module replacing `base` (the residual's Linear/Conv1D) that adds the method's update,
         holding the factors as Parameters (trainable ones with requires_grad=True)."""
-        from surgeon.runtime import LoRALinear
-
         return LoRALinear(base, factors["lora_A"], factors["lora_B"], cfg.scale, transposed)
 
     def lora_change(self, cur: dict[str, torch.Tensor], init: dict[str, torch.Tensor], cfg: MethodConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -136,6 +135,7 @@ class Method:
         (with a `factors()` method, saved like the layers' factors)."""
         return {}
 
-    def fixed_gates(self, split, path) -> tuple[dict[str, float], dict]:
-        """For prompt-dependent methods: module -> multiplier of its delta for absorb, and a record."""
+    def fixed_gates(self, split, path, calibrate=None) -> tuple[dict[str, float], dict]:
+        """For prompt-dependent methods: module -> multiplier of its delta for absorb, and a record;
+        `calibrate(split_dir, prompts_path) -> (gates, n)` averages gates over prompts (surgeon.runtime.calibrate)."""
         raise NotImplementedError

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import UsageError
-from surgeon.runtime import LoRALinear
+from surgeon.methods.lora import LoRALinear
 
 LB_WEIGHT = 1e-2  # λ of the load-balancing loss (Switch Transformer's α)
 POOLINGS = ("attention", "mean", "last")

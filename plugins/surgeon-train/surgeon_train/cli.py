@@ -78,7 +78,7 @@ def train(
     try:
         with errors_to_exit():
             if push_to_hub and main:
-                from surgeon.hub import preflight
+                from surgeon.commands.push import preflight
 
                 preflight()  # token and not offline: before the training, not after
             try:
@@ -97,7 +97,7 @@ def train(
             f"loss {summary['final_loss'] or float('nan'):.4f}{ev}, {summary['tokens_per_s_this_run']:,.0f} tokens/s → {out}"
         )
     if main and push_to_hub:
-        from surgeon.hub import push
+        from surgeon.commands.push import push
 
         with errors_to_exit():
             res = push(out, push_to_hub, private=private)
@@ -110,7 +110,14 @@ class _Bar:
     """Step, loss, tokens/s and ETA on stderr (rank 0 only)."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         from surgeon.cli.common import err_console
 

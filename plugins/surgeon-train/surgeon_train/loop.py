@@ -38,10 +38,10 @@ from typing import Callable
 
 import torch
 
-from surgeon import faults
 from surgeon import options
+from surgeon.engine import faults
 from surgeon.errors import NumericsError, SplitDirError, UsageError
-from surgeon.readlock import reads
+from surgeon.format.readlock import reads
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
 from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)

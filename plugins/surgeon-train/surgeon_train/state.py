@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from surgeon import faults
+from surgeon.engine import faults
+from surgeon.engine.outdir import OutputLock, check_replaceable
+from surgeon.engine.outplace import out_path
 from surgeon.errors import OutputExistsError, SplitDirError, UsageError
-from surgeon.listing import GROWS, TEMP, write_listing
-from surgeon.outdir import OutputLock, check_replaceable
-from surgeon.outplace import out_path
+from surgeon.format.listing import GROWS, TEMP, write_listing
+from surgeon.format.splitdir import RUN_LOG
+from surgeon.methods.folder import SplitDir
 from surgeon.runtime import check_save_target
-from surgeon.splitdir import RUN_LOG, SplitDir
 from surgeon_train import dist
 
 STATE_DIR = "train_state"

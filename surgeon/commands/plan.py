@@ -1,0 +1,119 @@
+"""`surgeon split --dry-run`: what a split would do, from the checkpoint headers alone; writes nothing.
+
+    surgeon split --method pissa MODEL --rank 16 --quantize nf4 --out q-split --dry-run [--json]
+
+Reports the targets (shape, rank, alpha, scale, trainable parameters), the output files with their
+exact sizes (every shard's header and data are planned before a split reads any data, so these are
+the sizes the split writes), the free space at --out, and an estimate of the time on this device:
+the cost model that balances torchrun ranks (surgeon/distributed.py: min(m,n)³ + m·n·min(m,n) per
+solve, a byte cost per byte moved), timed on one small solve here. The estimate counts each LoftQ
+alternation as one more solve, plus the timed quantize + dequantize per element. It ignores the page
+cache and the disk (a cold read of a large checkpoint from a slow disk takes longer); measured on the
+2-core CPU machine with SmolLM2-135M it was within 2x of the split's time, on a machine busy with other
+work too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from surgeon.engine import distributed
+from surgeon.format import OutTensor, plan_shards, quant
+from surgeon.format.writer import _header_bytes, shard_names
+from surgeon.linalg import decompose
+
+CALIBRATE_K = 1024  # the timed solve: a target shape scaled to min(m, n) ≤ this
+
+
+def _files(prefix: str, shards: list[list[OutTensor]]) -> list[dict]:
+    names = shard_names(len(shards), prefix)
+    return [{"file": n, "tensors": len(t), "bytes": len(_header_bytes(t, {"format": "pt"})[0]) + sum(x.nbytes for x in t)} for n, t in zip(names, shards)]
+
+
+def _free_bytes(out: Path) -> int:
+    p = Path(out).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _calibration_shape(targets) -> tuple[int, int]:
+    """The target shape that carries most of the solve cost, scaled down to min(m, n) ≤ 1024 (same aspect)."""
+    shapes = [(t.out_features, t.in_features) for t in targets.values()]
+    m, n = max(sorted(set(shapes)), key=lambda s: shapes.count(s) * distributed.matrix_cost(s, 0, solve=True))
+    f = min(1.0, CALIBRATE_K / min(m, n))
+    return max(2, round(m * f)), max(2, round(n * f))
+
+
+def _fastest(fn, device, repeats: int = 3) -> float:
+    """Seconds of fn(), the fastest of `repeats` after one warm-up call (a busy machine slows some)."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-6)
+
+
+def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec, solver: str, spectrum: bool) -> tuple[float, float]:
+    """(cost units per second of a solve here, by the route the split takes, seconds per element of one
+    quantize + dequantize)."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(backend.device)
+    backend.warmup()
+    r = max(1, min(rank, min(shape) - 1))
+    units = distributed.matrix_cost(shape, 0, backend.device.type, solve=True) / _fastest(lambda: decompose(w, r, which, backend, solver=solver, spectrum=spectrum), backend.device)
+    if qspec is None:
+        return units, 0.0
+    w32 = w.float()
+    per_elem = _fastest(lambda: quant.dequantize("w", quant.quantize("w", w32, qspec), backend.device), backend.device) / w.numel()
+    return units, per_elem
+
+
+def dry_run(model: str, out: Path, opts) -> dict:
+    """The plan of `split(model, out, opts)` as one JSON-ready object (pipeline.plan_split, then sizes and time)."""
+    from surgeon.commands.split import plan_split
+    from surgeon.format.splitdir import ADAPTER_WEIGHTS, FACTORS, INIT_FACTORS, SPECTRA
+    from surgeon.format.writer import parse_size
+
+    job = plan_split(model, opts, distributed.current())
+    method, targets, backend, qspec = job.method, job.targets, job.backend, job.qspec
+    rows, trainable = [], 0
+    for t in targets.values():
+        lc = job.layer(t.module)
+        shapes = method.factor_shapes(t.out_features, t.in_features, lc)
+        train = sum(torch.Size(s).numel() for f, s in shapes.items() if f not in method.frozen_factors)
+        trainable += train
+        rows.append({"module": t.module, "shape": [t.out_features, t.in_features], "rank": lc.rank, "alpha": lc.alpha,
+                     "scale": lc.scale, "trainable": train, "transposed": t.transposed})
+    block_keys = {f"{b}.{f}" for b in job.blocks for f in method.block_shapes(1, 1, job.cfg)}  # moe routers: all trained
+    trainable += sum(torch.Size(t.shape).numel() for t in job.factor_plan if t.name in block_keys)
+    files = _files("model", plan_shards(job.base_plan, parse_size(opts.shard_size)))
+    files += _files(Path(ADAPTER_WEIGHTS if method.lora_shaped else FACTORS).stem, [job.factor_plan])
+    files += _files(Path(INIT_FACTORS).stem, [job.factor_plan])
+    if opts.spectra:
+        files += _files(Path(SPECTRA).stem, [job.spectra_plan])
+    files.append({"file": "side files (config, tokenizer, ...)", "tensors": 0, "bytes": sum(f.stat().st_size for f in job.src.side_files)})
+    solves = 1 + (qspec.iters if qspec else 0)  # each LoftQ alternation solves once more
+    units = sum(distributed.matrix_cost(i.shape, i.nbytes, backend.device.type, solve=False) for i in job.ckpt.tensors.values())
+    units += solves * sum(distributed.matrix_cost(i.shape, 0, backend.device.type, solve=True) for n, i in job.ckpt.tensors.items() if n in targets)
+    spectrum = opts.spectra or method.needs_spectrum
+    rate, per_elem = _rates(backend, _calibration_shape(targets), opts.rank, method.which, qspec, opts.solver, spectrum)
+    workers = opts.workers or (2 if backend.device.type == "cpu" else 1)  # split's solve threads; quantization runs in them
+    quant_s = per_elem * (2 + solves) * sum(t.out_features * t.in_features for t in targets.values()) / workers  # plain Q(W), Q per solve, spare
+    total = sum(f["bytes"] for f in files)
+    free = _free_bytes(out)
+    return {
+        "dry_run": True, "model": model, "out": str(out), "out_exists": Path(out).exists(), "method": method.name,
+        "rank": opts.rank, "alpha": job.cfg.alpha, "rank_pattern": job.rank_pattern, "alpha_pattern": job.alpha_pattern,
+        "quantize": qspec.record() if qspec else None, "targets": rows, "layers": len(rows), "trainable_parameters": trainable,
+        "source_bytes": sum(i.nbytes for i in job.ckpt.tensors.values()), "files": files, "output_bytes": total,
+        "free_bytes_at_out": free, "fits": total < free, "device": str(backend.device),
+        "estimated_seconds": round(units / rate + quant_s, 1),
+    }

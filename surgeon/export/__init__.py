@@ -1,1 +1,0 @@
-"""Writing surgeon's factors in other libraries' formats (PEFT)."""
