@@ -29,7 +29,7 @@ from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
 from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
 from surgeon.linalg import get_backend
-from surgeon.manifest import build_manifest, method_config, truncation_warnings
+from surgeon.manifest import build_manifest, error_meaning, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
@@ -307,6 +307,9 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     hashes = {n: records[n]["hash"] for n in job.ckpt.tensors}
     target_modules = peft_target_modules(job.ckpt.tensors, job.targets)
     manifest = build_manifest(job.src, job.method, job.cfg, job.opts, job.new_dtype, job.backend, layers, target_modules, job.targets, hashes)
+    base_dtype = job.out_dtype(job.ckpt.tensors[next(iter(job.targets))].dtype)
+    manifest["summary"]["base_dtype"] = base_dtype
+    manifest["summary"]["error_meaning"] = error_meaning(job.method, base_dtype, job.qspec is not None)
     if job.method.options or job.method.notes:
         manifest["method_options"] = {k: getattr(job.cfg, k) for k in job.method.options}
         manifest["method_notes"] = dict(job.method.notes)

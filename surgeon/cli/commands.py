@@ -158,7 +158,9 @@ def _summary(m: dict, out: Path) -> None:
     t.add_row("method / rank / alpha", f"{m['method']} / {m['rank']} / {m['alpha']:g}")
     t.add_row("layers split", str(s["layers"]))
     t.add_row("solvers", ", ".join(f"{k}: {v}" for k, v in s["solvers"].items()))
-    t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖", f"{s['worst_reconstruction_error']:.2e}")
+    t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖ vs the original", f"{s['worst_reconstruction_error']:.2e}")
+    if s.get("error_meaning"):
+        t.add_row("what that means", s["error_meaning"])
     t.add_row("mean factor energy (fraction of Σσ²)", f"{s['mean_factor_energy']:.3g}")
     if run.get("seconds") is not None:
         t.add_row("time", f"{run['seconds']:.1f} s ({run['bytes_read'] / max(run['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
