@@ -89,4 +89,4 @@ def truncation_warnings(method, layers: dict[str, dict], limit: float = 5e-4) ->
     worst = max(over, key=over.get)
     return [f"{method.name} removes {100 * over[worst]:.2g}% of the spectral energy of {worst} ({len(over)} of {len(layers)} layers lose "
             f"more than {100 * limit:g}%; inputs can align with minor directions, so even small fractions can break the untrained "
-            "model): measure perplexity on some text before training, or lower --rank or narrow --target."]
+            "model): measure perplexity with `surgeon check SPLIT` before training, or lower --rank or narrow --target."]

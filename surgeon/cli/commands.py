@@ -6,6 +6,7 @@
     surgeon export split-dir --to lora --out lora-dir
     surgeon export kasa-split-dir --to kasa --out kasa-dir
     surgeon spectra split-dir --out spectra.png
+    surgeon check split-dir [--data text.jsonl] [--json]
 """
 
 from __future__ import annotations
@@ -233,6 +234,25 @@ def spectra(
     with errors_to_exit():
         n, written = plot_spectra(split_dir, out, layers, overwrite)
     err_console().print(f"plotted {n} spectra → {written}")
+
+
+@app.command()
+def check(
+    split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` or `surgeon train`.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Text to measure on: .txt, or .jsonl in any format `surgeon train` takes. Default: a built-in English sample.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens of the text to run through both models.")] = 256,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON on stdout.")] = False,
+):
+    """Run the split and its original (the recorded source, verified by hash) on text: top-1 agreement, perplexities, max |Δlogit|."""
+    from surgeon.check import check as do_check
+    from surgeon.check import one_line
+
+    with errors_to_exit():
+        r = do_check(split_dir, data, tokens)
+    if json_out:
+        print_json(r)
+    else:
+        typer.echo(one_line(r))
 
 
 @app.command()
