@@ -66,7 +66,7 @@ def normalize(obj, where: str, fmt: str | None = None) -> dict:
         if not isinstance(extra, str):
             raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}.")
         prompt = obj["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
-        return _nonempty({"prompt": prompt, "completion": obj["output"]}, "output", where)
+        return _nonempty({"prompt": prompt, "completion": obj["output"]}, "output", where, obj["output"])
     keys = ("text",) if fmt == "text" else ("prompt", "completion")
     _strings(obj, where, *keys)
     return _nonempty({k: obj[k] for k in keys}, keys[-1], where)
@@ -80,8 +80,8 @@ def _strings(obj: dict, where: str, *keys: str) -> None:
             raise DataError(f"{where}: {k!r} must be a string, got {type(obj[k]).__name__}.")
 
 
-def _nonempty(rec: dict, key: str, where: str) -> dict:
-    if not rec[key].strip():
+def _nonempty(rec: dict, key: str, where: str, value: str | None = None) -> dict:
+    if not (value if value is not None else rec[key]).strip():
         raise DataError(f"{where}: {key!r} is empty, so the example carries no loss; remove the line or fill it in.")
     return rec
 

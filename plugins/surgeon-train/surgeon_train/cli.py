@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def train(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (any method).")],
-    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL ({"text": ...} or {"prompt": ..., "completion": ...} per line), or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
+    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL, one record per line: {"text"}, {"prompt", "completion"}, chat {"messages": [{"role", "content"}]}, alpaca {"instruction", "input", "output"} or sharegpt {"conversations": [{"from", "value"}]} (loss on the answers only); or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
     out: Annotated[Path, typer.Option("--out", "-o", help="The trained split folder (same format; base shards hard-linked, not copied).")],
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one epoch).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the packed data (instead of --steps).")] = None,
@@ -32,7 +33,7 @@ def train(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed row.")] = 1024,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data evaluated (mean token loss) at the end, in any --data form.")] = None,
     data_split: Annotated[str, typer.Option("--data-split", help='Split of a `datasets` source, slices allowed: "train[:2000]".')] = "train",
-    columns: Annotated[str | None, typer.Option("--columns", help="Map record fields to the source's columns: prompt=question,completion=answer.")] = None,
+    columns: Annotated[str | None, typer.Option("--columns", help="Map record fields (text, prompt, completion, messages, instruction, input, output, conversations) to the source's columns: prompt=question,completion=answer.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Save (factors + optimizer state) every N steps; 0: at the end only.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out from its last save.")] = False,
     warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay (default: 5% of the steps).")] = None,
@@ -118,7 +119,9 @@ class _Bar:
         self.task = None
 
     def __call__(self, event: str, info: dict) -> None:
-        if event == "start":
+        if event == "warning":
+            self.progress.console.print(f"[yellow]warning:[/] {escape(info['message'])}", soft_wrap=True)
+        elif event == "start":
             if info["step"]:
                 self.progress.console.print(f"resuming at step {info['step']} of {info['total']}")
             self.progress.start()

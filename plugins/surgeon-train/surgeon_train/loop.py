@@ -230,6 +230,15 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     return summary
 
 
+def few_steps_warning(opts: TrainOptions, total: int, rows: int, world: int) -> str | None:
+    """One line when the data alone (no --steps) makes fewer than 10 optimizer steps."""
+    if opts.steps is not None or total >= 10:
+        return None
+    per = f"--batch-size {opts.batch_size} × --grad-accum {opts.grad_accum}" + (f" × {world} processes" if world > 1 else "")
+    return (f"the data packs into {rows} row(s) of --seq-len {opts.seq_len} tokens and {per} rows make one step, so this run makes "
+            f"only {total} optimizer step{'s' if total > 1 else ''}; pass --steps N (the data repeats) or --epochs, or lower --batch-size or --seq-len.")
+
+
 def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions, d: dist.Dist, callback: Callback) -> tuple[dict, RunDir]:
     params = [p for _, p in named]
     R = opts.batch_size * opts.grad_accum * d.world  # rows per optimizer step, all ranks
@@ -252,6 +261,8 @@ def _run(sm, named, runner: Runner, data: Packed, out: Path, opts: TrainOptions,
         start = 0
         torch.manual_seed(opts.seed + d.rank)  # dropout masks differ across ranks
 
+    if d.main and (note := few_steps_warning(opts, total, len(data), d.world)):
+        callback("warning", {"message": note})
     order, counts = _Order(len(data), opts.seed), data.loss_tokens()
     callback("start", {"step": start, "total": total, "rows": len(data), "trainable": plan["trainable"], "world_size": d.world,
                        "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing, "loss": runner.loss})

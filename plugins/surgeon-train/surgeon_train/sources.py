@@ -5,8 +5,9 @@
     surgeon train SPLIT --data ./my_dataset_dir            # a folder of data files, or one from save_to_disk
     surgeon train SPLIT --data org/name --data-split "train[:2000]" --columns prompt=question,completion=answer
 
-Every record must have a "text" field or "prompt" and "completion" fields (surgeon_train.data); a
-dataset with other column names is mapped with --columns FIELD=COLUMN,…. `datasets` (an optional
+Every record must be in one of the formats of surgeon/records.py (text, prompt/completion, messages,
+alpaca, sharegpt; see surgeon_train.data); a dataset with other column names is mapped with
+--columns FIELD=COLUMN,…. `datasets` (an optional
 extra, `pip install 'surgeon-train[datasets]'`) is imported only for the sources that need it; a Hub
 id is resolved by datasets itself (its cache, HF_DATASETS_OFFLINE / HF_HUB_OFFLINE honoured).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from surgeon_train.data import DataError, _check, load_jsonl
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-FIELDS = ("text", "prompt", "completion")
+FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "conversations")
 
 
 def parse_columns(spec: str | None) -> dict[str, str] | None:
