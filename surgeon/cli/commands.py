@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: 'surgeon[quant]' and {block: [gates]} keep their brackets
 )
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written under a temporary name, renamed when complete).")]
@@ -36,6 +37,11 @@ Json = Annotated[bool, typer.Option("--json", help="Print the manifest summary a
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 5GB, 500MB.")]
 PushToHub = Annotated[str | None, typer.Option("--push-to-hub", help="Then upload the output folder to this Hub model repo (org/name), as `surgeon push` does.")]
 Private = Annotated[bool, typer.Option("--private", help="Create the Hub repo private (an existing public repo is refused).")]
+
+
+def example(*lines: str) -> str:
+    """A help epilog of example command lines, kept as written (\\b stops Click from rewrapping it)."""
+    return "\b\nExample:\n" + "\n".join(f"  {ln}" for ln in lines)
 
 
 def _version(value: bool):
@@ -51,7 +57,7 @@ def _root(
     """surgeon: split, train, absorb."""
 
 
-@app.command()
+@app.command(epilog=example('surgeon split --method milora org/name --rank 64 --dtype float32 --out split-dir'))
 def split(
     model: Annotated[str, typer.Argument(help="Local folder, a .safetensors file (with --config), or a Hub id org/name (org/name@revision pins a revision).")],
     out: Out,
@@ -62,10 +68,10 @@ def split(
     null_energy: Annotated[float | None, typer.Option("--null-energy", help="nusa: energy cutoff rho; the null space is what lies beyond the smallest principal part holding this fraction of sum(sigma^2). Default 0.95.")] = None,
     null_rank: Annotated[int | None, typer.Option("--null-rank", help="nusa: null-space size n (the n smallest directions) instead of the energy rule; with --null-energy the smaller wins.")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="all-linear (default), module names (q_proj, ...; repeatable) or one regex full-matched against module names.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="dtype of the written base (float32, bfloat16, float16). Default: the checkpoint's.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="dtype of the written base (float32, bfloat16, float16). Default: the checkpoint's. Only float32 gives an exact split (a bfloat16 residual is rounded; `surgeon check` measures it); absorb of untrained factors is bit-exact either way.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option("--backend", help="Eigen/SVD backend: auto, torch or cupy.")] = "auto",
-    solver: Annotated[str, typer.Option("--solver", help="auto (float64 Gram-eigh, checked, float64 SVD fallback), gram-eigh or svd.")] = "auto",
+    solver: Annotated[str, typer.Option("--solver", help="auto (on CUDA, for large weights without --spectra: subspace iteration; else float64 Gram-eigh; every result checked, float64 SVD fallback), gram-eigh, subspace or svd.")] = "auto",
     tol: Annotated[float, typer.Option("--tol", help="Accepted subspace error bound before falling back to a float64 SVD.")] = 1e-6,
     shard_size: ShardSize = "5GB",
     workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2 on CPU, 1 on CUDA.")] = 0,
@@ -168,7 +174,7 @@ def _summary(m: dict, out: Path) -> None:
     err_console().print(t)
 
 
-@app.command()
+@app.command(epilog=example('surgeon absorb trained-split --out merged-dir'))
 def absorb(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (trained or not).")],
     out: Out,
@@ -201,7 +207,7 @@ def absorb(
         print_json(m)
 
 
-@app.command()
+@app.command(epilog=example('surgeon export split-dir --to lora --out lora-dir'))
 def export(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split`.")],
     out: Out,
@@ -221,7 +227,7 @@ def export(
     err_console().print(f"wrote a rank-{conf['r']} {kind} for {conf['base_model_name_or_path']} → {out}")
 
 
-@app.command()
+@app.command(epilog=example('surgeon spectra split-dir --out spectra.png --layers self_attn'))
 def spectra(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Picture to write: .png (default), .pdf or .svg.")] = Path("spectra.png"),
@@ -236,7 +242,7 @@ def spectra(
     err_console().print(f"plotted {n} spectra → {written}")
 
 
-@app.command()
+@app.command(epilog=example('surgeon check split-dir --data text.jsonl --tokens 512'))
 def check(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` or `surgeon train`.")],
     data: Annotated[Path | None, typer.Option("--data", help="Text to measure on: .txt, or .jsonl in any format `surgeon train` takes. Default: a built-in English sample.")] = None,
@@ -255,7 +261,7 @@ def check(
         typer.echo(one_line(r))
 
 
-@app.command()
+@app.command(epilog=example('surgeon push split-dir your-name/model-milora-r64 --private'))
 def push(
     folder: Annotated[Path, typer.Argument(help="A folder written by surgeon split, train or absorb.")],
     repo_id: Annotated[str | None, typer.Argument(help="Hub model repo, org/name (created if it does not exist).")] = None,

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="train")(train)
+    app.command(name="train", epilog="\b\nExample:\n  surgeon train split-dir --data chat.jsonl --out trained --steps 200 --lr 2e-4")(train)
 
 
 def train(
