@@ -10,12 +10,14 @@ import re
 from pathlib import Path
 
 from surgeon.errors import SplitDirError, UsageError
+from surgeon.progress import NullReporter, Reporter
 
 
-def spectra(sd, rx: re.Pattern, device: str = "auto"):
+def spectra(sd, rx: re.Pattern, device: str = "auto", reporter: Reporter | None = None):
     """(module, every singular value descending) of the split layers `rx` selects: from
     surgeon.spectra.safetensors when the split stored them (--spectra), else computed from the source
-    weights (each verified by its content hash first), one tensor at a time."""
+    weights (each verified by its content hash first), one tensor at a time, reporting each layer to
+    `reporter` (a progress bar in the CLI: minutes on a large model)."""
     from safetensors import safe_open
 
     from surgeon.splitdir import SPECTRA
@@ -25,10 +27,10 @@ def spectra(sd, rx: re.Pattern, device: str = "auto"):
         with safe_open(sd.path / SPECTRA, "pt") as f:
             yield from ((m, f.get_tensor(m)) for m in modules if m in f.keys())
         return
-    yield from _from_source(sd, modules, device)
+    yield from _from_source(sd, modules, device, reporter or NullReporter())
 
 
-def _from_source(sd, modules: list[str], device: str):
+def _from_source(sd, modules: list[str], device: str, reporter: Reporter):
     from surgeon.absorb import check_hash, verified_source
     from surgeon.linalg import get_backend, singular_values
 
@@ -38,9 +40,16 @@ def _from_source(sd, modules: list[str], device: str):
     ckpt = verified_source(sd)
     backend = get_backend(device)
     want = {f"{m}.weight": m for m in modules}
-    for info, w in ckpt.stream([n for n in ckpt.tensors if n in want], digest=True):
-        check_hash(sd.source_hashes(), ckpt, info.name)
-        yield want[info.name], singular_values(w.to(backend.device).double(), backend).cpu()
+    names = [n for n in ckpt.tensors if n in want]
+    reporter.start(len(names), sum(ckpt.tensors[n].nbytes for n in names))
+    try:
+        for info, w in ckpt.stream(names, digest=True):
+            check_hash(sd.source_hashes(), ckpt, info.name)
+            sigma = singular_values(w.to(backend.device).double(), backend).cpu()
+            reporter.advance(info.name, info.nbytes)
+            yield want[info.name], sigma
+    finally:
+        reporter.close()
 
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -60,7 +69,7 @@ def picture_path(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False) -> tuple[int, Path]:
+def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False, reporter: Reporter | None = None) -> tuple[int, Path]:
     """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
     returns (how many, the file written)."""
     out = picture_path(out, overwrite)
@@ -80,7 +89,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
     sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
     manifest = sd.manifest
     groups: dict[str, list] = {}
-    for name, sigma in spectra(sd, rx):
+    for name, sigma in spectra(sd, rx, reporter=reporter):
         groups.setdefault(name.rsplit(".", 1)[-1], []).append(sigma.numpy())
     if not groups:
         raise UsageError(f"--layers {layers!r} selects no split layer.")

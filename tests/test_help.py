@@ -56,3 +56,14 @@ def test_train_help_lists_the_data_formats():
 
 def test_top_level_help_lists_check():
     assert "check" in help_text()
+
+
+def test_spectra_from_the_source_show_progress(tiny, tmp_path):
+    from surgeon.pipeline import SplitOptions, split
+
+    split(str(tiny["tiny-llama"]), tmp_path / "s", SplitOptions(method="milora", rank=4))
+    r = run("spectra", tmp_path / "s", "--out", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+    assert "spectra from the source" in r.output and "14/14 tensors" in r.output
+    r = run("spectra", tmp_path / "s", "--out", tmp_path / "q.png", "--quiet")
+    assert r.exit_code == 0 and "tensors" not in r.output

@@ -121,3 +121,13 @@ def test_train_error_for_alpaca_like_keys_is_one_line(chat_split, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "q", "response": "a"}) + "\n")
     assert "--columns" in one_error_line(run("train", chat_split, "--data", f, "--out", tmp_path / "o"))
+
+
+def test_start_up_steps_are_reported_before_the_first_step(chat_split, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(RECORDS["messages"]) + "\n" for _ in range(4)))
+    events = []
+    train_files(chat_split, f, tmp_path / "out", TrainOptions(steps=1, seq_len=64, batch_size=2), callback=lambda e, i: events.append((e, i)))
+    phases = [i["name"] for e, i in events if e == "phase"]
+    assert [e for e, _ in events][: len(phases)] == ["phase"] * len(phases)  # all before "start"
+    assert phases[0].startswith("reading and packing") and phases[1].startswith("loading") and "memory" in phases[2]

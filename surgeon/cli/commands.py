@@ -233,12 +233,13 @@ def spectra(
     out: Annotated[Path, typer.Option("--out", "-o", help="Picture to write: .png (default), .pdf or .svg.")] = Path("spectra.png"),
     layers: Annotated[str, typer.Option("--layers", help="Regex selecting modules to draw (default: all).")] = ".*",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    quiet: Quiet = False,
 ):
     """Plot the singular-value spectra of the split layers, with the trainable band shaded."""
     from surgeon.plot import plot_spectra
 
     with errors_to_exit():
-        n, written = plot_spectra(split_dir, out, layers, overwrite)
+        n, written = plot_spectra(split_dir, out, layers, overwrite, reporter("spectra from the source", quiet))
     err_console().print(f"plotted {n} spectra → {written}")
 
 

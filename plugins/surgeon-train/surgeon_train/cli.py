@@ -117,8 +117,19 @@ class _Bar:
             console=err_console(),
         )
         self.task = None
+        self.status = None  # a spinner naming the start-up step (data, model load, memory probe) until the bar starts
 
     def __call__(self, event: str, info: dict) -> None:
+        if event == "phase":
+            if self.status is None:
+                self.status = self.progress.console.status(f"train: {escape(info['name'])} …")
+                self.status.start()
+            else:
+                self.status.update(f"train: {escape(info['name'])} …")
+            return
+        if event in ("start", "warning") and self.status is not None:
+            self.status.stop()
+            self.status = None
         if event == "warning":
             self.progress.console.print(f"[yellow]warning:[/] {escape(info['message'])}", soft_wrap=True)
         elif event == "start":
@@ -130,6 +141,8 @@ class _Bar:
             self.progress.update(self.task, completed=info["step"], loss=f"{info['loss']:.4f}", rate=f"{info['tokens_per_s']:,.0f}", micro=_micro(info))
 
     def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
         self.progress.stop()
 
 

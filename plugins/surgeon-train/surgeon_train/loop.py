@@ -176,6 +176,8 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
         tok = AutoTokenizer.from_pretrained(split_dir)
     except (OSError, ValueError) as e:
         raise SplitDirError(f"{split_dir} has no usable tokenizer ({e}); the split copies the source's tokenizer files, add them there.") from None
+    if callback is not None:
+        callback("phase", {"name": f"reading and packing {data}"})
     packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns)
     ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns) if eval_data is not None else None
     return train(split_dir, packed, out, opts, ev, callback, {"data": str(data), "eval_data": str(eval_data) if eval_data else None})
@@ -205,11 +207,13 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
     resolve(opts.loss, d.device)  # a loss that cannot run here fails before the model loads
+    callback("phase", {"name": f"loading {split_dir}"})
     sm, named = _load(split_dir, data, opts, d)
     kernels = speed.resolve(opts.kernels, sm.model, d.device)
     with speed.scoped_kernels(sm.model, kernels):
         runner = Runner(sm.model, sm.extra_loss, data, d, opts.loss, opts.document_mask)
         mine = opts.batch_size * opts.grad_accum  # rows per step on this rank
+        callback("phase", {"name": "measuring memory for the micro-batch"})
         fit = runner.fit(mine, opts.grad_checkpointing, opts.micro_batch)
         if opts.compile:
             speed.compile_blocks(sm.model)
