@@ -98,6 +98,11 @@ def split(
     json_out: Json = False,
 ):
     """Split every targeted linear weight W into a frozen residual plus trainable factors (W = W_res + s·B·A)."""
+    from surgeon.precheck import check_split_options
+
+    with errors_to_exit():  # usage errors in half a second: before torch is imported
+        nusa = [o for o, v in (("--null-energy", null_energy), ("--null-rank", null_rank)) if v is not None]
+        check_split_options(model, method, rank, dtype, solver, nusa, bool(rank_pattern))
     from surgeon.pipeline import SplitOptions
     from surgeon.pipeline import split as do_split
 
