@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from surgeon.absorb import check_hash, verified_source
-from surgeon.errors import SplitDirError, UsageError
+from surgeon.absorb import verified_source
+from surgeon.errors import SourceChangedError, SplitDirError, UsageError
 from surgeon.records import DataError, normalize, plain_text
 from surgeon.runtime import load_residual_model, load_split
 from surgeon.splitdir import SplitDir
@@ -105,9 +105,16 @@ def load_original(sd: SplitDir) -> torch.nn.Module:
         raise SplitDirError(f"the source file {sd.missing_source_files()[0]} recorded in {sd.path} is gone; restore it to check the split against it.")
     if sd.manifest["source"].get("pickled"):
         raise UsageError("check compares against safetensors sources only; this split was made from pickled weights.")
-    ckpt = verified_source(sd)
+    try:
+        ckpt = verified_source(sd)
+    except SourceChangedError as e:
+        raise SourceChangedError(f"{str(e).split('; ')[0]}; check compares against the original as it was split: restore it.") from None
+    hashes = sd.source_hashes()
     for info, _ in ckpt.stream(list(ckpt.tensors), digest=True):
-        check_hash(sd.source_hashes(), ckpt, info.name)
+        got = ckpt.digests.pop(info.name)
+        if hashes and got != hashes.get(info.name):
+            raise SourceChangedError(f"the source tensor {info.name} changed since the split (content hash {got} ≠ {hashes.get(info.name)}); "
+                                     "check compares against the original as it was split: restore it.")
     conf = json.loads((sd.path / "config.json").read_text())
     conf.pop("quantization_config", None)
     with tempfile.TemporaryDirectory(prefix="surgeon-check-") as view:

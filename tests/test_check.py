@@ -73,3 +73,20 @@ def test_real_model_milora_float32_and_kasa(smollm2, tmp_path):
     split(str(smollm2), tmp_path / "k", SplitOptions(method="kasa", rank=8))
     k = check(tmp_path / "k", tokens=128)
     assert k["top1_agreement"] < 1.0 and k["perplexity_ratio"] > 1.0
+
+
+def test_a_changed_source_is_refused(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny["tiny-llama"], src)
+    split(str(src), tmp_path / "s", SplitOptions(method="milora", rank=4))
+    f = sorted(src.glob("model-*.safetensors"))[0]
+    t = load_file(f)
+    name = next(iter(t))
+    t[name] = t[name] + 1  # same size, other content
+    save_file(t, f, metadata={"format": "pt"})
+    out = one_error_line(run("check", tmp_path / "s"))
+    assert "changed since the split" in out and "restore it" in out and "absorb" not in out
