@@ -96,7 +96,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
     n = len(groups)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols + 1, 3 * rows), squeeze=False, layout="constrained")
     r, minor = manifest["rank"], manifest["method"] != "pissa"
     for ax, (kind, specs) in zip(axes.flat, sorted(groups.items())):
         for i, s in enumerate(specs):
@@ -110,8 +110,10 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{manifest['method']} split of {manifest['source'].get('hub_id') or manifest['source']['model']} (colour: layer depth)")
-    fig.tight_layout()
+    depth = max(len(v) for v in groups.values())
+    key = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, max(depth - 1, 1)), cmap="viridis")
+    fig.colorbar(key, ax=axes.ravel().tolist(), label="layer (0 = first block)", fraction=0.03, ticks=matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(f"{manifest['method']} split of {manifest['source'].get('hub_id') or manifest['source']['model']}")
     tmp = out.with_name(f".{out.name}.partial{out.suffix}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

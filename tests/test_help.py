@@ -67,3 +67,18 @@ def test_spectra_from_the_source_show_progress(tiny, tmp_path):
     assert "spectra from the source" in r.output and "14/14 tensors" in r.output
     r = run("spectra", tmp_path / "s", "--out", tmp_path / "q.png", "--quiet")
     assert r.exit_code == 0 and "tensors" not in r.output
+
+
+def test_dry_run_table_sorts_layers_as_numbers_and_keeps_names(tmp_path):
+    from surgeon.cli.commands import natural_key
+
+    names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.1.mlp", "model.layers.1.attn"]
+    assert sorted(names, key=natural_key) == ["model.layers.1.attn", "model.layers.1.mlp", "model.layers.2.mlp", "model.layers.10.mlp"]
+    from typer.testing import CliRunner
+
+    from surgeon.cli import build_app
+
+    r = CliRunner().invoke(build_app(), ["split", "fixtures/tiny-llama", "-r", "4", "--dry-run", "--out", str(tmp_path / "o")],
+                           env={"COLUMNS": "60"}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.output

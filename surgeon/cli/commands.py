@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,11 @@ Private = Annotated[bool, typer.Option("--private", help="Create the Hub repo pr
 def example(*lines: str) -> str:
     """A help epilog of example command lines, kept as written (\\b stops Click from rewrapping it)."""
     return "\b\nExample:\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+def natural_key(name: str) -> list:
+    """Sort key with numbers compared as numbers: layers.2 before layers.10."""
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
 
 
 def _version(value: bool):
@@ -145,8 +151,8 @@ def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
     con = err_console()
     t = Table(title=f"surgeon split --dry-run: {p['method']} of {model} (nothing written)")
     for col in ("module", "shape", "rank", "alpha", "scale", "trainable"):
-        t.add_column(col, justify="left" if col == "module" else "right")
-    for r in p["targets"]:
+        t.add_column(col, justify="left" if col == "module" else "right", overflow="fold")  # fold: never cut a name
+    for r in sorted(p["targets"], key=lambda r: natural_key(r["module"])):
         t.add_row(r["module"], "x".join(map(str, r["shape"])), str(r["rank"]), f"{r['alpha']:g}", f"{r['scale']:g}", f"{r['trainable']:,}")
     con.print(t)
     f = Table(show_header=True)
