@@ -61,8 +61,9 @@ def error_meaning(method, base_dtype: str, quantized: bool = False) -> str:
 
     The error is ‖W − (W_res + s·B·A)‖/‖W‖ against the ORIGINAL weight, with the factors as written
     (for KaSA this includes the r components its truncation removes). Measured on SmolLM2-135M
-    (bench/eval_methods.md, issue 23): a float32 base reproduces the logits to ~1e-4; a bfloat16
-    base of a milora r=16 split moves them by up to 0.32 (96% top-1 agreement)."""
+    (`surgeon check`, its built-in 255-token sample): a float32 base of a milora r=16 split reproduces the
+    logits to 1.2e-4; a bfloat16 base moves them by up to 0.26 (99.6% top-1 agreement); KaSA r=8 on
+    all linear layers agrees on 1.6% of the next tokens (perplexity × 281)."""
     if quantized:
         return "4-bit rounding of the residual: the split approximates the original model; `surgeon check SPLIT` measures how closely."
     if method.truncates:
@@ -71,7 +72,7 @@ def error_meaning(method, base_dtype: str, quantized: bool = False) -> str:
     if base_dtype == "F32":
         return "float32 rounding only: the split reproduces the original model to float32 precision."
     return (f"{CONFIG_DTYPE.get(base_dtype, base_dtype)} rounding of the residual: the split is close to, not equal to, the original model "
-            "(SmolLM2-135M bf16, milora r=16: max |Δlogit| 0.32, 96% top-1 agreement); split with --dtype float32 "
+            "(SmolLM2-135M, milora r=16, bfloat16 base: max |Δlogit| 0.26, 99.6% top-1 agreement on 255 tokens); split with --dtype float32 "
             "for an exact split, and `surgeon check SPLIT` measures it.")
 
 
