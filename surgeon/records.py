@@ -53,6 +53,8 @@ def normalize(obj, where: str, fmt: str | None = None) -> dict:
     """The record as {"text"}, {"prompt", "completion"} or {"messages"}; DataError naming `where`."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; expected {FORMAT_HINT}.")
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"format {fmt!r} unknown; choose {', '.join(FORMATS)}.")
     fmt = fmt or detect(obj)
     if fmt is None:
         raise DataError(f"{where}: keys {sorted(obj)} match no format; expected {FORMAT_HINT}.")

@@ -131,3 +131,16 @@ def test_start_up_steps_are_reported_before_the_first_step(chat_split, tmp_path)
     phases = [i["name"] for e, i in events if e == "phase"]
     assert [e for e, _ in events][: len(phases)] == ["phase"] * len(phases)  # all before "start"
     assert phases[0].startswith("reading and packing") and phases[1].startswith("loading") and "memory" in phases[2]
+
+
+def test_format_can_be_forced(chat_split, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "ignored", "prompt": Q1, "completion": A1}) + "\n")
+    assert load_records(f)[0][1] == {"text": "ignored"}  # detected: text comes first
+    assert load_records(f, fmt="prompt-completion")[0][1] == {"prompt": Q1, "completion": A1}
+    with pytest.raises(DataError, match="no 'instruction'"):
+        load_records(f, fmt="alpaca")
+    r = run("train", chat_split, "--data", f, "--out", tmp_path / "o", "--format", "chat")
+    assert r.exit_code == 2 and "--format 'chat'" in one_error_line(r) and "messages" in r.output
+    r = run("train", chat_split, "--data", f, "--out", tmp_path / "o", "--format", "prompt-completion", "--steps", "1", "--seq-len", "32")
+    assert r.exit_code == 0, r.output

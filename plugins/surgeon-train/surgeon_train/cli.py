@@ -32,6 +32,7 @@ def train(
     micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Rows per forward/backward pass (default: the most that fits the free memory, measured before the first step).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed row.")] = 1024,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data evaluated (mean token loss) at the end, in any --data form.")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="Force the data format: text, prompt-completion, messages, alpaca or sharegpt (default: detected from each record's keys).")] = None,
     data_split: Annotated[str, typer.Option("--data-split", help='Split of a `datasets` source, slices allowed: "train[:2000]".')] = "train",
     columns: Annotated[str | None, typer.Option("--columns", help="Map record fields (text, prompt, completion, messages, instruction, input, output, conversations) to the source's columns: prompt=question,completion=answer.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Save (factors + optimizer state) every N steps; 0: at the end only.")] = 0,
@@ -63,7 +64,7 @@ def train(
 
     opts = TrainOptions(
         steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, micro_batch=micro_batch, seq_len=seq_len,
-        loss=loss, kernels=kernels, compile=compile, document_mask=not no_document_mask, data_split=data_split, columns=None,
+        loss=loss, kernels=kernels, compile=compile, document_mask=not no_document_mask, data_split=data_split, columns=None, data_format=data_format,
         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         grad_checkpointing=grad_checkpointing, seed=seed, save_every=save_every, device=device, dtype=dtype,
         chat_template=not no_chat_template, resume=resume, overwrite=overwrite,

@@ -47,9 +47,10 @@ IGNORE = -100  # the label of a position without loss (torch's cross_entropy ign
 __all__ = ["IGNORE", "FORMAT_HINT", "DataError", "Packed", "load_jsonl", "load_packed", "pack", "tokenize"]
 
 
-def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
+def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line; raises DataError naming the file and line.
-    columns maps record fields to the file's keys ({"prompt": "question", ...})."""
+    columns maps record fields to the file's keys ({"prompt": "question", ...}); fmt forces a format
+    (surgeon.records.FORMATS) instead of detecting it per record."""
     path = Path(path)
     rename = {col: field for field, col in (columns or {}).items()}
     if not path.is_file():
@@ -67,7 +68,7 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[
                     raise DataError(f"{path}, line {lineno}: not valid JSON ({why}); expected {FORMAT_HINT}.") from None
                 if rename and isinstance(obj, dict):
                     obj = {rename.get(k, k): v for k, v in obj.items()}
-                records.append((lineno, _check(obj, path, lineno)))
+                records.append((lineno, _check(obj, path, lineno, fmt=fmt)))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
     if not records:
@@ -75,9 +76,9 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[
     return records
 
 
-def _check(obj, path: Path, lineno: int, unit: str = "line") -> dict:
+def _check(obj, path: Path, lineno: int, unit: str = "line", fmt: str | None = None) -> dict:
     """The record in one of the three forms of surgeon.records.normalize; DataError naming the place."""
-    return normalize(obj, f"{path}, {unit} {lineno}")
+    return normalize(obj, f"{path}, {unit} {lineno}", fmt)
 
 
 def _ids(enc) -> list[int]:
@@ -220,9 +221,9 @@ def restart_positions(starts: torch.Tensor, total: int, seq_len: int) -> torch.T
     return idx - last
 
 
-def load_packed(path, tok, seq_len: int, chat_template: bool = True, split: str = "train", columns: dict | None = None) -> Packed:
+def load_packed(path, tok, seq_len: int, chat_template: bool = True, split: str = "train", columns: dict | None = None, fmt: str | None = None) -> Packed:
     """A JSONL file (or, through `datasets`, another file or a Hub dataset) → packed rows."""
     from surgeon_train.sources import load_records
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return pack(tokenize(load_records(path, split, columns), tok, chat_template, str(path)), seq_len, pad)
+    return pack(tokenize(load_records(path, split, columns, fmt), tok, chat_template, str(path)), seq_len, pad)

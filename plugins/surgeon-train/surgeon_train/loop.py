@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from surgeon.errors import NumericsError, SplitDirError, UsageError
+from surgeon.records import FORMATS
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
 from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
@@ -68,6 +69,7 @@ class TrainOptions:
     document_mask: bool = True  # packed examples attend only within themselves
     data_split: str = "train"  # split of a `datasets` source
     columns: dict | None = None  # record field -> column of the source ({"prompt": "question"})
+    data_format: str | None = None  # force one of surgeon.records.FORMATS (default: detected per record)
     seed: int = 0
     save_every: int = 0  # 0: save at the end only
     eval_batch_size: int = 8
@@ -97,6 +99,8 @@ def _check(o: TrainOptions) -> None:
         bad.append("--resume continues the run in --out, --overwrite discards it: choose one")
     if o.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad.append(f"--dtype {o.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if o.data_format is not None and o.data_format not in FORMATS:
+        bad.append(f"--format {o.data_format!r}: choose {', '.join(FORMATS)}")
     if o.kernels not in speed.KERNELS:
         bad.append(f"--kernels {o.kernels!r}: choose {', '.join(speed.KERNELS)}")
     if bad:
@@ -178,8 +182,8 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
         raise SplitDirError(f"{split_dir} has no usable tokenizer ({e}); the split copies the source's tokenizer files, add them there.") from None
     if callback is not None:
         callback("phase", {"name": f"reading and packing {data}"})
-    packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns)
-    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns) if eval_data is not None else None
+    packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns, opts.data_format)
+    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns, opts.data_format) if eval_data is not None else None
     return train(split_dir, packed, out, opts, ev, callback, {"data": str(data), "eval_data": str(eval_data) if eval_data else None})
 
 

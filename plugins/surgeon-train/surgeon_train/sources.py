@@ -35,11 +35,11 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
     return out
 
 
-def load_records(source, split: str = "train", columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
+def load_records(source, split: str = "train", columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
     """(number, record) pairs from a JSONL path, a datasets-readable file or folder, or a Hub id."""
     path = Path(source)
     if path.suffix == ".jsonl" and path.is_file():
-        return load_jsonl(path, columns)
+        return load_jsonl(path, columns, fmt)
     if path.suffix in BUILDERS and not path.is_file():
         raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet or CSV file, or a dataset id.")
     ds = _load_dataset(str(source), path, split)
@@ -50,7 +50,7 @@ def load_records(source, split: str = "train", columns: dict[str, str] | None = 
     keep = [c for c in ds.column_names if rename.get(c, c) in FIELDS]
     records = []
     for i, row in enumerate(ds.select_columns(keep) if keep else ds, 1):
-        records.append((i, _check({rename.get(k, k): v for k, v in row.items()}, source, i, "row")))
+        records.append((i, _check({rename.get(k, k): v for k, v in row.items()}, source, i, "row", fmt)))
     if not records:
         raise DataError(f"{source} (split {split!r}) holds no rows.")
     return records
