@@ -144,3 +144,21 @@ def test_format_can_be_forced(chat_split, tmp_path):
     assert r.exit_code == 2 and "--format 'chat'" in one_error_line(r) and "messages" in r.output
     r = run("train", chat_split, "--data", f, "--out", tmp_path / "o", "--format", "prompt-completion", "--steps", "1", "--seq-len", "32")
     assert r.exit_code == 0, r.output
+
+
+def test_a_template_that_is_not_prefix_stable_learns_the_last_answer(chat_split, tmp_path):
+    tok = AutoTokenizer.from_pretrained(chat_split)
+    tok.chat_template = "turns={{ messages|length }}\n" + CHATML  # the header changes with every turn added
+    ids, labels = _encode(tmp_path, "m", RECORDS["messages"], tok)
+    eos = tok.decode([tok.eos_token_id])
+    assert [tok.decode(s) for s in _spans(ids, labels)] == [A2 + eos]
+
+
+@pytest.mark.real_model
+def test_smollm2_chat_template_masks_all_but_the_assistant_turns(smollm2, tmp_path):
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids, labels = _encode(tmp_path, "m", RECORDS["messages"], tok)
+    assert [tok.decode(s) for s in _spans(ids, labels)] == [A1 + "<|im_end|>\n", A2 + "<|im_end|>\n"]
+    ids, labels = _encode(tmp_path, "s", RECORDS["sharegpt"], tok)  # no system turn: the template adds its own, masked
+    assert [tok.decode(s) for s in _spans(ids, labels)] == [A1 + "<|im_end|>\n", A2 + "<|im_end|>\n"]
+    assert "SmolLM" in tok.decode(ids)

@@ -132,7 +132,7 @@ def _chat(tok, turns: list[dict], use_chat: bool, eos: int | None) -> tuple[list
 def _pair_ids(tok, turns: list[dict], eos: int | None) -> tuple[list[int], list[int]]:
     """Fallback: everything before the last assistant turn as the prompt, that turn as the completion."""
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-    p = _ids(tok.apply_chat_template(turns[:last], add_generation_prompt=True, tokenize=True, return_dict=True))
+    p = _ids(tok.apply_chat_template(turns[:last], add_generation_prompt=True, tokenize=True, return_dict=True)) if last else []
     c = _ids(tok(turns[last]["content"], add_special_tokens=False))
     ids = p + c + ([eos] if eos is not None else [])
     return ids, [IGNORE] * len(p) + ids[len(p) :]
