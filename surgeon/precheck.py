@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from surgeon.errors import UsageError
+from surgeon.units import parse_size
 
 METHODS = ("kasa", "milora", "moe", "nusa", "pissa")  # = surgeon.methods.names()
 SOLVERS = ("auto", "gram-eigh", "subspace", "svd")  # = surgeon.linalg.decompose.SOLVERS
@@ -23,19 +24,22 @@ DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64")  
 MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 
 
-def check_split_options(model: str, method: str, rank: int, dtype: str | None, solver: str, nusa_options: list[str], rank_pattern: bool) -> None:
-    """Raise UsageError for what the options alone (and the local headers) show to be impossible."""
+def check_split_options(model: str, method: str, rank: int, dtype: str | None, solver: str, nusa_options: list[str], rank_pattern: bool,
+                        all_linear: bool = True, shard_size: str = "5GB") -> None:
+    """Raise UsageError for what the options alone (and the local headers) show to be impossible, in
+    the order plan_split checks them (the rank last: it needs the model)."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
     if nusa_options and method != "nusa":
         raise UsageError(f"{nusa_options[0]} is an option of --method nusa, not of {method}; drop it or choose nusa.")
     if dtype is not None and dtype.lower() not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} unknown; choose float32, bfloat16 or float16.")
+    parse_size(shard_size)
     if solver not in SOLVERS:
         raise UsageError(f"unknown solver {solver!r}; choose {', '.join(SOLVERS)}.")
     if rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}.")
-    if not rank_pattern:  # --rank-pattern may give every target a smaller rank: leave it to the full check
+    if all_linear and not rank_pattern:  # --rank-pattern may lower every rank, --target may match nothing: the full check tells
         k = largest_min_side(Path(model).expanduser())
         if k is not None and rank >= k:
             raise UsageError(f"--rank {rank} is not below min(out, in) of any weight of {model} (the largest is {k}); choose a rank below {k}.")

@@ -108,7 +108,7 @@ def split(
 
     with errors_to_exit():  # usage errors in half a second: before torch is imported
         nusa = [o for o, v in (("--null-energy", null_energy), ("--null-rank", null_rank)) if v is not None]
-        check_split_options(model, method, rank, dtype, solver, nusa, bool(rank_pattern))
+        check_split_options(model, method, rank, dtype, solver, nusa, bool(rank_pattern), target in (None, ["all-linear"]), shard_size)
     from surgeon.pipeline import SplitOptions
     from surgeon.pipeline import split as do_split
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from surgeon.errors import DiskSpaceError, UsageError
+from surgeon.units import parse_size  # noqa: F401 - the size parser, torch-free for surgeon.precheck
 from surgeon.io.dtypes import DTYPES, dtype_name
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -86,20 +87,6 @@ class OutTensor:
         for d in self.shape:
             n *= d
         return n
-
-
-def parse_size(text: str) -> int:
-    """--shard-size text ("5GB", "500MB", "2GiB", bytes) → bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = str(text).strip().upper().replace(" ", "")
-    num = t.rstrip("KMGTIB")
-    try:
-        value = float(num) * units[t[len(num) :]]
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"--shard-size {text!r} is not a size like 5GB, 500MB or 2GiB.") from e
-    if value < 1:
-        raise UsageError("--shard-size must be positive.")
-    return int(value)
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
