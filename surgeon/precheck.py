@@ -24,10 +24,12 @@ DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64")  
 MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 
 
-def check_split_options(model: str, method: str, rank: int, dtype: str | None, solver: str, nusa_options: list[str], rank_pattern: bool,
-                        all_linear: bool = True, shard_size: str = "5GB") -> None:
+def check_split_options(model: str, method: str, rank: int, dtype: str | None, solver: str, nusa_options: list[str],
+                        shard_size: str = "5GB", check_rank: bool = True) -> None:
     """Raise UsageError for what the options alone (and the local headers) show to be impossible, in
-    the order plan_split checks them (the rank last: it needs the model)."""
+    the order plan_split checks them. The rank comes last and only with `check_rank`: the caller
+    passes False when an option plan_split judges first is given (--alpha, method options,
+    --quantize ...), or when --target or --rank-pattern make the headers' bound say nothing."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
     if nusa_options and method != "nusa":
@@ -39,7 +41,7 @@ def check_split_options(model: str, method: str, rank: int, dtype: str | None, s
         raise UsageError(f"unknown solver {solver!r}; choose {', '.join(SOLVERS)}.")
     if rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}.")
-    if all_linear and not rank_pattern:  # --rank-pattern may lower every rank, --target may match nothing: the full check tells
+    if check_rank:
         k = largest_min_side(Path(model).expanduser())
         if k is not None and rank >= k:
             raise UsageError(f"--rank {rank} is not below min(out, in) of any weight of {model} (the largest is {k}); choose a rank below {k}.")

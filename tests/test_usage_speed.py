@@ -61,3 +61,13 @@ def test_the_precheck_refuses_only_what_the_full_check_refuses(tiny, tmp_path, r
 def test_a_rank_pattern_is_left_to_the_full_check(tiny, tmp_path):
     r = run("split", tiny["tiny-llama"], "--rank", "100000", "--rank-pattern", ".*=4", "--out", tmp_path / "s", "-q")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--method", "moe", "--pooling", "max"], "--pooling 'max'"),
+    (["--shard-size", "lots"], "--shard-size"),
+    (["--target", "nothing_like_this"], "no linear weight matches"),
+])
+def test_errors_keep_the_order_of_the_full_check(tiny, tmp_path, extra, says):
+    """The default --rank 64 is too large for tiny-llama, but the error plan_split finds first is the one reported."""
+    assert says in one_error_line(run("split", tiny["tiny-llama"], *extra, "--out", tmp_path / "o"))

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Annotated
@@ -108,7 +109,10 @@ def split(
 
     with errors_to_exit():  # usage errors in half a second: before torch is imported
         nusa = [o for o, v in (("--null-energy", null_energy), ("--null-rank", null_rank)) if v is not None]
-        check_split_options(model, method, rank, dtype, solver, nusa, bool(rank_pattern), target in (None, ["all-linear"]), shard_size)
+        judged_first = dict(alpha=alpha, top_k=top_k, pooling=pooling, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, quantize=quantize,
+                            quantize_iters=quantize_iters, quant_blocksize=quant_blocksize, double_quant=double_quant, rank_pattern=rank_pattern or None)
+        plain = target in (None, ["all-linear"]) and _as_default(split, judged_first)
+        check_split_options(model, method, rank, dtype, solver, nusa, shard_size, check_rank=plain)
     from surgeon.pipeline import SplitOptions
     from surgeon.pipeline import split as do_split
 
@@ -138,6 +142,12 @@ def split(
         _push(out, push_to_hub, private, None, None, quiet)
     if json_out:
         print_json({k: manifest.get(k) for k in ("method", "rank", "alpha", "target_modules", "summary", "run")} | {"out": str(out)})
+
+
+def _as_default(command, given: dict) -> bool:
+    """Whether every option in `given` still has the command's default value."""
+    params = inspect.signature(command).parameters
+    return all(v == params[k].default for k, v in given.items())
 
 
 def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
