@@ -12,6 +12,7 @@ beside torch code; tests/test_usage_speed.py asserts they agree.
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def _is_2d(shape) -> bool:
 
 
 def _header(path: Path) -> dict | None:
+    """The JSON header of a regular file (a FIFO or device would block: None, the full check names it)."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER:
