@@ -6,10 +6,13 @@
     surgeon export split-dir --to lora --out lora-dir
     surgeon export kasa-split-dir --to kasa --out kasa-dir
     surgeon spectra split-dir --out spectra.png
+    surgeon check split-dir [--data text.jsonl] [--json]
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: 'surgeon[quant]' and {block: [gates]} keep their brackets
 )
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written under a temporary name, renamed when complete).")]
@@ -35,6 +39,16 @@ Json = Annotated[bool, typer.Option("--json", help="Print the manifest summary a
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Largest output shard, e.g. 5GB, 500MB.")]
 PushToHub = Annotated[str | None, typer.Option("--push-to-hub", help="Then upload the output folder to this Hub model repo (org/name), as `surgeon push` does.")]
 Private = Annotated[bool, typer.Option("--private", help="Create the Hub repo private (an existing public repo is refused).")]
+
+
+def example(*lines: str) -> str:
+    """A help epilog of example command lines, kept as written (\\b stops Click from rewrapping it)."""
+    return "\b\nExample:\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+def natural_key(name: str) -> list:
+    """Sort key with numbers compared as numbers: layers.2 before layers.10."""
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
 
 
 def _version(value: bool):
@@ -50,7 +64,7 @@ def _root(
     """surgeon: split, train, absorb."""
 
 
-@app.command()
+@app.command(epilog=example('surgeon split --method milora org/name --rank 64 --dtype float32 --out split-dir'))
 def split(
     model: Annotated[str, typer.Argument(help="Local folder, a .safetensors file (with --config), or a Hub id org/name (org/name@revision pins a revision).")],
     out: Out,
@@ -61,10 +75,10 @@ def split(
     null_energy: Annotated[float | None, typer.Option("--null-energy", help="nusa: energy cutoff rho; the null space is what lies beyond the smallest principal part holding this fraction of sum(sigma^2). Default 0.95.")] = None,
     null_rank: Annotated[int | None, typer.Option("--null-rank", help="nusa: null-space size n (the n smallest directions) instead of the energy rule; with --null-energy the smaller wins.")] = None,
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="all-linear (default), module names (q_proj, ...; repeatable) or one regex full-matched against module names.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="dtype of the written base (float32, bfloat16, float16). Default: the checkpoint's.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="dtype of the written base (float32, bfloat16, float16). Default: the checkpoint's. Only float32 gives an exact split (a bfloat16 residual is rounded; `surgeon check` measures it); absorb of untrained factors is bit-exact either way.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option("--backend", help="Eigen/SVD backend: auto, torch or cupy.")] = "auto",
-    solver: Annotated[str, typer.Option("--solver", help="auto (float64 Gram-eigh, checked, float64 SVD fallback), gram-eigh or svd.")] = "auto",
+    solver: Annotated[str, typer.Option("--solver", help="auto (on CUDA, for large weights without --spectra: subspace iteration; else float64 Gram-eigh; every result checked, float64 SVD fallback), gram-eigh, subspace or svd.")] = "auto",
     tol: Annotated[float, typer.Option("--tol", help="Accepted subspace error bound before falling back to a float64 SVD.")] = 1e-6,
     shard_size: ShardSize = "5GB",
     workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2 on CPU, 1 on CUDA.")] = 0,
@@ -91,6 +105,14 @@ def split(
     json_out: Json = False,
 ):
     """Split every targeted linear weight W into a frozen residual plus trainable factors (W = W_res + s·B·A)."""
+    from surgeon.commands.precheck import check_split_options
+
+    with errors_to_exit():  # usage errors in half a second: before torch is imported
+        nusa = [o for o, v in (("--null-energy", null_energy), ("--null-rank", null_rank)) if v is not None]
+        judged_first = dict(alpha=alpha, top_k=top_k, pooling=pooling, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, quantize=quantize,
+                            quantize_iters=quantize_iters, quant_blocksize=quant_blocksize, double_quant=double_quant, rank_pattern=rank_pattern or None)
+        plain = target in (None, ["all-linear"]) and _as_default(split, judged_first)
+        check_split_options(model, method, rank, dtype, solver, nusa, shard_size, check_rank=plain)
     from surgeon.commands.split import SplitOptions
     from surgeon.commands.split import split as do_split
 
@@ -122,6 +144,12 @@ def split(
         print_json({k: manifest.get(k) for k in ("method", "rank", "alpha", "target_modules", "summary", "run")} | {"out": str(out)})
 
 
+def _as_default(command, given: dict) -> bool:
+    """Whether every option in `given` still has the command's default value."""
+    params = inspect.signature(command).parameters
+    return all(v == params[k].default for k, v in given.items())
+
+
 def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
     from surgeon.commands.plan import dry_run
 
@@ -133,8 +161,8 @@ def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
     con = err_console()
     t = Table(title=f"surgeon split --dry-run: {p['method']} of {model} (nothing written)")
     for col in ("module", "shape", "rank", "alpha", "scale", "trainable"):
-        t.add_column(col, justify="left" if col == "module" else "right")
-    for r in p["targets"]:
+        t.add_column(col, justify="left" if col == "module" else "right", overflow="fold")  # fold: never cut a name
+    for r in sorted(p["targets"], key=lambda r: natural_key(r["module"])):
         t.add_row(r["module"], "x".join(map(str, r["shape"])), str(r["rank"]), f"{r['alpha']:g}", f"{r['scale']:g}", f"{r['trainable']:,}")
     con.print(t)
     f = Table(show_header=True)
@@ -158,14 +186,16 @@ def _summary(m: dict, out: Path) -> None:
     t.add_row("method / rank / alpha", f"{m['method']} / {m['rank']} / {m['alpha']:g}")
     t.add_row("layers split", str(s["layers"]))
     t.add_row("solvers", ", ".join(f"{k}: {v}" for k, v in s["solvers"].items()))
-    t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖", f"{s['worst_reconstruction_error']:.2e}")
+    t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖ vs the original", f"{s['worst_reconstruction_error']:.2e}")
+    if s.get("error_meaning"):
+        t.add_row("what that means", s["error_meaning"])
     t.add_row("mean factor energy (fraction of Σσ²)", f"{s['mean_factor_energy']:.3g}")
     if run.get("seconds") is not None:
         t.add_row("time", f"{run['seconds']:.1f} s ({run['bytes_read'] / max(run['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
     err_console().print(t)
 
 
-@app.command()
+@app.command(epilog=example('surgeon absorb trained-split --out merged-dir'))
 def absorb(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (trained or not).")],
     out: Out,
@@ -198,7 +228,7 @@ def absorb(
         print_json(m)
 
 
-@app.command()
+@app.command(epilog=example('surgeon export split-dir --to lora --out lora-dir'))
 def export(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split`.")],
     out: Out,
@@ -218,22 +248,42 @@ def export(
     err_console().print(f"wrote a rank-{conf['r']} {kind} for {conf['base_model_name_or_path']} → {out}")
 
 
-@app.command()
+@app.command(epilog=example('surgeon spectra split-dir --out spectra.png --layers self_attn'))
 def spectra(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Picture to write: .png (default), .pdf or .svg.")] = Path("spectra.png"),
     layers: Annotated[str, typer.Option("--layers", help="Regex selecting modules to draw (default: all).")] = ".*",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    quiet: Quiet = False,
 ):
     """Plot the singular-value spectra of the split layers, with the trainable band shaded."""
     from surgeon.commands.spectra import plot_spectra
 
     with errors_to_exit():
-        n, written = plot_spectra(split_dir, out, layers, overwrite)
+        n, written = plot_spectra(split_dir, out, layers, overwrite, reporter("spectra from the source", quiet))
     err_console().print(f"plotted {n} spectra → {written}")
 
 
-@app.command()
+@app.command(epilog=example('surgeon check split-dir --data text.jsonl --tokens 512'))
+def check(
+    split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` or `surgeon train`.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Text to measure on: .txt, or .jsonl in any format `surgeon train` takes. Default: a built-in English sample.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens of the text to run through both models.")] = 256,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON on stdout.")] = False,
+):
+    """Run the split and its original (the recorded source, verified by hash) on text: top-1 agreement, perplexities, max |Δlogit|."""
+    from surgeon.commands.check import check as do_check
+    from surgeon.commands.check import one_line
+
+    with errors_to_exit():
+        r = do_check(split_dir, data, tokens)
+    if json_out:
+        print_json(r)
+    else:
+        typer.echo(one_line(r))
+
+
+@app.command(epilog=example('surgeon push split-dir your-name/model-milora-r64 --private'))
 def push(
     folder: Annotated[Path, typer.Argument(help="A folder written by surgeon split, train or absorb.")],
     repo_id: Annotated[str | None, typer.Argument(help="Hub model repo, org/name (created if it does not exist).")] = None,

@@ -56,6 +56,26 @@ def build_manifest(src, method, cfg, opts, new_dtype, backend, layers, target_mo
     }
 
 
+def error_meaning(method, base_dtype: str, quantized: bool = False) -> str:
+    """What the worst reconstruction error says about the split's outputs, in one sentence.
+
+    The error is ‖W − (W_res + s·B·A)‖/‖W‖ against the ORIGINAL weight, with the factors as written
+    (for KaSA this includes the r components its truncation removes). Measured on SmolLM2-135M
+    (`surgeon check`, its built-in 255-token sample): a float32 base of a milora r=16 split reproduces the
+    logits to 1.2e-4; a bfloat16 base moves them by up to 0.26 (99.6% top-1 agreement); KaSA r=8 on
+    all linear layers agrees on 1.6% of the next tokens (perplexity × 281)."""
+    if quantized:
+        return "4-bit rounding of the residual: the split approximates the original model; `surgeon check SPLIT` measures how closely."
+    if method.truncates:
+        return (f"{method.name} removes part of every weight on purpose: the split is NOT the original model until trained; "
+                "`surgeon check SPLIT` measures the change on text (top-1 agreement, perplexity).")
+    if base_dtype == "F32":
+        return "float32 rounding only: the split reproduces the original model to float32 precision."
+    return (f"{CONFIG_DTYPE.get(base_dtype, base_dtype)} rounding of the residual: the split is close to, not equal to, the original model "
+            "(SmolLM2-135M, milora r=16, bfloat16 base: max |Δlogit| 0.26, 99.6% top-1 agreement on 255 tokens); split with --dtype float32 "
+            "for an exact split, and `surgeon check SPLIT` measures it.")
+
+
 def truncation_warnings(method, layers: dict[str, dict], limit: float = 5e-4) -> list[str]:
     """A method whose residual drops part of W (KaSA) changes the untrained model: say where the
     dropped part (its factor_energy) exceeds `limit` of a layer's spectral energy. Energy understates
@@ -70,4 +90,4 @@ def truncation_warnings(method, layers: dict[str, dict], limit: float = 5e-4) ->
     worst = max(over, key=over.get)
     return [f"{method.name} removes {100 * over[worst]:.2g}% of the spectral energy of {worst} ({len(over)} of {len(layers)} layers lose "
             f"more than {100 * limit:g}%; inputs can align with minor directions, so even small fractions can break the untrained "
-            "model): measure perplexity on some text before training, or lower --rank or narrow --target."]
+            "model): measure perplexity with `surgeon check SPLIT` before training, or lower --rank or narrow --target."]

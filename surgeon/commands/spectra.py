@@ -9,16 +9,18 @@ import os
 from pathlib import Path
 
 from surgeon.engine.outplace import check_place, out_path
+from surgeon.engine.progress import NullReporter, Reporter
 from surgeon.errors import SplitDirError, UsageError
 from surgeon.format.readlock import reads
 from surgeon.methods.folder import SplitDir
 from surgeon.model.patterns import UserRegex
 
 
-def spectra(sd, rx: UserRegex, device: str = "auto"):
+def spectra(sd, rx: UserRegex, device: str = "auto", reporter: Reporter | None = None):
     """(module, every singular value descending) of the split layers `rx` selects: from
     surgeon.spectra.safetensors when the split stored them (--spectra), else computed from the source
-    weights (each verified by its content hash first), one tensor at a time."""
+    weights (each verified by its content hash first), one tensor at a time, reporting each layer to
+    `reporter` (a progress bar in the CLI: minutes on a large model)."""
     from safetensors import safe_open
 
     from surgeon.format.splitdir import SPECTRA
@@ -28,10 +30,10 @@ def spectra(sd, rx: UserRegex, device: str = "auto"):
         with safe_open(sd.path / SPECTRA, "pt") as f:
             yield from ((m, f.get_tensor(m)) for m in modules if m in f.keys())
         return
-    yield from _from_source(sd, modules, device)
+    yield from _from_source(sd, modules, device, reporter or NullReporter())
 
 
-def _from_source(sd, modules: list[str], device: str):
+def _from_source(sd, modules: list[str], device: str, reporter: Reporter):
     from surgeon.commands.absorb import check_hash, verified_source
     from surgeon.linalg import get_backend, singular_values
 
@@ -41,9 +43,16 @@ def _from_source(sd, modules: list[str], device: str):
     ckpt = verified_source(sd)
     backend = get_backend(device)
     want = {f"{m}.weight": m for m in modules}
-    for info, w in ckpt.stream([n for n in ckpt.tensors if n in want], digest=True):
-        check_hash(sd.source_hashes(), ckpt, info.name)
-        yield want[info.name], singular_values(w.to(backend.device).double(), backend).cpu()
+    names = [n for n in ckpt.tensors if n in want]
+    reporter.start(len(names), sum(ckpt.tensors[n].nbytes for n in names))
+    try:
+        for info, w in ckpt.stream(names, digest=True):
+            check_hash(sd.source_hashes(), ckpt, info.name)
+            sigma = singular_values(w.to(backend.device).double(), backend).cpu()
+            reporter.advance(info.name, info.nbytes)
+            yield want[info.name], sigma
+    finally:
+        reporter.close()
 
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -73,7 +82,7 @@ def check_not_input(out: Path, inputs: list[Path]) -> None:
 
 
 @reads("split_dir")
-def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False) -> tuple[int, Path]:
+def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False, reporter: Reporter | None = None) -> tuple[int, Path]:
     """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
     returns (how many, the file written)."""
     out = picture_path(out, overwrite)
@@ -89,14 +98,14 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
         raise UsageError("plotting needs matplotlib: pip install 'surgeon[plot]'.") from e
     manifest = sd.manifest
     groups: dict[str, list] = {}
-    for name, sigma in spectra(sd, rx):
+    for name, sigma in spectra(sd, rx, reporter=reporter):
         groups.setdefault(name.rsplit(".", 1)[-1], []).append(sigma.numpy())
     if not groups:
         raise UsageError(f"--layers {layers!r} selects no split layer.")
     n = len(groups)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols + 1, 3 * rows), squeeze=False, layout="constrained")
     r, minor = manifest["rank"], manifest["method"] != "pissa"
     for ax, (kind, specs) in zip(axes.flat, sorted(groups.items())):
         for i, s in enumerate(specs):
@@ -110,8 +119,10 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{manifest['method']} split of {manifest['source'].get('hub_id') or manifest['source']['model']} (colour: layer depth)")
-    fig.tight_layout()
+    depth = max(len(v) for v in groups.values())
+    key = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, max(depth - 1, 1)), cmap="viridis")
+    fig.colorbar(key, ax=axes.ravel().tolist(), label="layer (0 = first block)", fraction=0.03, ticks=matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(f"{manifest['method']} split of {manifest['source'].get('hub_id') or manifest['source']['model']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial{out.suffix}")
     fig.savefig(tmp, dpi=110)

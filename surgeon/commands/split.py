@@ -24,7 +24,12 @@ import torch
 
 from surgeon import options
 from surgeon.commands.export.peft import adapter_config, task_type_for
-from surgeon.commands.manifest import build_manifest, method_config, truncation_warnings
+from surgeon.commands.manifest import (
+    build_manifest,
+    error_meaning,
+    method_config,
+    truncation_warnings,
+)
 from surgeon.engine import distributed, faults
 from surgeon.engine.outdir import (
     COMMIT_SECONDS,
@@ -346,6 +351,9 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     hashes = {n: records[n]["hash"] for n in job.ckpt.tensors}
     target_modules = peft_target_modules(job.ckpt.tensors, job.targets)
     manifest = build_manifest(job.src, job.method, job.cfg, job.opts, job.new_dtype, job.backend, layers, target_modules, job.targets, hashes)
+    base_dtype = job.out_dtype(job.ckpt.tensors[next(iter(job.targets))].dtype)
+    manifest["summary"]["base_dtype"] = base_dtype
+    manifest["summary"]["error_meaning"] = error_meaning(job.method, base_dtype, job.qspec is not None)
     if job.method.options or job.method.notes:
         manifest["method_options"] = {k: getattr(job.cfg, k) for k in job.method.options}
         manifest["method_notes"] = dict(job.method.notes)

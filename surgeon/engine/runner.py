@@ -187,11 +187,18 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
     # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
     # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.
     # Quantized: deq(codes) + s·BA, measured in quant.quantized_split.
+    # A truncating method (KaSA) drops part of W on purpose: its error is measured against the
+    # ORIGINAL W, with the initial factors, so the summary shows what the truncation removed.
     total = trip.energy  # = ‖W‖_F²
-    if job.qspec is None:
-        err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / max(total**0.5, 1e-300)
-    else:
+    norm = max(total**0.5, 1e-300)
+    cast_err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / norm if job.qspec is None else None
+    if job.qspec is not None:
         err = qstats["quant_error"]
+    elif method.truncates:
+        init = {k: v.to(w64.device) for k, v in res.factors.items()}
+        err = float(torch.linalg.matrix_norm(w64 - residual.double() - method.delta(init, cfg))) / norm  # (out, in)
+    else:
+        err = cast_err
     layer = {
         "module": target.module,
         "shape": [target.out_features, target.in_features],
@@ -203,6 +210,7 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         "subspace_bound": trip.subspace_bound,
         "orth_error": trip.orth_error,
         "reconstruction_error": err,
+        **({"target_error": cast_err} if method.truncates and cast_err is not None else {}),
         "factor_energy": float(trip.S.square().sum()) / total if total > 0 else 0.0,
         "sigma_max": float(trip.spectrum[0]) if opts.spectra else None,
         "sigma_min": float(trip.spectrum[-1]) if opts.spectra else None,

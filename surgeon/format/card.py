@@ -30,7 +30,8 @@ This checkpoint was rewritten by [surgeon](https://pypi.org/project/surgeon/) wi
 
 - Source model: `{source}`{revision}{license}
 - Targets: {n_layers} linear weights ({targets})
-- Solver: {solvers}; worst reconstruction error ‖W − (W_res + s·BA)‖/‖W‖ over all layers: {worst:.2e}
+- Solver: {solvers}; worst error of the written weights against the original, ‖W − (W_res + s·BA)‖/‖W‖ over all layers: {worst:.2e}
+  ({meaning})
 - Spectra: {spectra}
 - The trainable factors hold {factor_energy:.3g}% of each weight's spectral energy on average.
 
@@ -55,7 +56,7 @@ with `peft` installed, attaches it, so the model loads as the source model:"""
 LORA_SNIPPET = """from transformers import AutoModelForCausalLM
 
 repo = "{repo}"
-model = AutoModelForCausalLM.from_pretrained(repo)  # W_res + s·B·A, which equals the source model"""
+model = AutoModelForCausalLM.from_pretrained(repo)  # W_res + s·B·A: the source model, up to the error above"""
 
 LORA_AFTER = """Train the adapter with any PEFT-aware trainer (or `surgeon train`). To merge it back into plain
 weights, download the folder (`hf download REPO --local-dir split`) and run
@@ -162,6 +163,7 @@ def build_card(manifest: dict, repo: str = ".") -> ModelCard:
             targets=", ".join(mods[:12]) + (" …" if len(mods) > 12 else ""),
             solvers=", ".join(f"{k} × {v}" for k, v in s["solvers"].items()),
             worst=s["worst_reconstruction_error"],
+            meaning=s.get("error_meaning", "measured against the original weights"),
             spectra=_spectra(manifest.get("layers", {})),
             factor_energy=100 * s["mean_factor_energy"],
             load_text=LORA_LOAD if peft else FACTORS_LOAD,

@@ -136,17 +136,24 @@ def load_residual_model(path: Path, dtype: torch.dtype = torch.float32, model_cl
     transformers attaches an adapter_config.json found beside a checkpoint automatically; the
     runtime adds its own modules, so it loads through a view of the folder without the adapter.
     """
+    path = Path(path)
+    files = {f.name: confined(path, f.name, "the split folder").resolve()  # regular files inside the folder only
+             for f in path.iterdir() if (f.is_file() or f.is_symlink()) and not f.name.startswith(("adapter_", "surgeon."))}
+    return load_model_from(files, dtype, model_cls)
+
+
+def load_model_from(files: dict[str, Path], dtype: torch.dtype = torch.float32, model_cls=None) -> nn.Module:
+    """A transformers model from exactly these files (name in the folder transformers sees → the file),
+    config.json among them; the class is the config's architecture unless `model_cls` is given."""
     import transformers
 
-    path = Path(path)
-    conf = json.loads((path / "config.json").read_text())
+    conf = json.loads(Path(files["config.json"]).read_text())
     if model_cls is None:
         arch = (conf.get("architectures") or ["AutoModelForCausalLM"])[0]
         model_cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
     with tempfile.TemporaryDirectory() as view:
-        for f in path.iterdir():
-            if (f.is_file() or f.is_symlink()) and not f.name.startswith(("adapter_", "surgeon.")):  # regular files inside the folder only
-                os.symlink(confined(path, f.name, "the split folder").resolve(), Path(view) / f.name)
+        for name, real in files.items():
+            os.symlink(real, Path(view) / name)
         return model_cls.from_pretrained(view, dtype=dtype)
 
 

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="train")(train)
+    app.command(name="train", epilog="\b\nExample:\n  surgeon train split-dir --data chat.jsonl --out trained --steps 200 --lr 2e-4")(train)
 
 
 def train(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (any method).")],
-    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL ({"text": ...} or {"prompt": ..., "completion": ...} per line), or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
+    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL, one record per line: {"text"}, {"prompt", "completion"}, chat {"messages": [{"role", "content"}]}, alpaca {"instruction", "input", "output"} or sharegpt {"conversations": [{"from", "value"}]} (loss on the answers only); or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
     out: Annotated[Path, typer.Option("--out", "-o", help="The trained split folder (same format; base shards hard-linked, not copied).")],
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one epoch).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the packed data (instead of --steps).")] = None,
@@ -31,8 +32,9 @@ def train(
     micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Rows per forward/backward pass (default: the most that fits the free memory, measured before the first step).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed row.")] = 1024,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data evaluated (mean token loss) at the end, in any --data form.")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="Force the data format: text, prompt-completion, messages, alpaca or sharegpt (default: detected from each record's keys).")] = None,
     data_split: Annotated[str, typer.Option("--data-split", help='Split of a `datasets` source, slices allowed: "train[:2000]".')] = "train",
-    columns: Annotated[str | None, typer.Option("--columns", help="Map record fields to the source's columns: prompt=question,completion=answer.")] = None,
+    columns: Annotated[str | None, typer.Option("--columns", help="Map record fields (text, prompt, completion, messages, instruction, input, output, conversations) to the source's columns: prompt=question,completion=answer.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Save (factors + optimizer state) every N steps; 0: at the end only.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out from its last save.")] = False,
     warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warm-up steps before the cosine decay (default: 5% of the steps).")] = None,
@@ -62,7 +64,7 @@ def train(
 
     opts = TrainOptions(
         steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, micro_batch=micro_batch, seq_len=seq_len,
-        loss=loss, kernels=kernels, compile=compile, document_mask=not no_document_mask, data_split=data_split, columns=None,
+        loss=loss, kernels=kernels, compile=compile, document_mask=not no_document_mask, data_split=data_split, columns=None, data_format=data_format,
         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         grad_checkpointing=grad_checkpointing, seed=seed, save_every=save_every, device=device, dtype=dtype,
         chat_template=not no_chat_template, resume=resume, overwrite=overwrite,
@@ -127,9 +129,22 @@ class _Bar:
             console=err_console(),
         )
         self.task = None
+        self.status = None  # a spinner naming the start-up step (data, model load, memory probe) until the bar starts
 
     def __call__(self, event: str, info: dict) -> None:
-        if event == "start":
+        if event == "phase":
+            if self.status is None:
+                self.status = self.progress.console.status(f"train: {escape(info['name'])} …")
+                self.status.start()
+            else:
+                self.status.update(f"train: {escape(info['name'])} …")
+            return
+        if event in ("start", "warning") and self.status is not None:
+            self.status.stop()
+            self.status = None
+        if event == "warning":
+            self.progress.console.print(f"[yellow]warning:[/] {escape(info['message'])}", soft_wrap=True)
+        elif event == "start":
             if info["step"]:
                 self.progress.console.print(f"resuming at step {info['step']} of {info['total']}")
             self.progress.start()
@@ -138,6 +153,8 @@ class _Bar:
             self.progress.update(self.task, completed=info["step"], loss=f"{info['loss']:.4f}", rate=f"{info['tokens_per_s']:,.0f}", micro=_micro(info))
 
     def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
         self.progress.stop()
 
 

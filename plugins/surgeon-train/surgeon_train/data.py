@@ -2,6 +2,16 @@
 
     {"text": "..."}                              loss on every token (but the first of each example)
     {"prompt": "...", "completion": "..."}       loss on the completion only
+    {"messages": [{"role", "content"}, ...]}     chat: loss on the assistant turns only
+    {"instruction", "input", "output"}           alpaca: a prompt-completion pair (loss on the output)
+    {"conversations": [{"from", "value"}, ...]}  sharegpt: chat, as messages
+
+The format is detected from each record's keys (surgeon/records.py, shared with `surgeon check`).
+Chat records go through the tokenizer's chat template: the conversation is rendered once, and each
+assistant turn's tokens are found as the difference between the rendering up to that turn and the
+rendering before it with the generation prompt, so the loss covers exactly what the assistant says
+(and the template's end-of-turn tokens). Without a template, turns are joined by newlines and each
+assistant turn ends with EOS.
 
 Prompt/completion pairs go through the tokenizer's chat template when it has one (the prompt as the
 user turn with the generation prompt, the completion as the assistant turn), as TRL's SFTTrainer
@@ -31,19 +41,16 @@ from pathlib import Path
 
 import torch
 
-from surgeon.errors import SurgeonError
+from surgeon.format.records import FORMAT_HINT, DataError, normalize
 
 IGNORE = -100  # the label of a position without loss (torch's cross_entropy ignore_index)
-FORMAT_HINT = 'one JSON object per line: {"text": ...} or {"prompt": ..., "completion": ...}'
+__all__ = ["IGNORE", "FORMAT_HINT", "DataError", "Packed", "load_jsonl", "load_packed", "pack", "tokenize"]
 
 
-class DataError(SurgeonError):
-    """The training or evaluation data file is missing, malformed or empty."""
-
-
-def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
+def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line; raises DataError naming the file and line.
-    columns maps record fields to the file's keys ({"prompt": "question", ...})."""
+    columns maps record fields to the file's keys ({"prompt": "question", ...}); fmt forces a format
+    (surgeon.format.records.FORMATS) instead of detecting it per record."""
     path = Path(path)
     rename = {col: field for field, col in (columns or {}).items()}
     if not path.is_file():
@@ -61,7 +68,7 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[
                     raise DataError(f"{path}, line {lineno}: not valid JSON ({why}); expected {FORMAT_HINT}.") from None
                 if rename and isinstance(obj, dict):
                     obj = {rename.get(k, k): v for k, v in obj.items()}
-                records.append((lineno, _check(obj, path, lineno)))
+                records.append((lineno, _check(obj, path, lineno, fmt=fmt)))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
     if not records:
@@ -69,22 +76,9 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[tuple[
     return records
 
 
-def _check(obj, path: Path, lineno: int, unit: str = "line") -> dict:
-    where = f"{path}, {unit} {lineno}"
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; expected {FORMAT_HINT}.")
-    if "text" in obj:
-        keys = ("text",)
-    elif "prompt" in obj and "completion" in obj:
-        keys = ("prompt", "completion")
-    else:
-        raise DataError(f"{where}: keys {sorted(obj)} — expected {FORMAT_HINT}.")
-    for k in keys:
-        if not isinstance(obj[k], str):
-            raise DataError(f"{where}: {k!r} must be a string, got {type(obj[k]).__name__}.")
-    if not obj[keys[-1]].strip():
-        raise DataError(f"{where}: {keys[-1]!r} is empty, so the example carries no loss; remove the line or fill it in.")
-    return {k: obj[k] for k in keys}
+def _check(obj, path: Path, lineno: int, unit: str = "line", fmt: str | None = None) -> dict:
+    """The record in one of the three forms of surgeon.format.records.normalize; DataError naming the place."""
+    return normalize(obj, f"{path}, {unit} {lineno}", fmt)
 
 
 def _ids(enc) -> list[int]:
@@ -98,17 +92,64 @@ def tokenize(records: list[tuple[int, dict]], tok, chat_template: bool = True, s
     eos = tok.eos_token_id
     out = []
     for lineno, r in records:
-        if "text" in r:
-            ids = _ids(tok(r["text"], add_special_tokens=True))
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids.append(eos)
-            n_prompt = 1  # the first token has nothing to be predicted from within its example
+        if "messages" in r:
+            ids, labels = _chat(tok, r["messages"], use_chat, eos)
         else:
-            ids, n_prompt = _pair(tok, r["prompt"], r["completion"], use_chat, eos)
-        if len(ids) <= n_prompt:
+            if "text" in r:
+                ids = _ids(tok(r["text"], add_special_tokens=True))
+                if eos is not None and (not ids or ids[-1] != eos):
+                    ids.append(eos)
+                n_prompt = 1  # the first token has nothing to be predicted from within its example
+            else:
+                ids, n_prompt = _pair(tok, r["prompt"], r["completion"], use_chat, eos)
+            labels = [IGNORE] * n_prompt + ids[n_prompt:]
+        if all(x == IGNORE for x in labels[1:]):
             raise DataError(f"{source}, line {lineno}: the example has no token to learn after tokenisation.")
-        out.append((ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+        labels[0] = IGNORE  # the first token has nothing to be predicted from within its example
+        out.append((ids, labels))
     return out
+
+
+def _chat(tok, turns: list[dict], use_chat: bool, eos: int | None) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation: labels are the ids on the assistant turns, IGNORE elsewhere."""
+    if not use_chat:
+        return _plain_chat(tok, turns, eos)
+    def render(msgs, gen=False):
+        return _ids(tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=True))
+    ids = render(turns)
+    labels = [IGNORE] * len(ids)
+    for i, t in enumerate(turns):
+        if t["role"] != "assistant":
+            continue
+        before, upto = (render(turns[:i], gen=True) if i else []), render(turns[: i + 1])
+        if ids[: len(upto)] != upto or upto[: len(before)] != before:
+            # a template that renders earlier turns differently once more follow: the last answer only
+            return _pair_ids(tok, turns, eos)
+        labels[len(before) : len(upto)] = ids[len(before) : len(upto)]
+    return ids, labels
+
+
+def _pair_ids(tok, turns: list[dict], eos: int | None) -> tuple[list[int], list[int]]:
+    """Fallback: everything before the last assistant turn as the prompt, that turn as the completion."""
+    last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+    p = _ids(tok.apply_chat_template(turns[:last], add_generation_prompt=True, tokenize=True, return_dict=True)) if last else []
+    c = _ids(tok(turns[last]["content"], add_special_tokens=False))
+    ids = p + c + ([eos] if eos is not None else [])
+    return ids, [IGNORE] * len(p) + ids[len(p) :]
+
+
+def _plain_chat(tok, turns: list[dict], eos: int | None) -> tuple[list[int], list[int]]:
+    """No chat template: turns joined by newlines, each assistant turn closed by EOS and learned."""
+    ids: list[int] = list(_ids(tok("", add_special_tokens=True)))
+    labels = [IGNORE] * len(ids)
+    for t in turns:
+        if t["role"] == "assistant":
+            part = _ids(tok(t["content"], add_special_tokens=False)) + ([eos] if eos is not None else [])
+            ids, labels = ids + part, labels + part
+        else:
+            part = _ids(tok(t["content"] + "\n", add_special_tokens=False))
+            ids, labels = ids + part, labels + [IGNORE] * len(part)
+    return ids, labels
 
 
 def _pair(tok, prompt: str, completion: str, use_chat: bool, eos: int | None) -> tuple[list[int], int]:
@@ -180,9 +221,9 @@ def restart_positions(starts: torch.Tensor, total: int, seq_len: int) -> torch.T
     return idx - last
 
 
-def load_packed(path, tok, seq_len: int, chat_template: bool = True, split: str = "train", columns: dict | None = None) -> Packed:
+def load_packed(path, tok, seq_len: int, chat_template: bool = True, split: str = "train", columns: dict | None = None, fmt: str | None = None) -> Packed:
     """A JSONL file (or, through `datasets`, another file or a Hub dataset) → packed rows."""
     from surgeon_train.sources import load_records
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return pack(tokenize(load_records(path, split, columns), tok, chat_template, str(path)), seq_len, pad)
+    return pack(tokenize(load_records(path, split, columns, fmt), tok, chat_template, str(path)), seq_len, pad)

@@ -42,6 +42,7 @@ from surgeon import options
 from surgeon.engine import faults
 from surgeon.errors import NumericsError, SplitDirError, UsageError
 from surgeon.format.readlock import reads
+from surgeon.format.records import FORMATS
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
 from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
@@ -71,6 +72,7 @@ class TrainOptions:
     document_mask: bool = True  # packed examples attend only within themselves
     data_split: str = "train"  # split of a `datasets` source
     columns: dict | None = None  # record field -> column of the source ({"prompt": "question"})
+    data_format: str | None = None  # force one of surgeon.format.records.FORMATS (default: detected per record)
     seed: int = 0
     save_every: int = 0  # 0: save at the end only
     eval_batch_size: int = 8
@@ -100,6 +102,8 @@ def _check(o: TrainOptions) -> None:
         bad.append("--resume continues the run in --out, --overwrite discards it: choose one")
     if o.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad.append(f"--dtype {o.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if o.data_format is not None and o.data_format not in FORMATS:
+        bad.append(f"--format {o.data_format!r}: choose {', '.join(FORMATS)}")
     if o.kernels not in speed.KERNELS:
         bad.append(f"--kernels {o.kernels!r}: choose {', '.join(speed.KERNELS)}")
     if bad:
@@ -181,8 +185,10 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
         tok = AutoTokenizer.from_pretrained(split_dir)
     except (OSError, ValueError) as e:
         raise SplitDirError(f"{split_dir} has no usable tokenizer ({e}); the split copies the source's tokenizer files, add them there.") from None
-    packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns)
-    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns) if eval_data is not None else None
+    if callback is not None:
+        callback("phase", {"name": f"reading and packing {data}"})
+    packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns, opts.data_format)
+    ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns, opts.data_format) if eval_data is not None else None
     return train(split_dir, packed, out, opts, ev, callback, {"data": str(data), "eval_data": str(eval_data) if eval_data else None})
 
 
@@ -212,6 +218,7 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
     resolve(opts.loss, d.device)  # a loss that cannot run here fails before the model loads
+    callback("phase", {"name": f"loading {split_dir}"})
     sm, named = _load(split_dir, data, opts, d)
     run = RunDir(out, sm, d)
     try:
@@ -230,6 +237,7 @@ def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: 
     with speed.scoped_kernels(sm.model, kernels):
         runner = Runner(sm.model, sm.extra_loss, data, d, opts.loss, opts.document_mask)
         mine = opts.batch_size * opts.grad_accum  # rows per step on this rank
+        callback("phase", {"name": "measuring memory for the micro-batch"})
         fit = runner.fit(mine, opts.grad_checkpointing, opts.micro_batch)
         if opts.compile:
             speed.compile_blocks(sm.model)
@@ -245,6 +253,15 @@ def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: 
             if d.main:
                 callback("eval", {"eval_loss": ev_loss, "eval_tokens": ev_tok})
     return summary
+
+
+def few_steps_warning(opts: TrainOptions, total: int, rows: int, world: int) -> str | None:
+    """One line when the data alone (no --steps) makes fewer than 10 optimizer steps."""
+    if opts.steps is not None or total >= 10:
+        return None
+    per = f"--batch-size {opts.batch_size} × --grad-accum {opts.grad_accum}" + (f" × {world} processes" if world > 1 else "")
+    return (f"the data packs into {rows} row(s) of --seq-len {opts.seq_len} tokens and {per} rows make one step, so this run makes "
+            f"only {total} optimizer step{'s' if total > 1 else ''}; pass --steps N (the data repeats) or --epochs, or lower --batch-size or --seq-len.")
 
 
 def _run(sm, named, runner: Runner, data: Packed, run: RunDir, opts: TrainOptions, d: dist.Dist, callback: Callback) -> dict:
@@ -268,6 +285,8 @@ def _run(sm, named, runner: Runner, data: Packed, run: RunDir, opts: TrainOption
         start = 0
         torch.manual_seed(opts.seed + d.rank)  # dropout masks differ across ranks
 
+    if d.main and (note := few_steps_warning(opts, total, len(data), d.world)):
+        callback("warning", {"message": note})
     order, counts = _Order(len(data), opts.seed), data.loss_tokens()
     callback("start", {"step": start, "total": total, "rows": len(data), "trainable": plan["trainable"], "world_size": d.world,
                        "micro_batch": runner.micro, "grad_checkpointing": runner.checkpointing, "loss": runner.loss})

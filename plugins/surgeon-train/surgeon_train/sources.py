@@ -5,8 +5,9 @@
     surgeon train SPLIT --data ./my_dataset_dir            # a folder of data files, or one from save_to_disk
     surgeon train SPLIT --data org/name --data-split "train[:2000]" --columns prompt=question,completion=answer
 
-Every record must have a "text" field or "prompt" and "completion" fields (surgeon_train.data); a
-dataset with other column names is mapped with --columns FIELD=COLUMN,…. `datasets` (an optional
+Every record must be in one of the formats of surgeon/records.py (text, prompt/completion, messages,
+alpaca, sharegpt; see surgeon_train.data); a dataset with other column names is mapped with
+--columns FIELD=COLUMN,…. `datasets` (an optional
 extra, `pip install 'surgeon-train[datasets]'`) is imported only for the sources that need it; a Hub
 id is resolved by datasets itself (its cache, HF_DATASETS_OFFLINE / HF_HUB_OFFLINE honoured).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from surgeon_train.data import DataError, _check, load_jsonl
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-FIELDS = ("text", "prompt", "completion")
+FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "conversations")
 
 
 def parse_columns(spec: str | None) -> dict[str, str] | None:
@@ -34,14 +35,14 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
     return out
 
 
-def load_records(source, split: str = "train", columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
+def load_records(source, split: str = "train", columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
     """(number, record) pairs from a JSONL path, a datasets-readable file or folder, or a Hub id."""
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         raise DataError(f"--data {source} is a model folder (config.json and weights), not training data; give a JSONL file "
                         "with one example a line, a data folder or a dataset id.")
     if path.suffix == ".jsonl" and path.is_file():
-        return load_jsonl(path, columns)
+        return load_jsonl(path, columns, fmt)
     if path.suffix in BUILDERS and not path.is_file():
         raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet or CSV file, or a dataset id.")
     ds = _load_dataset(str(source), path, split)
@@ -52,7 +53,7 @@ def load_records(source, split: str = "train", columns: dict[str, str] | None = 
     keep = [c for c in ds.column_names if rename.get(c, c) in FIELDS]
     records = []
     for i, row in enumerate(ds.select_columns(keep) if keep else ds, 1):
-        records.append((i, _check({rename.get(k, k): v for k, v in row.items()}, source, i, "row")))
+        records.append((i, _check({rename.get(k, k): v for k, v in row.items()}, source, i, "row", fmt)))
     if not records:
         raise DataError(f"{source} (split {split!r}) holds no rows.")
     return records

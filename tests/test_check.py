@@ -1,0 +1,92 @@
+"""`surgeon check`: the split against its original, on text (issue 23).
+
+    python -m pytest -q tests/test_check.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cliutil import one_error_line, run
+
+from surgeon.commands.check import check
+from surgeon.commands.split import SplitOptions, split
+
+
+@pytest.fixture(scope="module")
+def splits(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    out = {}
+    for name, opts in {"milora32": SplitOptions(method="milora", rank=4, dtype="float32"),
+                       "kasa": SplitOptions(method="kasa", rank=12)}.items():
+        split(str(tiny["tiny-llama"]), root / name, opts)
+        out[name] = root / name
+    return out
+
+
+def test_untrained_float32_milora_split_matches_its_original(splits):
+    r = check(splits["milora32"])
+    assert r["max_abs_logit_diff"] < 1e-3 and r["top1_agreement"] == 1.0
+    assert r["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5) and r["tokens"] > 200
+
+
+def test_kasa_split_is_reported_as_different(splits):
+    r = check(splits["kasa"])
+    assert r["top1_agreement"] < 1.0 and r["max_abs_logit_diff"] > 1e-3
+    assert r["perplexity_ratio"] != pytest.approx(1.0, abs=1e-6)
+
+
+def test_cli_one_line_and_json(splits):
+    res = run("check", splits["kasa"])
+    assert res.exit_code == 0, res.output
+    line = [ln for ln in res.output.splitlines() if "top-1 agreement" in ln]
+    assert len(line) == 1 and "perplexity" in line[0] and "ratio" in line[0] and "max |Δlogit|" in line[0]
+    res = run("check", splits["kasa"], "--json", "--tokens", "40")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout[res.stdout.index("{"):])
+    assert r["tokens"] == 39 and 0 <= r["top1_agreement"] < 1 and r["perplexity_ratio"] > 0
+
+
+def test_data_in_chat_format(splits, tmp_path):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "Name a river."},
+                                          {"role": "assistant", "content": "The Danube flows through ten countries."}]}) + "\n")
+    r = check(splits["milora32"], data=f)
+    assert r["data"] == str(f) and 5 < r["tokens"] < 100 and r["max_abs_logit_diff"] < 1e-3
+
+
+def test_errors_are_one_line(splits, tmp_path):
+    one_error_line(run("check", tmp_path))  # not a split
+    one_error_line(run("check", splits["milora32"], "--data", tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')
+    out = one_error_line(run("check", splits["milora32"], "--data", bad))
+    assert "--columns" in out and "messages" in out
+
+
+@pytest.mark.real_model
+def test_real_model_milora_float32_and_kasa(smollm2, tmp_path):
+    split(str(smollm2), tmp_path / "m", SplitOptions(method="milora", rank=8, dtype="float32", target=["q_proj", "v_proj"]))
+    r = check(tmp_path / "m", tokens=128)
+    assert r["max_abs_logit_diff"] < 1e-3 and r["top1_agreement"] == 1.0
+    split(str(smollm2), tmp_path / "k", SplitOptions(method="kasa", rank=8))
+    k = check(tmp_path / "k", tokens=128)
+    assert k["top1_agreement"] < 1.0 and k["perplexity_ratio"] > 1.0
+
+
+def test_a_changed_source_is_refused(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny["tiny-llama"], src)
+    split(str(src), tmp_path / "s", SplitOptions(method="milora", rank=4))
+    f = sorted(src.glob("model-*.safetensors"))[0]
+    t = load_file(f)
+    name = next(iter(t))
+    t[name] = t[name] + 1  # same size, other content
+    save_file(t, f, metadata={"format": "pt"})
+    out = one_error_line(run("check", tmp_path / "s"))
+    assert "changed since the split" in out and "restore it" in out and "absorb" not in out
