@@ -146,7 +146,7 @@ def _open_writer(job: AbsorbJob, work: WorkDir, opts: AbsorbOptions, dist) -> Sh
 
 def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist) -> None:
     sd, ckpt = job.sd, job.ckpt
-    by_tensor = {f"{m}.weight": m for m in sd.layers}
+    by_tensor = {lay.get("tensor", f"{m}.weight"): m for m, lay in sd.layers.items()}  # checkpoint key -> loaded module
     left = [n for n in ckpt.tensors if n not in work.done]
     rank = sd.cfg.rank * (2 if job.base == "original" else 1)  # B·A once, or twice (current and initial)
     todo = dist.share(left, [distributed.matrix_cost(ckpt.tensors[n].shape, ckpt.tensors[n].nbytes, rank=rank if n in by_tensor else None) for n in left])

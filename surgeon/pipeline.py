@@ -31,12 +31,13 @@ from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned
 from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
+from surgeon.model import NameMap, load_names
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
 from surgeon.source import Source, resolve
 from surgeon.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, FACTORS, INIT_FACTORS, MANIFEST, RUN_LOG, SPECTRA, factor_key
-from surgeon.targets import Target, check_targets, group_by_block, peft_target_modules, select_targets
+from surgeon.targets import Target, block_of, check_targets, group_by_block, keep_dense, peft_target_modules, select_targets
 
 
 @dataclass
@@ -101,6 +102,9 @@ class SplitJob:
     layer_cfgs: dict[str, MethodConfig] = field(default_factory=dict)  # module -> its config (--rank-pattern/--alpha-pattern)
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    names: NameMap | None = None  # the skeleton and checkpoint key -> loaded name (None: transformers cannot build it)
+    names_why: str = ""  # why there is no skeleton
+    dense: dict[str, str] = field(default_factory=dict)  # all-linear layers left dense (module -> why)
 
     def out_dtype(self, stored: str) -> str:
         return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored
@@ -188,11 +192,21 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     src = resolve(model, opts.revision, opts.config, opts.allow_pickle)
     ckpt = src.checkpoint()
     model_cfg = src.config()
-    targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
+    names, names_why = load_names(model_cfg, ckpt.tensors)
+    targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"), names)
+    if method.per_block and list(opts.target) == ["all-linear"]:  # a per-block method routes inside the blocks only
+        targets = {n: t for n, t in targets.items() if block_of(t.module) is not None} or targets
     layer_cfgs, rank_pattern, alpha_pattern = patterns.layer_configs(targets, cfg, method, opts)
-    check_targets(ckpt.tensors, targets, opts.rank, ranks={m: c.rank for m, c in layer_cfgs.items()})
+    ranks = {m: c.rank for m, c in layer_cfgs.items()}
+    dense = {}
+    if list(opts.target) == ["all-linear"]:
+        targets, dense = keep_dense(targets, opts.rank, ranks)
+        if not targets:
+            raise UsageError(f"--rank {opts.rank} is not below the smaller side of any linear layer ({next(iter(dense.values()))}); choose a smaller --rank.")
+    check_targets(ckpt.tensors, targets, opts.rank, ranks=ranks)
     job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {}, qspec=qspec,
-                   layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                   layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                   names=names, names_why=names_why, dense=dense)
     _layout(job)
     job.plan = {
         "op": "split", "surgeon": __version__, "method": method.name, "rank": opts.rank, "alpha": alpha,
@@ -305,7 +319,7 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     layers = {rec["layer"]["module"]: {k: v for k, v in rec["layer"].items() if k != "seconds"} for rec in records.values() if "layer" in rec}
     layers = {t.module: layers[t.module] for t in job.targets.values()}  # checkpoint order
     hashes = {n: records[n]["hash"] for n in job.ckpt.tensors}
-    target_modules = peft_target_modules(job.ckpt.tensors, job.targets)
+    target_modules = peft_target_modules(job.ckpt.tensors, job.targets, job.names)
     manifest = build_manifest(job.src, job.method, job.cfg, job.opts, job.new_dtype, job.backend, layers, target_modules, job.targets, hashes)
     if job.method.options or job.method.notes:
         manifest["method_options"] = {k: getattr(job.cfg, k) for k in job.method.options}
@@ -316,6 +330,10 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
         manifest["rank_pattern"], manifest["alpha_pattern"] = job.rank_pattern, job.alpha_pattern
     if job.qspec is not None:  # quant hook: the settings and the errors measured per layer, summed up
         manifest["quantization"] = quant.summary(job.qspec, _quant_config(job), layers)
+    if job.dense:
+        manifest["dense"] = job.dense
+    if job.names is None:
+        manifest["names"] = f"checkpoint names ({job.names_why}); no load check"
     if warnings := truncation_warnings(job.method, layers):
         manifest["warnings"] = warnings
     return manifest
@@ -326,7 +344,7 @@ def _quant_config(job: SplitJob) -> dict | None:
     if job.qspec is None:
         return None
     qdt = quant.qdtype_name(job.out_dtype(job.ckpt.tensors[next(iter(job.targets))].dtype))
-    return quant.quantization_config(job.qspec, qdt, quant.skip_modules(job.ckpt.tensors, {t.module for t in job.targets.values()}))
+    return quant.quantization_config(job.qspec, qdt, quant.skip_modules(job.ckpt.tensors, {t.tensor[: -len(".weight")] for t in job.targets.values()}))
 
 
 def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:

@@ -37,7 +37,7 @@ def _from_source(sd, modules: list[str], device: str):
         raise SplitDirError(f"{sd.path} stores no spectra and its source {missing[0]} is gone; split again with --spectra.")
     ckpt = verified_source(sd)
     backend = get_backend(device)
-    want = {f"{m}.weight": m for m in modules}
+    want = {sd.layers.get(m, {}).get("tensor", f"{m}.weight"): m for m in modules}  # checkpoint key -> loaded module
     for info, w in ckpt.stream([n for n in ckpt.tensors if n in want], digest=True):
         check_hash(sd.source_hashes(), ckpt, info.name)
         yield want[info.name], singular_values(w.to(backend.device).double(), backend).cpu()

@@ -183,6 +183,7 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         err = qstats["quant_error"]
     layer = {
         "module": target.module,
+        "tensor": target.tensor,
         "shape": [target.out_features, target.in_features],
         "rank": cfg.rank,
         "alpha": cfg.alpha,

@@ -1,0 +1,100 @@
+"""--target resolved on the loaded model (the skeleton of surgeon/model/skeleton.py).
+
+    all-linear   exactly what PEFT's all-linear wraps on the loaded model
+                 (peft.tuners.tuners_utils._maybe_include_all_linear_layers: every nn.Linear/Conv1D
+                 but the output head), when the checkpoint stores its weight
+    NAME ...     loaded module names, matched as PEFT matches target_modules (the name, or a
+                 `.NAME` suffix); a match that is not a linear layer (an embedding, a norm, a MoE
+                 router or experts block) is refused in one line: PEFT could not wrap it either
+    REGEX        full-matched against module names (loaded or checkpoint); only linear layers taken
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from surgeon.errors import UsageError
+
+LINEAR = (nn.Linear, Conv1D)
+
+
+def peft_all_linear(model: nn.Module) -> set[str]:
+    """The module names PEFT's `target_modules="all-linear"` wraps on `model`."""
+    return set(_maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model).target_modules)
+
+
+def linear_weights(tensors: dict, names) -> dict[str, tuple[str, str]]:
+    """loaded linear module -> (checkpoint key, module) for every nn.Linear/Conv1D whose weight the checkpoint stores (2-D)."""
+    out = {}
+    for key, place in names.places.items():
+        if place.fused or place.converted or not place.param.endswith(".weight") or len(tensors[key].shape) != 2:
+            continue
+        module = place.param[: -len(".weight")]
+        if isinstance(names.module(module), LINEAR):
+            out[module] = (key, module)
+    return out
+
+
+def _refuse_non_linear(spec: list[str], names, linear: dict) -> None:
+    """An explicit name matching something that is not a splittable linear layer: one line, naming it."""
+    for name, mod in names.model.named_modules():
+        if name in linear or not name or not any(name == s or name.endswith("." + s) for s in spec):
+            continue
+        kind = type(mod).__name__
+        if isinstance(mod, nn.Embedding):
+            raise UsageError(f"--target {name} is an embedding ({kind}); surgeon splits linear layers only: drop it from --target.")
+        if isinstance(mod, LINEAR):
+            raise UsageError(f"--target {name} is a linear layer the checkpoint does not store (a tied weight); drop it from --target.")
+        raise UsageError(f"--target {name} is a {kind}, not a linear layer surgeon can split (norms, routers and fused experts "
+                         "stay dense); drop it from --target or name its linear layers.")
+    for pname, p in names.model.named_parameters():
+        module = pname.rpartition(".")[0]
+        if module not in linear and any(pname == s or pname.endswith("." + s) for s in spec):
+            raise UsageError(f"--target {pname} is a {p.dim()}-D parameter of a {type(names.module(module)).__name__}, not a "
+                             "linear layer surgeon can split; drop it from --target.")
+
+
+def loaded_targets(tensors: dict, spec: list[str], names) -> dict[str, tuple]:
+    """checkpoint key -> (loaded module, out_features, in_features, transposed, place), in checkpoint order."""
+    linear = linear_weights(tensors, names)
+    if spec == ["all-linear"]:
+        chosen = set(peft_all_linear(names.model)) & set(linear)
+    elif len(spec) == 1 and not re.fullmatch(r"[A-Za-z0-9_.]+", spec[0]):
+        rx = re.compile(spec[0])
+        chosen = {m for m, (key, _) in linear.items() if rx.fullmatch(m) or rx.fullmatch(key[: -len(".weight")])}
+    else:
+        by_ckpt = {key[: -len(".weight")]: m for m, (key, _) in linear.items()}
+        chosen = {m for m in linear if any(m == s or m.endswith("." + s) for s in spec)} | {by_ckpt[s] for s in spec if s in by_ckpt}
+        _refuse_non_linear(spec, names, linear)
+    if not chosen:
+        sample = ", ".join(sorted(linear)[:5]) or "none"
+        raise UsageError(f"no linear weight matches --target {' '.join(spec)}; module names of this model (as transformers "
+                         f"loads it) look like: {sample}.")
+    out = {}
+    for key in tensors:  # checkpoint order
+        place = names.places.get(key)
+        module = place.param[: -len(".weight")] if place is not None and not place.fused else None
+        if module in chosen and linear.get(module, (None,))[0] == key:
+            transposed = isinstance(names.module(module), Conv1D)
+            rows, cols = tensors[key].shape
+            out_f, in_f = (cols, rows) if transposed else (rows, cols)
+            out[key] = (module, out_f, in_f, transposed, place)
+    return out
+
+
+def peft_target_modules(names, modules: set[str]) -> list[str]:
+    """The shortest PEFT target_modules that selects exactly `modules` on the loaded model: leaf names
+    when every module of the model with that leaf is targeted (any kind of module: PEFT would try to
+    wrap them all), else full module names."""
+    by_leaf: dict[str, set[str]] = {}
+    for name, _ in names.model.named_modules():
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(name)
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    if all(by_leaf[leaf] <= modules for leaf in leaves):
+        return leaves
+    return sorted(modules)
