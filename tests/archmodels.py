@@ -3,13 +3,14 @@
     from archmodels import ARCHS, Zoo
     src = Zoo(tmp).path("mixtral")            # built once, saved with save_pretrained (safetensors)
     ARCHS["mixtral"].auto                     # the Auto class that loads it: "AutoModelForCausalLM"
-    ARCHS["mixtral"].inputs(config)           # the fixed forward inputs (ids, pixel_values, ...)
+    inputs(ARCHS["mixtral"], config)          # the fixed forward inputs (ids, pixel_values, ...)
 
 Every model: hidden 32, 2 layers, intermediate 64, 4 heads, vocab 320 (the byte-level BPE tokenizer of
 fixtures/make_fixtures.py, saved beside every model so `surgeon train` can run on any of them). Weights
 are re-drawn N(0, 0.2) (biases N(0, 0.1), norms left at their init) under a fixed seed, so the logits are
 O(1) and a missing factor shows clearly. `TABLE` (below) is the one place that says per architecture:
-the model class written, the Auto class a user loads it with, and which inputs the forward needs.
+the model class written, the Auto class a user loads it with, which inputs the forward needs, and the
+tolerance (`rtol`, relative to the original's max |logit|).
 
 Checkpoint names: transformers 5.25's save_pretrained writes Gemma 3 and Llava in the legacy Hub names
 (`language_model.model.layers.N…`, `vision_tower.…`, `multi_modal_projector.…`, `language_model.lm_head…`,
@@ -49,6 +50,9 @@ class Arch:
     config: object  # () -> PreTrainedConfig
     rename: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied to the saved keys
     family: str = "dense"  # dense | encoder | seq2seq | speech | moe | multimodal | hub-names
+    dtype: torch.dtype = torch.float32  # the dtype the checkpoint is written in
+    shard: str | None = None  # save_pretrained's max_shard_size (several shards + index)
+    rtol: float = 1e-4  # max |Δ output| allowed, relative to the original's max |logit|
 
     def cfg(self):
         return self.config()
@@ -77,6 +81,9 @@ _LLAVA = _c("LlavaConfig", text_config=dict(DEC, model_type="llama"),
 TABLE: list[Arch] = [
     # dense decoders
     Arch("llama", "LlamaForCausalLM", "AutoModelForCausalLM", "text", _dec("LlamaConfig")),
+    Arch("llama-bf16-sharded", "LlamaForCausalLM", "AutoModelForCausalLM", "text", _dec("LlamaConfig", tie_word_embeddings=True),
+         dtype=torch.bfloat16, shard="20KB", rtol=2e-2),  # the residual is rounded to bf16 (the default --dtype):
+    # measured 9e-3 relative on the logits (2.5e-6 absolute with --dtype float32); a lost factor is ~0.5
     Arch("mistral", "MistralForCausalLM", "AutoModelForCausalLM", "text", _dec("MistralConfig", sliding_window=16)),
     Arch("qwen2", "Qwen2ForCausalLM", "AutoModelForCausalLM", "text", _dec("Qwen2Config")),
     Arch("qwen3", "Qwen3ForCausalLM", "AutoModelForCausalLM", "text", _dec("Qwen3Config", head_dim=8)),
@@ -248,7 +255,7 @@ def build(arch: Arch, dest: Path, seed: int = 0) -> Path:
     _randomize(model)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.to(arch.dtype).save_pretrained(tmp, **({"max_shard_size": arch.shard} if arch.shard else {}))
     _tokenizer(V).save_pretrained(tmp)
     if arch.rename:
         _rename_keys(tmp, arch.rename)

@@ -13,7 +13,7 @@ Paths, per (architecture, method):
   F  one `surgeon train` step (a few architectures)
   G  the layers that carry factors (as vanilla PEFT binds them) are what PEFT's `all-linear` takes on the
      loaded model, less layers whose smaller side is not above the rank (those stay dense by default)
-Tolerance: max |Δ| ≤ 1e-4 × the original's max |logit|.
+Tolerance: max |Δ| ≤ rtol × the original's max |logit|, rtol = 1e-4 (archmodels.TABLE: 2e-2 for the bf16 checkpoint).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
 METHODS = ["milora", "pissa"]
 NAMES = [a.name for a in TABLE]
 TRAIN = ["llama", "gpt2", "mixtral", "deepseek_v3", "gemma3"]
-RTOL = 1e-4
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 # warnings that mean the adapter did not bind as written (PEFT's "multiple adapters", missing/unexpected keys, ...)
 BAD_WARNING = re.compile(r"adapter|missing|unexpected|not initiali[sz]ed|newly initiali[sz]ed|not used|twice|mismatch", re.I)
@@ -102,16 +101,16 @@ def adapter_dir(out: Path) -> Path:
     return found[0]
 
 
-def close(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
-    """None if got matches want within RTOL of want's max |value|, else a line with the numbers."""
+def close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float) -> str | None:
+    """None if got matches want within rtol of want's max |value|, else a line with the numbers."""
     if got.shape != want.shape:
         return f"{what}: output shape {tuple(got.shape)} != {tuple(want.shape)}"
     d, ref = float((got - want).abs().max()), float(want.abs().max())
-    return None if d <= RTOL * ref else f"{what}: max|Δlogit| {d:.3e} > {RTOL:g} × {ref:.3f} (rel {d / ref:.2e})"
+    return None if d <= rtol * ref else f"{what}: max|Δlogit| {d:.3e} > {rtol:g} × {ref:.3f} (rel {d / ref:.2e})"
 
 
-def check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    msg = close(got, want, what)
+def check(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float) -> None:
+    msg = close(got, want, what, rtol)
     assert msg is None, msg
 
 
@@ -168,7 +167,7 @@ def test_A_documented_line(mx, name, method):
     out, arch = mx.split(name, method), ARCHS[name]
     with captured() as seen:
         model = documented_load(out, arch.auto)
-    problems = [close(forward(model, arch, model.config), mx.original(name), "A")]
+    problems = [close(forward(model, arch, model.config), mx.original(name), "A", arch.rtol)]
     problems += [f"A warns: {s[:200]}" for s in seen if BAD_WARNING.search(s)]
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
@@ -178,7 +177,7 @@ def test_A_documented_line(mx, name, method):
 def test_B_auto_class_alone(mx, name, method):
     out, arch = mx.split(name, method), ARCHS[name]
     model = getattr(transformers, arch.auto).from_pretrained(out, dtype=torch.float32)
-    check(forward(model, arch, model.config), mx.original(name), "B")
+    check(forward(model, arch, model.config), mx.original(name), "B", arch.rtol)
 
 
 @pytest.mark.parametrize("name,method", case_params())
@@ -190,14 +189,14 @@ def test_C_vanilla_peft_on_a_copy_without_the_adapter(mx, name, method, tmp_path
                                                             (Path(d) / n / "adapter_config.json").exists()])
     base = getattr(transformers, arch.auto).from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter)
-    check(forward(model, arch, model.config), mx.original(name), "C")
+    check(forward(model, arch, model.config), mx.original(name), "C", arch.rtol)
 
 
 @pytest.mark.parametrize("name,method", case_params())
 def test_D_surgeon_runtime(mx, name, method):
     out, arch = mx.split(name, method), ARCHS[name]
     model = load_split(out).model
-    check(forward(model, arch, model.config), mx.original(name), "D")
+    check(forward(model, arch, model.config), mx.original(name), "D", arch.rtol)
 
 
 @pytest.mark.parametrize("name,method", case_params())
