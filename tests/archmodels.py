@@ -24,12 +24,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+if str(FIXTURES) not in sys.path:  # make_fixtures.py (conftest.py adds it too)
+    sys.path.insert(0, str(FIXTURES))
+from make_fixtures import _tokenizer  # noqa: E402
 
 V = 320  # vocabulary (the tokenizer of fixtures/make_fixtures.py has exactly 320 entries)
 IMG, BOI, EOI, VSTART = V - 1, V - 2, V - 3, V - 4  # special ids of the multimodal models, inside the vocab
@@ -214,41 +220,26 @@ def _randomize(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.1)
 
 
+def _renamed(key: str, rules) -> str:
+    for pat, rep in rules:
+        if re.match(pat, key):
+            return re.sub(pat, rep, key)
+    return key
+
+
 def _rename_keys(folder: Path, rules) -> None:
     """Rewrite the saved safetensors' keys by the first matching rule (and the index, if any)."""
     for f in sorted(folder.glob("model*.safetensors")):
-        tensors = load_file(f)
-        renamed = {}
-        for k, t in tensors.items():
-            for pat, rep in rules:
-                k2 = re.sub(pat, rep, k)
-                if k2 != k:
-                    k = k2
-                    break
-            renamed[k] = t.contiguous()
-        save_file(renamed, f, metadata={"format": "pt"})
+        save_file({_renamed(k, rules): t.contiguous() for k, t in load_file(f).items()}, f, metadata={"format": "pt"})
     index = folder / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())
-        new = {}
-        for k, v in data["weight_map"].items():
-            for pat, rep in rules:
-                k2 = re.sub(pat, rep, k)
-                if k2 != k:
-                    k = k2
-                    break
-            new[k] = v
-        data["weight_map"] = new
+        data["weight_map"] = {_renamed(k, rules): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
 
 
 def build(arch: Arch, dest: Path, seed: int = 0) -> Path:
     """Write `arch`'s tiny model (float32 safetensors + the fixtures' tokenizer) to `dest`."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
-    from make_fixtures import _tokenizer
-
     torch.manual_seed(seed)
     config = arch.cfg()
     model = getattr(transformers, arch.model_cls)(config).to(torch.float32)
