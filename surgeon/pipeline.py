@@ -32,6 +32,7 @@ from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
 from surgeon.model import NameMap, load_names
+from surgeon.model.check import check_adapter, check_modules
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
@@ -293,6 +294,7 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     records = work.records()
     manifest = _manifest(job, records)
     _side_files(job, work.path, manifest["target_modules"])
+    _load_check(job, work.path, manifest["layers"])  # before the manifest: a refused output never looks finished
     write_json(work.path / MANIFEST, manifest)
     faults.point("after-manifest")
     from surgeon.card import build_card
@@ -364,6 +366,16 @@ def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
                               use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg),
                               rank_pattern=job.rank_pattern, alpha_pattern=job.alpha_pattern)
         write_json(folder / ADAPTER_CONFIG, conf)
+
+
+def _load_check(job: SplitJob, folder: Path, layers: dict) -> None:
+    """The written factors attached to the skeleton as PEFT (or surgeon's runtime) would attach them."""
+    if job.names is None:
+        return
+    if job.method.lora_shaped:
+        check_adapter(job.names.model, folder, ADAPTER_CONFIG, ADAPTER_WEIGHTS, list(layers))
+    else:
+        check_modules(job.names.model, layers)
 
 
 def split_cost(info, targeted: bool, device_type: str) -> int:
