@@ -332,6 +332,7 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
         manifest["rank_pattern"], manifest["alpha_pattern"] = job.rank_pattern, job.alpha_pattern
     if job.qspec is not None:  # quant hook: the settings and the errors measured per layer, summed up
         manifest["quantization"] = quant.summary(job.qspec, _quant_config(job), layers)
+    manifest["load_class"] = load_class(job.model_cfg)
     if job.dense:
         manifest["dense"] = job.dense
     if job.names is None:
@@ -339,6 +340,12 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     if warnings := truncation_warnings(job.method, layers):
         manifest["warnings"] = warnings
     return manifest
+
+
+def load_class(model_cfg: dict) -> str:
+    """The transformers class of the documented load line: AutoModelForCausalLM for causal LMs, else the model's own."""
+    archs = model_cfg.get("architectures") or []
+    return "AutoModelForCausalLM" if task_type_for(model_cfg) == "CAUSAL_LM" or not archs else str(archs[0])
 
 
 def _quant_config(job: SplitJob) -> dict | None:
