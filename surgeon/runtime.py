@@ -37,6 +37,15 @@ class LoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (models read it, e.g. T5 for its dtype, Gemma 3 for its device), as PEFT's layers do."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         # under autocast the products run in the autocast dtype anyway: casting x to the factors'
