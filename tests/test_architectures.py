@@ -45,12 +45,13 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 BAD_WARNING = re.compile(r"adapter|missing|unexpected|not initiali[sz]ed|newly initiali[sz]ed|not used|twice|mismatch", re.I)
 
 # README.md's load line, as the README writes it; `documented_load` is the same line for any Auto class.
-README_LOAD_LINE = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('split-dir'), 'split-dir')"
+# (until 69712de: "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('split-dir'), 'split-dir')")
+README_LOAD_LINE = "AutoModelForCausalLM.from_pretrained('split-dir')"
 
 
 def documented_load(out: Path, auto: str):
     """README_LOAD_LINE with the architecture's Auto class (edit both together when README's line changes)."""
-    return PeftModel.from_pretrained(getattr(transformers, auto).from_pretrained(out, dtype=torch.float32), out)
+    return getattr(transformers, auto).from_pretrained(out, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- shared, session-scoped state
