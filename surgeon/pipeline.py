@@ -32,7 +32,10 @@ from surgeon.linalg import get_backend
 from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
 from surgeon.model import NameMap, load_names
+from surgeon.model.adapter import AdapterPlan, plan_adapter
 from surgeon.model.check import check_adapter, check_modules
+from surgeon.model.moe import fused_factors, fused_shapes
+from surgeon.model.targets import other_matrices
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
 from surgeon.runner import SplitRunner
@@ -106,6 +109,8 @@ class SplitJob:
     names: NameMap | None = None  # the skeleton and checkpoint key -> loaded name (None: transformers cannot build it)
     names_why: str = ""  # why there is no skeleton
     dense: dict[str, str] = field(default_factory=dict)  # all-linear layers left dense (module -> why)
+    adapter: AdapterPlan | None = None  # the PEFT names of a LoRA-shaped split (None without a skeleton)
+    init_plan: list[OutTensor] = field(default_factory=list)  # surgeon.init: per expert matrix where the adapter fuses them
 
     def out_dtype(self, stored: str) -> str:
         return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored
@@ -197,17 +202,23 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"), names)
     if method.per_block and list(opts.target) == ["all-linear"]:  # a per-block method routes inside the blocks only
         targets = {n: t for n, t in targets.items() if block_of(t.module) is not None} or targets
+    targets, dense = _fused_targets(targets, method, qspec)
     layer_cfgs, rank_pattern, alpha_pattern = patterns.layer_configs(targets, cfg, method, opts)
+    layer_cfgs.update({t.module: cfg for t in targets.values() if t.place is not None and t.place.fused})  # one rank per fused parameter
     ranks = {m: c.rank for m, c in layer_cfgs.items()}
-    dense = {}
     if list(opts.target) == ["all-linear"]:
-        targets, dense = keep_dense(targets, opts.rank, ranks)
+        targets, small = keep_dense(targets, opts.rank, ranks)
+        dense.update(small)
+        if names is not None:
+            dense.update(other_matrices(ckpt.tensors, names))
         if not targets:
             raise UsageError(f"--rank {opts.rank} is not below the smaller side of any linear layer ({next(iter(dense.values()))}); choose a smaller --rank.")
     check_targets(ckpt.tensors, targets, opts.rank, ranks=ranks)
     job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {}, qspec=qspec,
                    layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                    names=names, names_why=names_why, dense=dense)
+    if names is not None and method.lora_shaped:
+        job.adapter = plan_adapter(names, targets, model_cfg.get("model_type"), cfg.rank, cfg.alpha, rank_pattern, alpha_pattern, cfg.use_rslora)
     _layout(job)
     job.plan = {
         "op": "split", "surgeon": __version__, "method": method.name, "rank": opts.rank, "alpha": alpha,
@@ -230,9 +241,17 @@ def _layout(job: SplitJob) -> None:
     """Every output tensor's name, dtype and shape, from the input headers alone."""
     method, cfg = job.method, job.cfg
     job.base_plan = [OutTensor(n, job.out_dtype(i.dtype), i.shape) for n, i in job.ckpt.tensors.items()]
+    fused = job.adapter.fused if job.adapter else {}
     for t in job.targets.values():
         for fname, shape in method.factor_shapes(t.out_features, t.in_features, job.layer(t.module)).items():
-            job.factor_plan.append(OutTensor(factor_key(method.lora_shaped, t.module, fname), "F32", shape))
+            key = factor_key(method.lora_shaped, t.module, fname)
+            job.init_plan.append(OutTensor(key, "F32", shape))
+            if t.place is None or not t.place.fused:
+                job.factor_plan.append(OutTensor(key, "F32", shape))
+            elif t.place.expert == 0 and t.place.part == 0:  # the fused parameter's pair, once
+                info = fused[t.place.param]
+                shape = fused_shapes(t.place, job.cfg.rank, t.out_features, t.in_features)[fname]
+                job.factor_plan.append(OutTensor(factor_key(True, info["module"], fname), "F32", shape))
         if job.opts.spectra:
             job.spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
     if job.qspec is not None:  # quant hook: each targeted weight becomes its group of 4-bit tensors
@@ -244,6 +263,7 @@ def _layout(job: SplitJob) -> None:
             job.blocks[b] = {"experts": experts, "hidden": hidden}
             for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
                 job.factor_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
+                job.init_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
 
 
 def _open_writers(job: SplitJob, work: WorkDir, dist) -> Writers:
@@ -252,7 +272,7 @@ def _open_writers(job: SplitJob, work: WorkDir, dist) -> Writers:
     specs = {
         "base": (plan_shards(job.base_plan, job.plan["shard_bytes"]), "model"),
         "factors": ([job.factor_plan], _stem(ADAPTER_WEIGHTS if lora else FACTORS)),
-        "init": ([job.factor_plan], _stem(INIT_FACTORS)),
+        "init": ([job.init_plan], _stem(INIT_FACTORS)),
         **({"spectra": ([job.spectra_plan], _stem(SPECTRA))} if job.opts.spectra else {}),
     }
     if dist.is_main:
@@ -290,6 +310,7 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
         reporter.close()
         return None  # rank 0 finishes the folder; every rank returns its manifest
     w.base.write_index()
+    _write_fused(job, work.path)
     faults.point("after-index")
     records = work.records()
     manifest = _manifest(job, records)
@@ -321,7 +342,7 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     layers = {rec["layer"]["module"]: {k: v for k, v in rec["layer"].items() if k != "seconds"} for rec in records.values() if "layer" in rec}
     layers = {t.module: layers[t.module] for t in job.targets.values()}  # checkpoint order
     hashes = {n: records[n]["hash"] for n in job.ckpt.tensors}
-    target_modules = peft_target_modules(job.ckpt.tensors, job.targets, job.names)
+    target_modules = job.adapter.target_modules if job.adapter else peft_target_modules(job.ckpt.tensors, job.targets, job.names)
     manifest = build_manifest(job.src, job.method, job.cfg, job.opts, job.new_dtype, job.backend, layers, target_modules, job.targets, hashes)
     if job.method.options or job.method.notes:
         manifest["method_options"] = {k: getattr(job.cfg, k) for k in job.method.options}
@@ -333,6 +354,10 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     if job.qspec is not None:  # quant hook: the settings and the errors measured per layer, summed up
         manifest["quantization"] = quant.summary(job.qspec, _quant_config(job), layers)
     manifest["load_class"] = load_class(job.model_cfg)
+    if job.adapter and job.adapter.target_parameters:
+        manifest["target_parameters"] = job.adapter.target_parameters
+    if job.adapter and job.adapter.fused:
+        manifest["fused"] = job.adapter.fused
     if job.dense:
         manifest["dense"] = job.dense
     if job.names is None:
@@ -369,9 +394,11 @@ def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
         write_json(folder / "config.json", conf)
     if job.method.lora_shaped:
         cfg, any_t = job.cfg, next(iter(job.targets.values()))
+        ad = job.adapter
         conf = adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
                               use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg),
-                              rank_pattern=job.rank_pattern, alpha_pattern=job.alpha_pattern)
+                              rank_pattern=ad.rank_pattern if ad else job.rank_pattern, alpha_pattern=ad.alpha_pattern if ad else job.alpha_pattern,
+                              target_parameters=ad.target_parameters if ad else None)
         write_json(folder / ADAPTER_CONFIG, conf)
 
 
@@ -380,9 +407,41 @@ def _load_check(job: SplitJob, folder: Path, layers: dict) -> None:
     if job.names is None:
         return
     if job.method.lora_shaped:
-        check_adapter(job.names.model, folder, ADAPTER_CONFIG, ADAPTER_WEIGHTS, list(layers))
+        modules = [lay["fused"]["param"].rpartition(".")[0] if "fused" in lay else m for m, lay in layers.items()]
+        check_adapter(job.names.model, folder, ADAPTER_CONFIG, ADAPTER_WEIGHTS, list(dict.fromkeys(modules)))
     else:
         check_modules(job.names.model, layers)
+
+
+def _fused_targets(targets: dict[str, Target], method, qspec) -> tuple[dict[str, Target], dict[str, str]]:
+    """Fused MoE experts are split for LoRA-shaped methods on a float residual; otherwise they stay dense."""
+    fused = {n for n, t in targets.items() if t.place is not None and t.place.fused}
+    if not fused or (method.lora_shaped and qspec is None):
+        return targets, {}
+    why = "fused MoE experts: split for milora/pissa on a float residual only"
+    return {n: t for n, t in targets.items() if n not in fused}, {targets[n].module: why for n in fused}
+
+
+def _write_fused(job: SplitJob, folder: Path) -> None:
+    """The adapter's fused expert pairs, assembled from the per-expert factors in surgeon.init (repeatable)."""
+    if not (job.adapter and job.adapter.fused):
+        return
+    from safetensors import safe_open
+
+    with safe_open(folder / INIT_FACTORS, "pt") as f:
+        layers = {t.module: {"fused": _fused_record(t)} for t in job.targets.values() if t.place is not None and t.place.fused}
+        tensors = fused_factors(f, layers, job.adapter.fused, lambda m, n: factor_key(True, m, n))
+    w = ShardSetWriter(folder, [job.factor_plan], prefix=_stem(ADAPTER_WEIGHTS))
+    try:
+        for k, t in tensors.items():
+            w.write(k, t.contiguous())
+        w.sync()
+    finally:
+        w.close()
+
+
+def _fused_record(t: Target) -> dict:
+    return {"param": t.place.param, "expert": t.place.expert, "part": t.place.part, "parts": t.place.parts}
 
 
 def split_cost(info, targeted: bool, device_type: str) -> int:

@@ -59,12 +59,32 @@ class LoRALinear(nn.Module):
         return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
 
 
+class FusedLoRA(nn.Module):
+    """A parametrization of a fused MoE expert parameter (E, out, in): W + s·ΔW, ΔW_e = B_e A_e, the
+    factors held in PEFT's ParamWrapper layout (surgeon/model/moe.py): lora_A (E·R, in), lora_B (out, R·E)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, experts: int, scale: float):
+        super().__init__()
+        self.experts, self.scale = experts, scale
+        self.lora_A = nn.Parameter(a.detach().clone().float())  # (E·R, in)
+        self.lora_B = nn.Parameter(b.detach().clone().float())  # (out, R·E)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.reshape(self.experts, -1, self.lora_A.shape[1])  # (E, R, in)
+        b = self.lora_B.reshape(self.lora_B.shape[0], -1, self.experts)  # (out, R, E)
+        return w + (self.scale * torch.einsum("ore,eri->eoi", b, a)).to(w.dtype)  # (E, out, in)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+
+
 class SplitModel:
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], split, blocks: dict[str, nn.Module] | None = None):
         self.model = model
         self.modules = modules  # module name -> runtime module
         self.split = split  # surgeon.splitdir.SplitDir
         self.blocks = blocks or {}  # block name -> per-block runtime module (methods with per_block, e.g. moe routers)
+        self.fused: dict[str, FusedLoRA] = {}  # PEFT's module path of a fused expert parameter -> its parametrization
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -80,6 +100,9 @@ class SplitModel:
         for name, mod in self.blocks.items():
             for fname, t in mod.factors().items():
                 out[f"{name}.{fname}"] = t.detach().to("cpu", torch.float32).contiguous()
+        for name, mod in self.fused.items():
+            for fname, t in mod.factors().items():
+                out[self.split.factor_key(name, fname)] = t.detach().to("cpu", torch.float32).contiguous()
         return out
 
     def save(self, out: Path, overwrite: bool = False) -> Path:
@@ -111,6 +134,10 @@ class SplitModel:
                 _link_or_copy(f, tmp / f.name)
         save_file(self.factor_state(), str(tmp / self.split.factors_file.name), metadata={"format": "pt"})
         os.chmod(tmp / self.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
+        if self.split.lora:  # the load check, before the copy is renamed into place
+            from surgeon.model.check import check_output
+
+            check_output(tmp, self.split.manifest)
         if out.exists():  # replaced only after the new copy is complete
             trash = out.parent / f".{out.name}.replaced"
             shutil.rmtree(trash, ignore_errors=True)
@@ -178,7 +205,10 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
         p.requires_grad_(False)
     modules: dict[str, nn.Module] = {}
     with safe_open(split.factors_file, "pt") as f:
+        fused = _attach_fused(model, split, f, trainable)
         for name, lay in split.manifest["layers"].items():
+            if "fused" in lay:
+                continue
             parent, child, base = module_slot(model, name, split.path)
             rt = split.method.runtime(base, split.factors(f, name), split.layer_cfg(name), lay["transposed"])
             for p in rt.parameters():
@@ -195,4 +225,26 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
                 for p in mod.parameters():
                     p.requires_grad_(trainable)
     model.to(device)
-    return SplitModel(model, modules, split, blocks)
+    sm = SplitModel(model, modules, split, blocks)
+    sm.fused = fused
+    return sm
+
+
+def _attach_fused(model: nn.Module, split, handle, trainable: bool) -> dict[str, FusedLoRA]:
+    """A FusedLoRA parametrization on every fused expert parameter of the split (manifest "fused")."""
+    from torch.nn.utils import parametrize
+
+    out = {}
+    for param, info in (split.manifest.get("fused") or {}).items():
+        owner_name, _, pname = param.rpartition(".")
+        owner = module_slot(model, owner_name, split.path)[2]
+        w = getattr(owner, pname, None)
+        f = split._fused(handle, info["module"])
+        if w is None or w.dim() != 3 or tuple(w.shape[1:]) != (f["lora_B"].shape[0], f["lora_A"].shape[1]):
+            raise SplitDirError(f"the model built from {split.path}/config.json has no fused parameter {param} of the split's shape.")
+        cfg = split.layer_cfg(next(m for m, lay in split.layers.items() if lay.get("fused", {}).get("param") == param))
+        rt = FusedLoRA(f["lora_A"], f["lora_B"], info["experts"], cfg.scale)
+        rt.requires_grad_(trainable)
+        parametrize.register_parametrization(owner, pname, rt)
+        out[info["module"]] = rt
+    return out

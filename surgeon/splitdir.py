@@ -155,8 +155,27 @@ class SplitDir:
         return factor_key(self.lora, module, fname)
 
     def factors(self, handle, module: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """The factors of one split layer from an open factor file. A fused MoE expert matrix (layer
+        record "fused") is read under its own keys (surgeon.init) or cut out of the adapter's fused pair."""
         fnames = self.method.factor_shapes(1, 1, self.cfg).keys()
+        fu = self.layers.get(module, {}).get("fused")
+        if fu is not None and self.factor_key(module, "lora_A") not in self._keys(handle):
+            from surgeon.model.moe import piece
+
+            info = self.manifest["fused"][fu["param"]]
+            return {f: t.to(device) for f, t in piece(self._fused(handle, info["module"]), fu["expert"], fu["part"], fu["parts"], info["experts"]).items()}
         return {f: handle.get_tensor(self.factor_key(module, f)).to(device) for f in fnames}
+
+    def _keys(self, handle) -> set[str]:
+        if getattr(self, "_keys_of", (None,))[0] is not handle:
+            self._keys_of = (handle, set(handle.keys()))
+        return self._keys_of[1]
+
+    def _fused(self, handle, module: str) -> dict[str, torch.Tensor]:
+        """The fused (lora_A, lora_B) PEFT keeps for one fused parameter (cached: every expert reads it)."""
+        if getattr(self, "_fused_of", (None, None))[:2] != (handle, module):
+            self._fused_of = (handle, module, {f: handle.get_tensor(lora_key(module, f)) for f in ("lora_A", "lora_B")})
+        return self._fused_of[2]
 
     def source_files(self) -> list[dict]:
         """The source's weight files as recorded: [{"path", "size", "mtime_ns"}]."""

@@ -90,7 +90,7 @@ def test_all_linear_is_what_peft_takes_on_the_loaded_model(models):
 
 
 @pytest.mark.parametrize("target, word", [(["embed_tokens"], "embedding"), (["input_layernorm"], "not a linear layer"),
-                                          (["gate"], "not a linear layer"), (["gate_up_proj"], "3-D parameter")])
+                                          (["gate"], "not a linear layer"), (["model.layers.0.block_sparse_moe.gate"], "no linear weight")])
 def test_an_explicit_target_that_is_not_a_linear_layer_is_one_usage_line(models, tmp_path, target, word):
     with pytest.raises(UsageError, match=word) as e:
         split(str(models["mixtral"]), tmp_path / "o", SplitOptions(rank=2, target=target))
@@ -101,7 +101,8 @@ def test_the_router_stays_dense_under_all_linear_and_is_listed(models, tmp_path)
     """An 8-expert Mixtral's router is 8 x hidden: --rank 8 refused the whole split before."""
     m = split(str(models["mixtral"]), tmp_path / "o", SplitOptions(rank=8))
     assert m["summary"]["layers"] > 0
-    assert all(".gate" not in k for k in m["layers"])
+    assert not any(k.endswith("mlp.gate") for k in m["layers"])
+    assert sorted(m["dense"]) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
 
 def test_a_mis_named_adapter_is_refused_by_the_load_check(models, tmp_path):
@@ -125,3 +126,60 @@ def test_a_mis_named_adapter_is_refused_by_the_load_check(models, tmp_path):
     with pytest.raises(LoadCheckError, match="size mismatch"):
         check_adapter(names.model, bad, "adapter_config.json", "adapter_model.safetensors", list(m["layers"]))
     json.loads((out / "surgeon.json").read_text())
+
+
+def test_fused_layout_is_peft_s_and_round_trips():
+    """assemble/piece against PEFT's own reading of a ParamWrapper pair: ΔW_e = B_e,p A_e,p in block p."""
+    from surgeon.model.moe import assemble, piece
+
+    g = torch.Generator().manual_seed(0)
+    experts, parts, r, out_f, in_f = 3, 2, 2, 5, 4
+    pieces = {(e, p): {"lora_A": torch.randn(r, in_f, generator=g), "lora_B": torch.randn(out_f, r, generator=g)}
+              for e in range(experts) for p in range(parts)}
+    fused = assemble(pieces, experts, parts)
+    a = fused["lora_A"].reshape(experts, -1, in_f)  # as peft's ParamWrapper.get_delta_weight reshapes them
+    b = fused["lora_B"].reshape(parts * out_f, -1, experts)
+    delta = torch.einsum("o r e, e r i -> e o i", b, a)
+    for (e, p), f in pieces.items():
+        assert torch.allclose(delta[e, p * out_f:(p + 1) * out_f], f["lora_B"] @ f["lora_A"], atol=1e-6)
+        back = piece(fused, e, p, parts, experts)
+        assert torch.equal(back["lora_A"], f["lora_A"]) and torch.equal(back["lora_B"], f["lora_B"])
+
+
+@pytest.mark.parametrize("method", ["milora", "pissa"])
+def test_mixtral_experts_are_split_and_load_on_every_path(models, tmp_path, method):
+    """Every expert matrix split, written onto the fused parameters as PEFT's target_parameters; the
+    default --rank 64 is not refused for the 8-expert router (it stays dense)."""
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    from surgeon.absorb import absorb
+    from surgeon.runtime import load_split
+
+    out = tmp_path / "m"
+    m = split(str(models["mixtral"]), out, SplitOptions(method=method, rank=4))
+    assert sum("fused" in lay for lay in m["layers"].values()) == 2 * 8 * 3  # layers x experts x (w1, w2, w3)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["target_parameters"] == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj",
+                                         "model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]
+    ref = _logits(MixtralForCausalLM.from_pretrained(models["mixtral"], dtype=torch.float32))
+    tol = 1e-5 * ref.abs().max()
+    assert (_logits(MixtralForCausalLM.from_pretrained(out, dtype=torch.float32)) - ref).abs().max() < tol
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=lambda d, names: [n for n in names if n.startswith("adapter_")])
+    assert (_logits(PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(bare, dtype=torch.float32), out)) - ref).abs().max() < tol
+    assert (_logits(load_split(out).model) - ref).abs().max() < tol
+    absorb(out, tmp_path / "merged")
+    src, got = load_file(models["mixtral"] / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert sorted(src) == sorted(got) and all(torch.equal(src[k], got[k]) for k in src)
+
+
+def test_the_default_rank_splits_an_8_expert_mixtral(models, tmp_path):
+    import transformers as T
+
+    wide = tmp_path / "wide"
+    torch.manual_seed(0)
+    T.MixtralForCausalLM(T.MixtralConfig(**{**SMALL, "hidden_size": 96, "intermediate_size": 128, "head_dim": 24},
+                                         num_local_experts=8)).save_pretrained(wide)
+    m = split(str(wide), tmp_path / "o", SplitOptions())  # --rank 64; the router is 8 x 96
+    assert m["rank"] == 64 and m["summary"]["layers"] > 0

@@ -96,3 +96,20 @@ def check_modules(model, layers: dict[str, dict]) -> None:
         if shape != tuple(lay["shape"]):
             raise LoadCheckError(f"the split layer {name} is {shape} in the loaded model, not {tuple(lay['shape'])}; "
                                  "this is a surgeon bug, please report it with the model's config.json.")
+
+
+def check_output(folder: Path, manifest: dict, config_dir: Path | None = None, weights: str = "adapter_model.safetensors") -> None:
+    """The load check of an adapter written by train or export into `folder` (adapter_config.json +
+    `weights`), on the skeleton of config_dir/config.json (default: folder's). No-op when transformers
+    cannot build the model (then nothing loads it through transformers either)."""
+    from surgeon.model.skeleton import build_skeleton
+
+    conf_file = Path(config_dir or folder) / "config.json"
+    if not conf_file.is_file():
+        return
+    model, _ = build_skeleton(json.loads(conf_file.read_text()))
+    if model is None:
+        return
+    layers = manifest.get("layers") or {}
+    modules = [lay["fused"]["param"].rpartition(".")[0] if "fused" in lay else m for m, lay in layers.items()]
+    check_adapter(model, folder, "adapter_config.json", weights, list(dict.fromkeys(modules)))

@@ -1,0 +1,70 @@
+"""What the PEFT adapter of a split names, on the loaded model: target_modules, target_parameters,
+the rank/alpha patterns, and where PEFT keeps each fused expert parameter's LoRA.
+
+    plan = plan_adapter(names, targets, model_type, rank, alpha, rank_pattern, alpha_pattern)
+
+`plan.fused[param]["module"]` is the module path PEFT gives the parameter's wrapper (nested
+ParamWrappers put the first one under `.base_layer`), read off a PeftModel built on the meta-device
+skeleton from this very config, so the written keys are the ones PEFT saves and loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import ParamWrapper
+
+from surgeon.model.moe import colliding_leaves, fused_patterns
+from surgeon.model.targets import peft_target_modules
+
+
+@dataclass
+class AdapterPlan:
+    target_modules: list[str]
+    target_parameters: list[str]
+    rank_pattern: dict
+    alpha_pattern: dict
+    fused: dict[str, dict] = field(default_factory=dict)  # param -> {"module", "parts", "experts"}
+
+
+def plan_adapter(names, targets, model_type, rank: int, alpha: float, rank_pattern: dict, alpha_pattern: dict, rslora: bool = False) -> AdapterPlan:
+    dense = {t.module for t in targets.values() if not (t.place is not None and t.place.fused)}
+    fused: dict[str, dict] = {}
+    for t in targets.values():
+        if t.place is not None and t.place.fused:
+            fused[t.place.param] = {"parts": t.place.parts, "experts": t.place.shape[0]}
+    clash = colliding_leaves(model_type) if fused or colliding_leaves(model_type) else set()
+    moved = {m for m in dense if m.rsplit(".", 1)[-1] in clash}  # PEFT's MoE conversion would move these
+    params = sorted(fused) + sorted(f"{m}.weight" for m in moved)
+    modules = peft_target_modules(names, dense - moved) if dense - moved else []
+    rp, ap = fused_patterns({p: f["parts"] for p, f in fused.items()}, rank, alpha, rslora)
+    plan = AdapterPlan(modules, params, {**rp, **rank_pattern}, {**ap, **alpha_pattern}, fused)
+    if fused:
+        for param, module in wrapper_modules(names.model, plan, rank, alpha).items():
+            if param in fused:
+                fused[param]["module"] = module
+    return plan
+
+
+def lora_config(plan: AdapterPlan, rank: int, alpha: float) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=plan.target_modules or None,
+                      target_parameters=plan.target_parameters or None, rank_pattern=plan.rank_pattern,
+                      alpha_pattern=plan.alpha_pattern, lora_dropout=0.0)
+
+
+def wrapper_modules(model, plan: AdapterPlan, rank: int, alpha: float) -> dict[str, str]:
+    """parameter name -> the module path of the ParamWrapper PEFT puts on it (its factors' key prefix)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel(copy.deepcopy(model), lora_config(plan, rank, alpha), low_cpu_mem_usage=True)
+    out = {}
+    for name, mod in pm.base_model.model.named_modules():
+        if isinstance(mod, ParamWrapper):
+            owner = name
+            while owner.endswith(".base_layer"):
+                owner = owner[: -len(".base_layer")]
+            out[f"{owner}.{mod.parameter_name}"] = name
+    return out
