@@ -37,7 +37,12 @@ def models(tmp_path_factory):
     vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14)
     gemma = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=tc.to_dict(), vision_config=vc.to_dict(), mm_tokens_per_image=4))
     mixtral = T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=8, num_experts_per_tok=2))
-    return {"gemma3": _save(root / "gemma3", gemma), "mixtral": _save(root / "mixtral", mixtral)}
+    ds = {k: v for k, v in SMALL.items() if k != "head_dim"}
+    deepseek = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(**{**ds, "num_key_value_heads": 4}, moe_intermediate_size=32,
+                                                         n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                                         topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                                                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8))
+    return {"gemma3": _save(root / "gemma3", gemma), "mixtral": _save(root / "mixtral", mixtral), "deepseek": _save(root / "deepseek", deepseek)}
 
 
 def _names(folder):
@@ -183,3 +188,19 @@ def test_the_default_rank_splits_an_8_expert_mixtral(models, tmp_path):
                                          num_local_experts=8)).save_pretrained(wide)
     m = split(str(wide), tmp_path / "o", SplitOptions())  # --rank 64; the router is 8 x 96
     assert m["rank"] == 64 and m["summary"]["layers"] > 0
+
+
+def test_deepseek_dense_mlps_are_not_taken_for_experts(models, tmp_path):
+    """PEFT's MoE conversion moves every gate_proj/up_proj/down_proj target onto the fused experts: the dense
+    first layer and the shared expert lost their factors on load (Δ 7.6e-3). They go through target_parameters."""
+    from transformers import DeepseekV3ForCausalLM
+
+    out = tmp_path / "d"
+    split(str(models["deepseek"]), out, SplitOptions(method="pissa", rank=4))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert "model.layers.0.mlp.gate_proj.weight" in conf["target_parameters"]
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in conf["target_parameters"]
+    assert not {"gate_proj", "up_proj", "down_proj"} & {m.rsplit(".", 1)[-1] for m in conf["target_modules"]}
+    ref = _logits(DeepseekV3ForCausalLM.from_pretrained(models["deepseek"], dtype=torch.float32))
+    got = _logits(DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32))
+    assert (got - ref).abs().max() < 1e-5 * ref.abs().max()
