@@ -395,7 +395,7 @@ def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
     if job.method.lora_shaped:
         cfg, any_t = job.cfg, next(iter(job.targets.values()))
         ad = job.adapter
-        conf = adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
+        conf = adapter_config(r=ad.r if ad else cfg.rank, alpha=ad.alpha if ad else cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
                               use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg),
                               rank_pattern=ad.rank_pattern if ad else job.rank_pattern, alpha_pattern=ad.alpha_pattern if ad else job.alpha_pattern,
                               target_parameters=ad.target_parameters if ad else None)

@@ -11,18 +11,22 @@ skeleton from this very config, so the written keys are the ones PEFT saves and 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import ParamWrapper
 
-from surgeon.model.moe import colliding_leaves, fused_patterns
+from surgeon.errors import UsageError
+from surgeon.model.moe import colliding_leaves
 from surgeon.model.targets import peft_target_modules
 
 
 @dataclass
 class AdapterPlan:
+    r: int  # adapter_config's r and lora_alpha (P·r and P·α when a fused parameter fuses P expert matrices)
+    alpha: float
     target_modules: list[str]
     target_parameters: list[str]
     rank_pattern: dict
@@ -40,8 +44,7 @@ def plan_adapter(names, targets, model_type, rank: int, alpha: float, rank_patte
     moved = {m for m in dense if m.rsplit(".", 1)[-1] in clash}  # PEFT's MoE conversion would move these
     params = sorted(fused) + sorted(f"{m}.weight" for m in moved)
     modules = peft_target_modules(names, dense - moved) if dense - moved else []
-    rp, ap = fused_patterns({p: f["parts"] for p, f in fused.items()}, rank, alpha, rslora)
-    plan = AdapterPlan(modules, params, {**rp, **rank_pattern}, {**ap, **alpha_pattern}, fused)
+    plan = _ranks(modules, params, fused, rank, alpha, rank_pattern, alpha_pattern, rslora)
     if fused:
         for param, module in wrapper_modules(names.model, plan, rank, alpha).items():
             if param in fused:
@@ -49,8 +52,27 @@ def plan_adapter(names, targets, model_type, rank: int, alpha: float, rank_patte
     return plan
 
 
+def _ranks(modules, params, fused, rank, alpha, rank_pattern, alpha_pattern, rslora) -> AdapterPlan:
+    """A fused gate_up parameter needs rank P·r (and alpha P·α, √P·α with rsLoRA) to hold r per expert
+    matrix. PEFT 0.21 warns about any rank_pattern key that matches no targeted *module* (its check
+    skips target_parameters), so the fused rank is the adapter's global r and one key naming every
+    other target (modules, and parameters that fuse one matrix) gives them r and α, after the user's."""
+    parts = max((f["parts"] for f in fused.values()), default=1)
+    if parts == 1:
+        return AdapterPlan(rank, alpha, modules, params, dict(rank_pattern), dict(alpha_pattern), fused)
+    if any(f["parts"] != parts for f in fused.values() if f["parts"] > 1):
+        raise UsageError("this model fuses different numbers of expert matrices per parameter; split its experts with "
+                         "--target naming one kind (e.g. --target down_proj) or exclude them.")
+    others = sorted(set(modules) | {p for p in params if p not in fused or fused[p]["parts"] == 1})
+    plan = AdapterPlan(rank * parts, alpha * (parts**0.5 if rslora else parts), modules, params, dict(rank_pattern), dict(alpha_pattern), fused)
+    if others:
+        key = "|".join(re.escape(o) for o in others)
+        plan.rank_pattern[key], plan.alpha_pattern[key] = rank, alpha
+    return plan
+
+
 def lora_config(plan: AdapterPlan, rank: int, alpha: float) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=plan.target_modules or None,
+    return LoraConfig(r=plan.r, lora_alpha=plan.alpha, target_modules=plan.target_modules or None,
                       target_parameters=plan.target_parameters or None, rank_pattern=plan.rank_pattern,
                       alpha_pattern=plan.alpha_pattern, lora_dropout=0.0)
 

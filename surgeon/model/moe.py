@@ -23,8 +23,6 @@ the same way and leaves alone.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
 
@@ -68,14 +66,6 @@ def piece(fused: dict[str, torch.Tensor], expert: int, part: int, parts: int, ex
     b3 = b.reshape(b.shape[0], big_r, experts)  # (P·out, R, E)
     return {"lora_A": a3[expert, part * r:(part + 1) * r].contiguous(),
             "lora_B": b3[part * out_f:(part + 1) * out_f, part * r:(part + 1) * r, expert].contiguous()}
-
-
-def fused_patterns(params: dict[str, int], rank: int, alpha: float, rslora: bool = False) -> tuple[dict, dict]:
-    """rank_pattern / alpha_pattern entries giving each fused parameter of P parts rank P·r and alpha P·α
-    (√P·α with rsLoRA: the same scale as every expert matrix); full-name keys, placed before the user's."""
-    rp = {re.escape(p): rank * n for p, n in params.items() if n > 1}
-    ap = {re.escape(p): alpha * (n**0.5 if rslora else n) for p, n in params.items() if n > 1}
-    return rp, ap
 
 
 def fused_factors(handle, layers: dict[str, dict], fused: dict[str, dict], key) -> dict[str, torch.Tensor]:
