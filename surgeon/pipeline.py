@@ -24,7 +24,7 @@ import torch
 
 from surgeon import __version__, distributed, faults, patterns, quant
 from surgeon.errors import UsageError
-from surgeon.export.peft import adapter_config, task_type_for
+from surgeon.export.peft import adapter_config, load_class, task_type_for
 from surgeon.io import Checkpoint, OutTensor, ShardSetWriter, plan_shards
 from surgeon.io.dtypes import CONFIG_DTYPE, FLOAT_DTYPES, USER_DTYPES
 from surgeon.io.writer import check_free_space, disk_errors, parse_size, planned_sizes, write_json
@@ -33,8 +33,8 @@ from surgeon.manifest import build_manifest, method_config, truncation_warnings
 from surgeon.methods import MethodConfig, get_method
 from surgeon.model import NameMap, load_names
 from surgeon.model.adapter import AdapterPlan, plan_adapter
-from surgeon.model.check import check_adapter, check_modules
-from surgeon.model.moe import fused_factors, fused_shapes
+from surgeon.model.moe import fused_shapes
+from surgeon.model.output import fused_targets, load_check, write_fused
 from surgeon.model.targets import other_matrices
 from surgeon.outdir import COMMIT_SECONDS, WorkDir, copy_side_files, finish_completed, open_work
 from surgeon.progress import NullReporter, Reporter
@@ -202,7 +202,7 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"), names)
     if method.per_block and list(opts.target) == ["all-linear"]:  # a per-block method routes inside the blocks only
         targets = {n: t for n, t in targets.items() if block_of(t.module) is not None} or targets
-    targets, dense = _fused_targets(targets, method, qspec)
+    targets, dense = fused_targets(targets, method.lora_shaped and qspec is None)
     layer_cfgs, rank_pattern, alpha_pattern = patterns.layer_configs(targets, cfg, method, opts)
     layer_cfgs.update({t.module: cfg for t in targets.values() if t.place is not None and t.place.fused})  # one rank per fused parameter
     ranks = {m: c.rank for m, c in layer_cfgs.items()}
@@ -310,12 +310,13 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
         reporter.close()
         return None  # rank 0 finishes the folder; every rank returns its manifest
     w.base.write_index()
-    _write_fused(job, work.path)
+    if job.adapter and job.adapter.fused:
+        write_fused(work.path, job.factor_plan, job.targets, job.adapter.fused)
     faults.point("after-index")
     records = work.records()
     manifest = _manifest(job, records)
     _side_files(job, work.path, manifest["target_modules"])
-    _load_check(job, work.path, manifest["layers"])  # before the manifest: a refused output never looks finished
+    load_check(job.names, job.method.lora_shaped, work.path, manifest["layers"])  # before the manifest: a refused output never looks finished
     write_json(work.path / MANIFEST, manifest)
     faults.point("after-manifest")
     from surgeon.card import build_card
@@ -367,12 +368,6 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     return manifest
 
 
-def load_class(model_cfg: dict) -> str:
-    """The transformers class of the documented load line: AutoModelForCausalLM for causal LMs, else the model's own."""
-    archs = model_cfg.get("architectures") or []
-    return "AutoModelForCausalLM" if task_type_for(model_cfg) == "CAUSAL_LM" or not archs else str(archs[0])
-
-
 def _quant_config(job: SplitJob) -> dict | None:
     """config.json's quantization_config of a --quantize split (what transformers' loader reads)."""
     if job.qspec is None:
@@ -400,48 +395,6 @@ def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
                               rank_pattern=ad.rank_pattern if ad else job.rank_pattern, alpha_pattern=ad.alpha_pattern if ad else job.alpha_pattern,
                               target_parameters=ad.target_parameters if ad else None)
         write_json(folder / ADAPTER_CONFIG, conf)
-
-
-def _load_check(job: SplitJob, folder: Path, layers: dict) -> None:
-    """The written factors attached to the skeleton as PEFT (or surgeon's runtime) would attach them."""
-    if job.names is None:
-        return
-    if job.method.lora_shaped:
-        modules = [lay["fused"]["param"].rpartition(".")[0] if "fused" in lay else m for m, lay in layers.items()]
-        check_adapter(job.names.model, folder, ADAPTER_CONFIG, ADAPTER_WEIGHTS, list(dict.fromkeys(modules)))
-    else:
-        check_modules(job.names.model, layers)
-
-
-def _fused_targets(targets: dict[str, Target], method, qspec) -> tuple[dict[str, Target], dict[str, str]]:
-    """Fused MoE experts are split for LoRA-shaped methods on a float residual; otherwise they stay dense."""
-    fused = {n for n, t in targets.items() if t.place is not None and t.place.fused}
-    if not fused or (method.lora_shaped and qspec is None):
-        return targets, {}
-    why = "fused MoE experts: split for milora/pissa on a float residual only"
-    return {n: t for n, t in targets.items() if n not in fused}, {targets[n].module: why for n in fused}
-
-
-def _write_fused(job: SplitJob, folder: Path) -> None:
-    """The adapter's fused expert pairs, assembled from the per-expert factors in surgeon.init (repeatable)."""
-    if not (job.adapter and job.adapter.fused):
-        return
-    from safetensors import safe_open
-
-    with safe_open(folder / INIT_FACTORS, "pt") as f:
-        layers = {t.module: {"fused": _fused_record(t)} for t in job.targets.values() if t.place is not None and t.place.fused}
-        tensors = fused_factors(f, layers, job.adapter.fused, lambda m, n: factor_key(True, m, n))
-    w = ShardSetWriter(folder, [job.factor_plan], prefix=_stem(ADAPTER_WEIGHTS))
-    try:
-        for k, t in tensors.items():
-            w.write(k, t.contiguous())
-        w.sync()
-    finally:
-        w.close()
-
-
-def _fused_record(t: Target) -> dict:
-    return {"param": t.place.param, "expert": t.place.expert, "part": t.place.part, "parts": t.place.parts}
 
 
 def split_cost(info, targeted: bool, device_type: str) -> int:

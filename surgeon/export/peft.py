@@ -73,6 +73,12 @@ def task_type_for(config: dict) -> str | None:
     return "CAUSAL_LM" if is_causal else None
 
 
+def load_class(model_cfg: dict) -> str:
+    """The transformers class of the documented load line: AutoModelForCausalLM for causal LMs, else the model's own."""
+    archs = model_cfg.get("architectures") or []
+    return "AutoModelForCausalLM" if task_type_for(model_cfg) == "CAUSAL_LM" or not archs else str(archs[0])
+
+
 def publish_adapter(out: Path, plan: dict, overwrite: bool, inputs: list[Path], config: dict, tensors: dict[str, torch.Tensor], check=None) -> dict:
     """Write an exported adapter as an output transaction (surgeon/outdir.py), with a small
     surgeon.json naming what it came from, so a later --overwrite recognises it. Returns `config`."""
