@@ -40,13 +40,13 @@ def plan_adapter(names, targets, model_type, rank: int, alpha: float, rank_patte
     for t in targets.values():
         if t.place is not None and t.place.fused:
             fused[t.place.param] = {"parts": t.place.parts, "experts": t.place.shape[0]}
-    clash = colliding_leaves(model_type) if fused or colliding_leaves(model_type) else set()
+    clash = colliding_leaves(model_type)
     moved = {m for m in dense if m.rsplit(".", 1)[-1] in clash}  # PEFT's MoE conversion would move these
     params = sorted(fused) + sorted(f"{m}.weight" for m in moved)
     modules = peft_target_modules(names, dense - moved) if dense - moved else []
     plan = _ranks(modules, params, fused, rank, alpha, rank_pattern, alpha_pattern, rslora)
     if fused:
-        for param, module in wrapper_modules(names.model, plan, rank, alpha).items():
+        for param, module in wrapper_modules(names.model, plan).items():
             if param in fused:
                 fused[param]["module"] = module
     return plan
@@ -71,17 +71,17 @@ def _ranks(modules, params, fused, rank, alpha, rank_pattern, alpha_pattern, rsl
     return plan
 
 
-def lora_config(plan: AdapterPlan, rank: int, alpha: float) -> LoraConfig:
+def lora_config(plan: AdapterPlan) -> LoraConfig:
     return LoraConfig(r=plan.r, lora_alpha=plan.alpha, target_modules=plan.target_modules or None,
                       target_parameters=plan.target_parameters or None, rank_pattern=plan.rank_pattern,
                       alpha_pattern=plan.alpha_pattern, lora_dropout=0.0)
 
 
-def wrapper_modules(model, plan: AdapterPlan, rank: int, alpha: float) -> dict[str, str]:
+def wrapper_modules(model, plan: AdapterPlan) -> dict[str, str]:
     """parameter name -> the module path of the ParamWrapper PEFT puts on it (its factors' key prefix)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = PeftModel(copy.deepcopy(model), lora_config(plan, rank, alpha), low_cpu_mem_usage=True)
+        pm = PeftModel(copy.deepcopy(model), lora_config(plan), low_cpu_mem_usage=True)
     out = {}
     for name, mod in pm.base_model.model.named_modules():
         if isinstance(mod, ParamWrapper):
