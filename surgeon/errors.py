@@ -57,6 +57,10 @@ class SplitDirError(SurgeonError):
     """A folder given to absorb/export is not a complete surgeon split."""
 
 
+class LoadCheckError(SurgeonError):
+    """A written adapter does not bind, factor for factor, to the model transformers builds (surgeon/model/check.py)."""
+
+
 class SourceChangedError(SurgeonError):
     """The source weights a split was made from changed since (absorb into the original refuses)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     from make_fixtures import build
 
     return build(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture()
+def model(tiny, tmp_path) -> Path:
+    """A copy of fixtures/tiny-llama at tmp_path/m, for tests that may damage their input."""
+    m = tmp_path / "m"
+    shutil.copytree(tiny["tiny-llama"], m)
+    return m
 
 
 def smollm2_cache() -> Path:

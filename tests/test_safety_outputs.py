@@ -17,13 +17,6 @@ from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture()
-def model(tiny, tmp_path) -> Path:
-    m = tmp_path / "m"
-    shutil.copytree(tiny["tiny-llama"], m)
-    return m
-
-
-@pytest.fixture()
 def split_dir(model, tmp_path) -> Path:
     s = tmp_path / "s"
     assert run("split", model, "--rank", "2", "--out", s, "-q").exit_code == 0

@@ -19,12 +19,15 @@ IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
 def test_transformers_trainer_with_peft_trains_a_split_and_absorb_merges_it(tiny, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    from surgeon.runtime import load_residual_model
 
     d = tmp_path / "split"
     split(str(tiny["tiny-llama"]), d, SplitOptions(method="pissa", rank=4, rank_pattern=[r"mlp\..*=6"]))
     assert json.loads((d / "adapter_config.json").read_text())["init_lora_weights"] is True  # PEFT re-runs no SVD on load
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), d, is_trainable=True)
+    # README's recipe: the residual without its adapter (transformers would attach it already), the adapter once
+    model = PeftModel.from_pretrained(load_residual_model(d), d, is_trainable=True)
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (x := torch.randint(2, 300, (16,), generator=g)), "labels": x.clone()} for _ in range(8)]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,

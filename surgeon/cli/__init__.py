@@ -8,12 +8,16 @@ commands through the entry-point group `surgeon.commands` (each entry point is a
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import entry_points
 
 PLUGIN_GROUP = "surgeon.commands"
 
 
 def build_app():
+    # PEFT imports bitsandbytes when it is installed, whose CPU backend logs a warning about an optional kernel
+    # download at import: not the user's concern on a command line that prints one line per problem
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from surgeon.cli.commands import app
     from surgeon.cli.common import err_console
 

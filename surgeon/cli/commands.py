@@ -185,6 +185,11 @@ def _summary(m: dict, out: Path) -> None:
     t = Table(title=f"surgeon split → {out}", show_header=False)
     t.add_row("method / rank / alpha", f"{m['method']} / {m['rank']} / {m['alpha']:g}")
     t.add_row("layers split", str(s["layers"]))
+    if m.get("dense"):  # all-linear layers left dense: routers, layers not above the rank
+        first = next(iter(m["dense"].items()))
+        t.add_row("kept dense", f"{len(m['dense'])} (e.g. {first[0]}: {first[1]}; all in surgeon.json \"dense\")")
+    if m.get("names", "").startswith("checkpoint names"):
+        t.add_row("names", m["names"])
     t.add_row("solvers", ", ".join(f"{k}: {v}" for k, v in s["solvers"].items()))
     t.add_row("worst ‖W−(W_res+sBA)‖/‖W‖ vs the original", f"{s['worst_reconstruction_error']:.2e}")
     if s.get("error_meaning"):

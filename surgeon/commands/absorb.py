@@ -71,6 +71,8 @@ from surgeon.format.writer import (
 )
 from surgeon.methods import Method
 from surgeon.methods.folder import SplitDir
+from surgeon.model.check import check_output
+from surgeon.model.moe import fused_factors
 from surgeon.runtime.calibrate import calibration_gates
 from surgeon.version import __version__
 
@@ -188,7 +190,7 @@ def _open_writer(job: AbsorbJob, work: WorkDir, opts: AbsorbOptions, dist) -> Sh
 
 def _merge_all(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Reporter, dist) -> None:
     sd, ckpt = job.sd, job.ckpt
-    by_tensor = {f"{m}.weight": m for m in sd.layers}
+    by_tensor = {lay.get("tensor", f"{m}.weight"): m for m, lay in sd.layers.items()}  # checkpoint key -> loaded module
     left = [n for n in ckpt.tensors if n not in work.done]
     rank = sd.cfg.rank * (2 if job.base == "original" else 1)  # B·A once, or twice (current and initial)
     todo = dist.share(left, [distributed.matrix_cost(ckpt.tensors[n].shape, ckpt.tensors[n].nbytes, rank=rank if n in by_tensor else None) for n in left])
@@ -303,7 +305,11 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     cfg = sd.cfg
     tensors = {}
     with safe_open(sd.factors_file, "pt") as cur, safe_open(sd.init_file, "pt") as ini:
-        for module in sd.manifest["layers"]:
+        if sd.lora and sd.manifest.get("fused"):
+            tensors.update(_export_fused(sd, cur, ini))
+        for module, lay in sd.manifest["layers"].items():
+            if "fused" in lay:
+                continue
             if not sd.lora:
                 a, b = sd.method.lora_change(sd.factors(cur, module), sd.factors(ini, module), sd.layer_cfg(module))
                 tensors[lora_key(module, "lora_A")], tensors[lora_key(module, "lora_B")] = a.contiguous(), b.contiguous()
@@ -328,8 +334,25 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         revision=src.get("revision") if src.get("hub_id") else None,
         task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
         rank_pattern={k: r_mult * v for k, v in rp.items()}, alpha_pattern={k: a_mult * v for k, v in ap.items()},
+        target_parameters=sd.manifest.get("target_parameters"),
     )
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), **sd.identity()}, overwrite, sd.inputs(), conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), **sd.identity()}, overwrite, sd.inputs(), conf, tensors,
+                           check=lambda folder: check_output(folder, sd.manifest, sd.path))
+
+
+def _export_fused(sd: SplitDir, cur, ini) -> dict[str, torch.Tensor]:
+    """The rank-2R pair [B' | B₀], [A' ; −A₀] of every fused expert parameter, per expert in PEFT's layout
+    (lora_A expert-major (E·R, in), lora_B rank-major (out, R·E): surgeon/model/moe.py)."""
+    init = fused_factors(ini, sd.layers, sd.manifest["fused"], lora_key)
+    out = {}
+    for info in sd.manifest["fused"].values():
+        m, e = info["module"], info["experts"]
+        a1, b1 = sd._fused(cur, m)["lora_A"], sd._fused(cur, m)["lora_B"]
+        a0, b0 = init[lora_key(m, "lora_A")], init[lora_key(m, "lora_B")]
+        a = torch.cat([a1.reshape(e, -1, a1.shape[1]), -a0.reshape(e, -1, a0.shape[1])], 1)  # (E, 2R, in)
+        out[lora_key(m, "lora_A")] = a.reshape(-1, a1.shape[1]).contiguous()
+        out[lora_key(m, "lora_B")] = torch.cat([b1, b0], 1).contiguous()  # (out, 2R·E)
+    return out
 
 
 def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:

@@ -96,7 +96,7 @@ def dry_run(model: str, out: Path, opts) -> dict:
     trainable += sum(torch.Size(t.shape).numel() for t in job.factor_plan if t.name in block_keys)
     files = _files("model", plan_shards(job.base_plan, parse_size(opts.shard_size)))
     files += _files(Path(ADAPTER_WEIGHTS if method.lora_shaped else FACTORS).stem, [job.factor_plan])
-    files += _files(Path(INIT_FACTORS).stem, [job.factor_plan])
+    files += _files(Path(INIT_FACTORS).stem, [job.init_plan])
     if opts.spectra:
         files += _files(Path(SPECTRA).stem, [job.spectra_plan])
     files.append({"file": "side files (config, tokenizer, ...)", "tensors": 0, "bytes": sum(f.stat().st_size for f in job.src.side_files)})

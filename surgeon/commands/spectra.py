@@ -42,7 +42,7 @@ def _from_source(sd, modules: list[str], device: str, reporter: Reporter):
         raise SplitDirError(f"{sd.path} stores no spectra and its source {missing[0]} is gone; split again with --spectra.")
     ckpt = verified_source(sd)
     backend = get_backend(device)
-    want = {f"{m}.weight": m for m in modules}
+    want = {sd.layers.get(m, {}).get("tensor", f"{m}.weight"): m for m in modules}  # checkpoint key -> loaded module
     names = [n for n in ckpt.tensors if n in want]
     reporter.start(len(names), sum(ckpt.tensors[n].nbytes for n in names))
     try:

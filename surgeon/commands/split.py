@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from surgeon import options
-from surgeon.commands.export.peft import adapter_config, task_type_for
+from surgeon.commands.export.peft import adapter_config, load_class, task_type_for
 from surgeon.commands.manifest import (
     build_manifest,
     error_meaning,
@@ -66,14 +66,20 @@ from surgeon.format.writer import (
 from surgeon.linalg import get_backend
 from surgeon.linalg.decompose import SOLVERS
 from surgeon.methods import MethodConfig, get_method
-from surgeon.model import patterns
+from surgeon.model import NameMap, load_names, patterns
+from surgeon.model.adapter import AdapterPlan, plan_adapter
+from surgeon.model.moe import fused_shapes
+from surgeon.model.output import fused_targets, load_check, write_fused
 from surgeon.model.selection import (
     Target,
+    block_of,
     check_targets,
     group_by_block,
+    keep_dense,
     peft_target_modules,
     select_targets,
 )
+from surgeon.model.targets import other_matrices
 from surgeon.version import __version__
 
 
@@ -139,6 +145,11 @@ class SplitJob:
     layer_cfgs: dict[str, MethodConfig] = field(default_factory=dict)  # module -> its config (--rank-pattern/--alpha-pattern)
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    names: NameMap | None = None  # the skeleton and checkpoint key -> loaded name (None: transformers cannot build it)
+    names_why: str = ""  # why there is no skeleton
+    dense: dict[str, str] = field(default_factory=dict)  # all-linear layers left dense (module -> why)
+    adapter: AdapterPlan | None = None  # the PEFT names of a LoRA-shaped split (None without a skeleton)
+    init_plan: list[OutTensor] = field(default_factory=list)  # surgeon.init: per expert matrix where the adapter fuses them
 
     def out_dtype(self, stored: str) -> str:
         return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored
@@ -231,11 +242,27 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     src.card_metadata()  # the model card is read at the finish: a link out of the folder is refused now, not after the work
     ckpt = src.checkpoint()
     model_cfg = src.config()
-    targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"))
+    names, names_why = load_names(model_cfg, ckpt.tensors)
+    targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"), names)
+    if method.per_block and list(opts.target) == ["all-linear"]:  # a per-block method routes inside the blocks only
+        targets = {n: t for n, t in targets.items() if block_of(t.module) is not None} or targets
+    targets, dense = fused_targets(targets, method.lora_shaped and qspec is None)
     layer_cfgs, rank_pattern, alpha_pattern = patterns.layer_configs(targets, cfg, method, opts)
-    check_targets(ckpt.tensors, targets, opts.rank, ranks={m: c.rank for m, c in layer_cfgs.items()})
+    layer_cfgs.update({t.module: cfg for t in targets.values() if t.place is not None and t.place.fused})  # one rank per fused parameter
+    ranks = {m: c.rank for m, c in layer_cfgs.items()}
+    if list(opts.target) == ["all-linear"]:
+        targets, small = keep_dense(targets, opts.rank, ranks)
+        dense.update(small)
+        if names is not None:
+            dense.update(other_matrices(ckpt.tensors, names))
+        if not targets:
+            raise UsageError(f"--rank {opts.rank} is not below the smaller side of any linear layer ({next(iter(dense.values()))}); choose a smaller --rank.")
+    check_targets(ckpt.tensors, targets, opts.rank, ranks=ranks)
     job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {}, qspec=qspec,
-                   layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                   layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                   names=names, names_why=names_why, dense=dense)
+    if names is not None and method.lora_shaped:
+        job.adapter = plan_adapter(names, targets, model_cfg.get("model_type"), cfg.rank, cfg.alpha, rank_pattern, alpha_pattern, cfg.use_rslora)
     _layout(job)
     job.plan = {
         "op": "split", "surgeon": __version__, "method": method.name, "rank": opts.rank, "alpha": alpha,
@@ -258,9 +285,17 @@ def _layout(job: SplitJob) -> None:
     """Every output tensor's name, dtype and shape, from the input headers alone."""
     method, cfg = job.method, job.cfg
     job.base_plan = [OutTensor(n, job.out_dtype(i.dtype), i.shape) for n, i in job.ckpt.tensors.items()]
+    fused = job.adapter.fused if job.adapter else {}
     for t in job.targets.values():
         for fname, shape in method.factor_shapes(t.out_features, t.in_features, job.layer(t.module)).items():
-            job.factor_plan.append(OutTensor(factor_key(method.lora_shaped, t.module, fname), "F32", shape))
+            key = factor_key(method.lora_shaped, t.module, fname)
+            job.init_plan.append(OutTensor(key, "F32", shape))
+            if t.place is None or not t.place.fused:
+                job.factor_plan.append(OutTensor(key, "F32", shape))
+            elif t.place.expert == 0 and t.place.part == 0:  # the fused parameter's pair, once
+                info = fused[t.place.param]
+                shape = fused_shapes(t.place, job.cfg.rank, t.out_features, t.in_features)[fname]
+                job.factor_plan.append(OutTensor(factor_key(True, info["module"], fname), "F32", shape))
         if job.opts.spectra:
             job.spectra_plan.append(OutTensor(t.module, "F64", (min(t.out_features, t.in_features),)))
     if job.qspec is not None:  # quant hook: each targeted weight becomes its group of 4-bit tensors
@@ -272,6 +307,7 @@ def _layout(job: SplitJob) -> None:
             job.blocks[b] = {"experts": experts, "hidden": hidden}
             for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
                 job.factor_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
+                job.init_plan.append(OutTensor(f"{b}.{fname}", "F32", shape))
 
 
 def _open_writers(job: SplitJob, work: WorkDir, dist) -> Writers:
@@ -280,7 +316,7 @@ def _open_writers(job: SplitJob, work: WorkDir, dist) -> Writers:
     specs = {
         "base": (plan_shards(job.base_plan, job.plan["shard_bytes"]), "model"),
         "factors": ([job.factor_plan], _stem(ADAPTER_WEIGHTS if lora else FACTORS)),
-        "init": ([job.factor_plan], _stem(INIT_FACTORS)),
+        "init": ([job.init_plan], _stem(INIT_FACTORS)),
         **({"spectra": ([job.spectra_plan], _stem(SPECTRA))} if job.opts.spectra else {}),
     }
     if dist.is_main:
@@ -318,11 +354,14 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
         reporter.close()
         return None  # rank 0 finishes the folder; every rank returns its manifest
     w.base.write_index()
+    if job.adapter and job.adapter.fused:
+        write_fused(work.path, job.factor_plan, job.targets, job.adapter.fused)
     faults.point("after-index")
     records = work.records()
     manifest = _manifest(job, records)
     manifest["factor_hashes"] = factor_hashes(work.path / INIT_FACTORS)  # the untrained factors, checked before any use (SplitDir)
     _side_files(job, work.path, manifest["target_modules"])
+    load_check(job.names, job.method.lora_shaped, work.path, manifest["layers"])  # before the manifest: a refused output never looks finished
     write_json(work.path / MANIFEST, manifest)
     faults.point("after-manifest")
     from surgeon.format.card import build_card
@@ -349,7 +388,7 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
     layers = {rec["layer"]["module"]: {k: v for k, v in rec["layer"].items() if k != "seconds"} for rec in records.values() if "layer" in rec}
     layers = {t.module: layers[t.module] for t in job.targets.values()}  # checkpoint order
     hashes = {n: records[n]["hash"] for n in job.ckpt.tensors}
-    target_modules = peft_target_modules(job.ckpt.tensors, job.targets)
+    target_modules = job.adapter.target_modules if job.adapter else peft_target_modules(job.ckpt.tensors, job.targets, job.names)
     manifest = build_manifest(job.src, job.method, job.cfg, job.opts, job.new_dtype, job.backend, layers, target_modules, job.targets, hashes)
     base_dtype = job.out_dtype(job.ckpt.tensors[next(iter(job.targets))].dtype)
     manifest["summary"]["base_dtype"] = base_dtype
@@ -363,6 +402,15 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
         manifest["rank_pattern"], manifest["alpha_pattern"] = job.rank_pattern, job.alpha_pattern
     if job.qspec is not None:  # quant hook: the settings and the errors measured per layer, summed up
         manifest["quantization"] = quant.summary(job.qspec, _quant_config(job), layers)
+    manifest["load_class"] = load_class(job.model_cfg)
+    if job.adapter and job.adapter.target_parameters:
+        manifest["target_parameters"] = job.adapter.target_parameters
+    if job.adapter and job.adapter.fused:
+        manifest["fused"] = job.adapter.fused
+    if job.dense:
+        manifest["dense"] = job.dense
+    if job.names is None:
+        manifest["names"] = f"checkpoint names ({job.names_why}); no load check"
     if warnings := truncation_warnings(job.method, layers):
         manifest["warnings"] = warnings
     return manifest
@@ -373,7 +421,7 @@ def _quant_config(job: SplitJob) -> dict | None:
     if job.qspec is None:
         return None
     qdt = quant.qdtype_name(job.out_dtype(job.ckpt.tensors[next(iter(job.targets))].dtype))
-    return quant.quantization_config(job.qspec, qdt, quant.skip_modules(job.ckpt.tensors, {t.module for t in job.targets.values()}))
+    return quant.quantization_config(job.qspec, qdt, quant.skip_modules(job.ckpt.tensors, {t.tensor[: -len(".weight")] for t in job.targets.values()}))
 
 
 def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
@@ -389,9 +437,11 @@ def _side_files(job: SplitJob, folder: Path, target_modules: list[str]) -> None:
         write_json(folder / "config.json", conf)
     if job.method.lora_shaped:
         cfg, any_t = job.cfg, next(iter(job.targets.values()))
-        conf = adapter_config(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
+        ad = job.adapter
+        conf = adapter_config(r=ad.r if ad else cfg.rank, alpha=ad.alpha if ad else cfg.alpha, target_modules=target_modules, fan_in_fan_out=any_t.transposed,
                               use_rslora=cfg.use_rslora, task_type=task_type_for(job.model_cfg),
-                              rank_pattern=job.rank_pattern, alpha_pattern=job.alpha_pattern)
+                              rank_pattern=ad.rank_pattern if ad else job.rank_pattern, alpha_pattern=ad.alpha_pattern if ad else job.alpha_pattern,
+                              target_parameters=ad.target_parameters if ad else None)
         write_json(folder / ADAPTER_CONFIG, conf)
 
 

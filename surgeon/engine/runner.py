@@ -152,7 +152,8 @@ class SplitRunner:
             outputs.append((w.spectra, target.module, outs.pop("__spectrum__")))
         for fname, f in outs.items():
             key = factor_key(job.method.lora_shaped, target.module, fname)
-            outputs += [(w.factors, key, f), (w.init, key, f)]
+            fused = target.place is not None and target.place.fused  # the adapter's fused pair is assembled at the finish
+            outputs += [(w.init, key, f)] if fused else [(w.factors, key, f), (w.init, key, f)]
         return record, outputs
 
 
@@ -201,6 +202,7 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         err = cast_err
     layer = {
         "module": target.module,
+        "tensor": target.tensor,
         "shape": [target.out_features, target.in_features],
         "rank": cfg.rank,
         "alpha": cfg.alpha,
@@ -218,6 +220,8 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         "seconds": round(time.perf_counter() - t0, 4),  # run-dependent: goes to the run log, not the manifest
         **res.stats,
         **qstats,
+        **({"fused": {"param": target.place.param, "expert": target.place.expert, "part": target.place.part,
+                      "parts": target.place.parts}} if target.place is not None and target.place.fused else {}),
     }
     if job.qspec is not None:  # bitsandbytes codes always quantize the (out, in) orientation
         outs = {"__residual__": residual}

@@ -53,14 +53,16 @@ LORA_LOAD = """The folder is a transformers checkpoint of the frozen residual pl
 trainable factors (adapter_config.json, adapter_model.safetensors). transformers finds the adapter and,
 with `peft` installed, attaches it, so the model loads as the source model:"""
 
-LORA_SNIPPET = """from transformers import AutoModelForCausalLM
+LORA_SNIPPET = """from transformers import {cls}
 
 repo = "{repo}"
-model = AutoModelForCausalLM.from_pretrained(repo)  # W_res + s·B·A: the source model, up to the error above"""
+model = {cls}.from_pretrained(repo)  # W_res + s·B·A: the source model, up to the error above"""
 
-LORA_AFTER = """Train the adapter with any PEFT-aware trainer (or `surgeon train`). To merge it back into plain
-weights, download the folder (`hf download REPO --local-dir split`) and run
-`surgeon absorb split --out merged`, or use PEFT's `merge_and_unload()`."""
+LORA_AFTER = """The adapter is already attached: do not wrap this model in `PeftModel.from_pretrained(model, repo)`,
+which would inject it a second time. For a `PeftModel` (PEFT-aware trainers), attach the adapter to the
+residual loaded without it: `PeftModel.from_pretrained(surgeon.runtime.load_residual_model(folder), folder)`.
+Train the adapter with any PEFT-aware trainer (or `surgeon train`). To merge it back into plain
+weights, download the folder (`hf download REPO --local-dir split`) and run `surgeon absorb split --out merged`."""
 
 FACTORS_LOAD = """The folder is a transformers checkpoint of the frozen residual; the method's factors are in
 `surgeon.factors.safetensors` (keys `<module>.<factor>`), and surgeon's runtime puts them back:"""
@@ -167,7 +169,7 @@ def build_card(manifest: dict, repo: str = ".") -> ModelCard:
             spectra=_spectra(manifest.get("layers", {})),
             factor_energy=100 * s["mean_factor_energy"],
             load_text=LORA_LOAD if peft else FACTORS_LOAD,
-            snippet=(LORA_SNIPPET if peft else FACTORS_SNIPPET).format(repo=repo),
+            snippet=(LORA_SNIPPET if peft else FACTORS_SNIPPET).format(repo=repo, cls=manifest.get("load_class") or "AutoModelForCausalLM"),
             after=LORA_AFTER if peft else "Merge the trained factors with `surgeon absorb DIR --out merged`.",
         )
     return ModelCard(f"---\n{card_data(manifest).to_yaml()}\n---\n{body}")

@@ -262,7 +262,7 @@ class DequantCheckpoint:
         self.ckpt, self.groups, self.transposed = ckpt, {}, {}
         members = set()
         for module, lay in manifest["layers"].items():
-            weight = f"{module}.weight"
+            weight = lay.get("tensor", f"{module}.weight")  # the checkpoint key (the module is the loaded name)
             self.groups[weight] = group_names(weight, spec)
             self.transposed[weight] = lay["transposed"]
             members.update(self.groups[weight])

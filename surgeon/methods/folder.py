@@ -24,6 +24,7 @@ from surgeon.format.splitdir import (
     MANIFEST,
     factor_hashes,
     factor_key,
+    lora_key,
     read_manifest,
 )
 from surgeon.methods import MethodConfig, get_method
@@ -91,22 +92,46 @@ class SplitDir:
         if not _str_map(hashes, str):
             raise SplitDirError(f"{self.path / MANIFEST} holds damaged source hashes; re-run the split.")
 
-    def expected_factors(self) -> dict[str, tuple[int, ...]]:
+    def expected_factors(self, trainable: bool = False) -> dict[str, tuple[int, ...]]:
         """Every factor tensor this split has, key → shape, from the manifest: each layer's shape and
-        rank, and the per-block tensors (moe routers)."""
+        rank, and the per-block tensors (moe routers). The untrained file holds each MoE expert's own
+        factors; the trainable file (`trainable`) holds them fused per expert parameter instead, in
+        PEFT's ParamWrapper layout (lora_A (E·R, in), lora_B (out, R·E); surgeon/model/moe.py)."""
         want: dict[str, tuple[int, ...]] = {}
+        fused: dict[str, list[tuple[list[int], int]]] = {}  # fused parameter -> [(expert shape, rank)]
         for module, lay in self.layers.items():
             shape, r = lay.get("shape") if isinstance(lay, dict) else None, lay.get("rank", self.manifest["rank"]) if isinstance(lay, dict) else None
             if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape) and isinstance(r, int) and r > 0):
                 raise SplitDirError(f"{self.path / MANIFEST}: the record of layer {module} is damaged; re-run the split.")
-            if self.layer_cfg(module).rank != r:
+            place = lay.get("fused")
+            if isinstance(place, dict):  # PEFT's rank applies to the fused parameter, not to one expert
+                fused.setdefault(place.get("param"), []).append((shape, r))
+                if trainable:
+                    continue
+            elif self.layer_cfg(module).rank != r:
                 raise SplitDirError(f"{self.path / ADAPTER_CONFIG} gives {module} rank {self.layer_cfg(module).rank}, {MANIFEST} records {r}; "
                                     "put back the adapter config split wrote (or split again).")
             cfg = dataclasses.replace(self.cfg, rank=r)
             want |= {self.factor_key(module, f): tuple(s) for f, s in self.method.factor_shapes(*shape, cfg).items()}
+        if trainable:
+            want |= self._fused_shapes(fused)
         for block, info in (self.manifest.get("blocks") or {}).items():
             shapes = self.method.block_shapes(info["hidden"], len(info["experts"]), self.cfg)
             want |= {f"{block}.{f}": tuple(s) for f, s in shapes.items()}
+        return want
+
+    def _fused_shapes(self, fused: dict[str, list[tuple[list[int], int]]]) -> dict[str, tuple[int, ...]]:
+        """key → shape of the fused factors PEFT keeps for each fused expert parameter (manifest "fused")."""
+        want = {}
+        for param, info in (self.manifest.get("fused") or {}).items():
+            parts = fused.get(param) or []
+            if not isinstance(info, dict) or not parts or not isinstance(info.get("module"), str):
+                raise SplitDirError(f"{self.path / MANIFEST}: the record of the fused parameter {param} is damaged; re-run the split.")
+            experts, per = int(info.get("experts", 0)), int(info.get("parts", 1))
+            (out, inp), r = parts[0]
+            rank = per * r  # gate_up: the parts' ranks side by side
+            want[lora_key(info["module"], "lora_A")] = (experts * rank, inp)
+            want[lora_key(info["module"], "lora_B")] = (per * out, rank * experts)
         return want
 
     def _check_factors(self) -> None:
@@ -114,11 +139,11 @@ class SplitDir:
         dtypes in both; the untrained factors (surgeon.init) also by the content hash split recorded of
         each tensor. The trainable file may hold other values (training, by surgeon or PEFT, changes
         them), never other shapes. A file copied from another split is refused naming its first wrong key."""
-        want = self.expected_factors()
         for p in (self.factors_file, self.init_file):
             if not p.exists():
                 continue
             have = read_header(p)[0]
+            want = self.expected_factors(trainable=p == self.factors_file and self.factors_file != self.init_file)
             why = _first_mismatch(want, have, "F32" if p == self.init_file else None)
             if why:
                 raise SplitDirError(f"{p} does not belong to this split: {why}; put back the file split wrote there (or split again).")
@@ -164,8 +189,9 @@ class SplitDir:
     def layer_cfg(self, module: str):
         """The module's own rank and alpha (--rank-pattern/--alpha-pattern): resolved from the adapter
         config as PEFT does when a LoRA-shaped split has one, else the manifest's per-layer record."""
-        if self.patterns is not None:
-            r, a = resolve(module, self.cfg.rank, self.cfg.alpha, *self.patterns)
+        if self.patterns is not None:  # PEFT matches a target parameter (a dense MLP kept off the experts) by its parameter name
+            name = f"{module}.weight" if f"{module}.weight" in (self.manifest.get("target_parameters") or ()) else module
+            r, a = resolve(name, self.cfg.rank, self.cfg.alpha, *self.patterns)
         else:
             lay = self.layers.get(module, {})
             r, a = lay.get("rank", self.cfg.rank), lay.get("alpha", self.cfg.alpha)
@@ -175,8 +201,27 @@ class SplitDir:
         return factor_key(self.lora, module, fname)
 
     def factors(self, handle, module: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """The factors of one split layer from an open factor file. A fused MoE expert matrix (layer
+        record "fused") is read under its own keys (surgeon.init) or cut out of the adapter's fused pair."""
         fnames = self.method.factor_shapes(1, 1, self.cfg).keys()
+        fu = self.layers.get(module, {}).get("fused")
+        if fu is not None and self.factor_key(module, "lora_A") not in self._keys(handle):
+            from surgeon.model.moe import piece
+
+            info = self.manifest["fused"][fu["param"]]
+            return {f: t.to(device) for f, t in piece(self._fused(handle, info["module"]), fu["expert"], fu["part"], fu["parts"], info["experts"]).items()}
         return {f: handle.get_tensor(self.factor_key(module, f)).to(device) for f in fnames}
+
+    def _keys(self, handle) -> set[str]:
+        if getattr(self, "_keys_of", (None,))[0] is not handle:
+            self._keys_of = (handle, set(handle.keys()))
+        return self._keys_of[1]
+
+    def _fused(self, handle, module: str) -> dict[str, torch.Tensor]:
+        """The fused (lora_A, lora_B) PEFT keeps for one fused parameter (cached: every expert reads it)."""
+        if getattr(self, "_fused_of", (None, None))[:2] != (handle, module):
+            self._fused_of = (handle, module, {f: handle.get_tensor(lora_key(module, f)) for f in ("lora_A", "lora_B")})
+        return self._fused_of[2]
 
     def source_files(self) -> list[dict]:
         """The source's weight files as recorded: [{"path", "size", "mtime_ns"}]."""

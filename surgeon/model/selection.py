@@ -11,6 +11,16 @@ full-matched against module names (anything that is not a plain dotted name is t
 
 GPT-2-style checkpoints store their linear layers as Conv1D, weight (in, out): those are marked
 `transposed` and decomposed as their transpose.
+
+With the model skeleton (surgeon/model: the class transformers builds from config.json, on the meta
+device, and every checkpoint key mapped to its loaded parameter by transformers' own rules), the
+targets are resolved on the LOADED module names, which are the names PEFT sees: `all-linear` is
+exactly PEFT's `_maybe_include_all_linear_layers` on that model (every nn.Linear/Conv1D but the
+output head: OPT's project_in/out, BERT's pooler and Llava's projector too), names and regular
+expressions match loaded module names, and Target.module is the loaded name while Target.tensor
+stays the checkpoint key (the residual keeps the checkpoint's names; transformers renames them on
+load as it does the input's). Without a skeleton (a config transformers cannot build) the
+checkpoint's own names are used, as below.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass
 from surgeon.errors import UsageError
 from surgeon.format.dtypes import FLOAT_DTYPES
 from surgeon.format.reader import TensorInfo
+from surgeon.model import targets as loaded
 from surgeon.model.patterns import UserRegex
 
 BLOCK = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
@@ -38,15 +49,20 @@ class Target:
     out_features: int
     in_features: int
     transposed: bool  # stored (in, out), GPT-2 Conv1D
+    place: object = None  # surgeon.model.Place: where transformers loads it (None without a skeleton)
 
 
 def _is_linear_weight(info: TensorInfo) -> bool:
     return info.name.endswith(".weight") and len(info.shape) == 2
 
 
-def select_targets(tensors: dict[str, TensorInfo], spec: list[str] | None, model_type: str | None = None) -> dict[str, Target]:
-    """Map tensor name -> Target for every tensor the spec selects, in checkpoint order."""
+def select_targets(tensors: dict[str, TensorInfo], spec: list[str] | None, model_type: str | None = None, names=None) -> dict[str, Target]:
+    """Map tensor name -> Target for every tensor the spec selects, in checkpoint order; `names`
+    (a surgeon.model.NameMap) resolves the spec on the loaded model's module names."""
     spec = list(spec or ["all-linear"])
+    _check_spec(spec)
+    if names is not None:
+        return {n: Target(n, m, o, i, tr, place) for n, (m, o, i, tr, place) in loaded.loaded_targets(tensors, spec, names).items()}
     conv1d = (model_type or "") in CONV1D_MODEL_TYPES
     linear = {n: i for n, i in tensors.items() if _is_linear_weight(i)}
 
@@ -62,8 +78,6 @@ def select_targets(tensors: dict[str, TensorInfo], spec: list[str] | None, model
             raise UsageError(f"--target {spec[0]!r} is not a valid regular expression ({e}).") from e
         chosen = [n for n in linear if rx.fullmatch(n[: -len(".weight")])]
     else:
-        if "all-linear" in spec:
-            raise UsageError("--target all-linear cannot be combined with module names.")
         chosen = [n for n in linear if any(_matches(n[: -len(".weight")], s) for s in spec)]
 
     if not chosen:
@@ -80,6 +94,16 @@ def select_targets(tensors: dict[str, TensorInfo], spec: list[str] | None, model
         out_f, in_f = (cols, rows) if transposed else (rows, cols)
         out[n] = Target(n, module, out_f, in_f, transposed)
     return out
+
+
+def _check_spec(spec: list[str]) -> None:
+    if len(spec) == 1 and not PLAIN_NAME.match(spec[0]):
+        try:
+            re.compile(spec[0])
+        except re.error as e:
+            raise UsageError(f"--target {spec[0]!r} is not a valid regular expression ({e}).") from e
+    elif "all-linear" in spec and spec != ["all-linear"]:
+        raise UsageError("--target all-linear cannot be combined with module names.")
 
 
 def _matches(module: str, pattern: str) -> bool:
@@ -124,12 +148,31 @@ def check_targets(tensors: dict[str, TensorInfo], targets: dict[str, Target], ra
         raise UsageError(f"--rank must be at least 1, got {rank}.")
 
 
-def peft_target_modules(tensors: dict[str, TensorInfo], targets: dict[str, Target]) -> list[str]:
+def keep_dense(targets: dict[str, Target], rank: int, ranks: dict[str, int] | None = None) -> tuple[dict[str, Target], dict[str, str]]:
+    """For --target all-linear: (targets, {module: why}) with every layer whose smaller side is not
+    above the rank left dense (a MoE router: experts × hidden), rather than refusing the split. A
+    rank the user gave the layer (--rank-pattern) is still checked by check_targets."""
+    kept, dense = {}, {}
+    for name, t in targets.items():
+        r = (ranks or {}).get(t.module, rank)
+        if min(t.out_features, t.in_features) == 0:
+            kept[name] = t  # an empty weight is no router: check_targets names it
+        elif r == rank and min(t.out_features, t.in_features) <= r:
+            dense[t.module] = f"{t.out_features}x{t.in_features} is not above rank {r}"
+        else:
+            kept[name] = t
+    return kept, dense
+
+
+def peft_target_modules(tensors: dict[str, TensorInfo], targets: dict[str, Target], names=None) -> list[str]:
     """The shortest PEFT target_modules list that selects exactly `targets`.
 
     Last name components ("q_proj") when every linear module with that ending is targeted, else
-    full module names (PEFT matches a full name only to itself).
+    full module names (PEFT matches a full name only to itself). With the skeleton (`names`), on
+    the loaded model's module names.
     """
+    if names is not None:
+        return loaded.peft_target_modules(names, {t.module for t in targets.values()})
     modules = {t.module for t in targets.values()}
     all_linear = {n[: -len(".weight")] for n, i in tensors.items() if _is_linear_weight(i)}
     by_leaf: dict[str, set[str]] = {}

@@ -27,12 +27,14 @@ from torch import nn
 
 from surgeon.engine.outdir import check_outside, check_replaceable, unsafe_reason
 from surgeon.engine.outplace import check_place, discard, out_path, sweep_trash
-from surgeon.errors import OutputExistsError, UnsafeOutputError
+from surgeon.errors import OutputExistsError, SplitDirError, UnsafeOutputError
 from surgeon.format.listing import FILES, TEMP, unlisted_reason, write_listing
 from surgeon.format.readlock import reads
 from surgeon.format.source import confined
 from surgeon.format.splitdir import RUN_LOG
 from surgeon.methods.folder import SplitDir
+from surgeon.methods.lora import FusedLoRA
+from surgeon.model.check import check_output
 from surgeon.model.slots import module_slot
 
 
@@ -42,6 +44,7 @@ class SplitModel:
         self.modules = modules  # module name -> runtime module
         self.split = split  # surgeon.methods.folder.SplitDir
         self.blocks = blocks or {}  # block name -> per-block runtime module (methods with per_block, e.g. moe routers)
+        self.fused: dict[str, FusedLoRA] = {}  # PEFT's module path of a fused expert parameter -> its parametrization
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -57,6 +60,9 @@ class SplitModel:
         for name, mod in self.blocks.items():
             for fname, t in mod.factors().items():
                 out[f"{name}.{fname}"] = t.detach().to("cpu", torch.float32).contiguous()
+        for name, mod in self.fused.items():
+            for fname, t in mod.factors().items():
+                out[self.split.factor_key(name, fname)] = t.detach().to("cpu", torch.float32).contiguous()
         return out
 
     def save(self, out: Path, overwrite: bool = False) -> Path:
@@ -112,6 +118,8 @@ def _save_copy(sm: SplitModel, out: Path, overwrite: bool) -> Path:
     save_file(sm.factor_state(), str(tmp / sm.split.factors_file.name), metadata={"format": "pt"})
     os.chmod(tmp / sm.split.factors_file.name, 0o644)  # safetensors writes 0600; split writes 0644
     (tmp / SAVING).unlink()
+    if sm.split.lora:  # the load check, before the copy is renamed into place
+        check_output(tmp, sm.split.manifest)
     write_listing(tmp, {RUN_LOG: TEMP})  # the split's run log: timings, listed by name only
     if out.exists():  # replaced only after the new copy is complete
         discard(out, out, put=lambda: os.replace(tmp, out))
@@ -172,7 +180,10 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
         p.requires_grad_(False)
     modules: dict[str, nn.Module] = {}
     with safe_open(split.factors_file, "pt") as f:
+        fused = _attach_fused(model, split, f, trainable)
         for name, lay in split.manifest["layers"].items():
+            if "fused" in lay:
+                continue
             parent, child, base = module_slot(model, name, split.path)
             rt = split.method.runtime(base, split.factors(f, name), split.layer_cfg(name), lay["transposed"])
             for p in rt.parameters():
@@ -189,4 +200,26 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
                 for p in mod.parameters():
                     p.requires_grad_(trainable)
     model.to(device)
-    return SplitModel(model, modules, split, blocks)
+    sm = SplitModel(model, modules, split, blocks)
+    sm.fused = fused
+    return sm
+
+
+def _attach_fused(model: nn.Module, split, handle, trainable: bool) -> dict[str, FusedLoRA]:
+    """A FusedLoRA parametrization on every fused expert parameter of the split (manifest "fused")."""
+    from torch.nn.utils import parametrize
+
+    out = {}
+    for param, info in (split.manifest.get("fused") or {}).items():
+        owner_name, _, pname = param.rpartition(".")
+        owner = module_slot(model, owner_name, split.path)[2]
+        w = getattr(owner, pname, None)
+        f = split._fused(handle, info["module"])
+        if w is None or w.dim() != 3 or tuple(w.shape[1:]) != (f["lora_B"].shape[0], f["lora_A"].shape[1]):
+            raise SplitDirError(f"the model built from {split.path}/config.json has no fused parameter {param} of the split's shape.")
+        cfg = split.layer_cfg(next(m for m, lay in split.layers.items() if lay.get("fused", {}).get("param") == param))
+        rt = FusedLoRA(f["lora_A"], f["lora_B"], info["experts"], cfg.scale)
+        rt.requires_grad_(trainable)
+        parametrize.register_parametrization(owner, pname, rt)
+        out[info["module"]] = rt
+    return out

@@ -110,14 +110,15 @@ def load_quantized_model(path: Path, manifest: dict, ckpt, dtype: torch.dtype = 
     model.tie_weights()  # transformers 5 ties inside init_weights, which no_init_weights skips
     spec = quant.QuantSpec(**{k: manifest["quantization"][k] for k in ("quant_type", "blocksize", "double_quant")})
     grouped: set[str] = set()
-    for module in manifest["layers"]:
-        weight = f"{module}.weight"
+    for module, lay in manifest["layers"].items():
+        weight = lay.get("tensor", f"{module}.weight")  # the checkpoint key (the module is the loaded name)
         names = quant.group_names(weight, spec)
         parent, child, old = module_slot(model, module, path)
-        bias = ckpt.read(f"{module}.bias") if f"{module}.bias" in ckpt else None
+        bias_key = weight[: -len(".weight")] + ".bias"
+        bias = ckpt.read(bias_key) if bias_key in ckpt else None
         setattr(parent, child, QuantLinear(weight, {n: ckpt.read(n) for n in names}, bias))
         grouped.update(names)
-        grouped.add(f"{module}.bias")
+        grouped.add(bias_key)
         del old
     _load_rest(model, ckpt, grouped, path)
     model.eval()

@@ -30,6 +30,7 @@ def adapter_config(
     task_type: str | None = "CAUSAL_LM",
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
+    target_parameters: list[str] | None = None,
 ) -> dict:
     conf = {
         "peft_type": "LORA",
@@ -40,6 +41,7 @@ def adapter_config(
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "target_modules": target_modules,
+        **({"target_parameters": list(target_parameters)} if target_parameters else {}),
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": use_rslora,
@@ -72,7 +74,13 @@ def task_type_for(config: dict) -> str | None:
     return "CAUSAL_LM" if is_causal else None
 
 
-def publish_adapter(out: Path, plan: dict, overwrite: bool, inputs: list[Path], config: dict, tensors: dict[str, torch.Tensor]) -> dict:
+def load_class(model_cfg: dict) -> str:
+    """The transformers class of the documented load line: AutoModelForCausalLM for causal LMs, else the model's own."""
+    archs = model_cfg.get("architectures") or []
+    return "AutoModelForCausalLM" if task_type_for(model_cfg) == "CAUSAL_LM" or not archs else str(archs[0])
+
+
+def publish_adapter(out: Path, plan: dict, overwrite: bool, inputs: list[Path], config: dict, tensors: dict[str, torch.Tensor], check=None) -> dict:
     """Write an exported adapter as an output transaction (surgeon/outdir.py), with a small
     surgeon.json naming what it came from, so a later --overwrite recognises it. Returns `config`."""
     from surgeon.engine.outdir import WorkDir
@@ -82,6 +90,8 @@ def publish_adapter(out: Path, plan: dict, overwrite: bool, inputs: list[Path], 
     with WorkDir(out, plan, overwrite, inputs=inputs) as work:
         if not work.complete:
             write_adapter(work.path, config, tensors)
+            if check is not None:  # the load check, before the output is renamed into place
+                check(work.path)
             write_json(work.path / MANIFEST, {"surgeon_version": __version__, "operation": "export", **plan, "r": config["r"],
                                               "base_model": config.get("base_model_name_or_path")})
         work.finish()
