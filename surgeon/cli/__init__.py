@@ -8,7 +8,10 @@ commands through the entry-point group `surgeon.commands` (each entry point is a
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import entry_points
+
+from surgeon.cli import early
 
 PLUGIN_GROUP = "surgeon.commands"
 
@@ -28,4 +31,8 @@ def build_app():
 
 
 def run() -> None:
-    build_app()(prog_name="surgeon")
+    early.start(sys.argv[1:])  # split: the model's bytes start coming off the disk before torch loads
+    try:
+        build_app()(prog_name="surgeon")
+    finally:
+        early.stop()
