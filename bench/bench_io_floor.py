@@ -2,7 +2,7 @@
 split's bytes, measured on the same files and disk, and the split's time as a ratio to it.
 
     python bench/bench_io_floor.py --model /tmp/b7/model --scratch /tmp/b7 [--methods milora,pissa]
-        [--root DIR[,NAME=VALUE...]]...   # run as root (page cache dropped before every cold measurement)
+        [--root DIR[,NAME=VALUE...][:M1+M2]]...   # as root (page cache dropped before every cold measurement)
 
 Floors, each from a cold page cache:
   (a) read: every shard, `--depth` threads of `--chunk`-byte positioned reads in file order;
@@ -13,7 +13,7 @@ Then, for each surgeon tree in --root (default: this one) and each method, the w
 (`python -m surgeon split MODEL --method M --rank 64 --target all-linear --device cuda`), with its
 wall and pipeline time, the pipeline over floor (c), and the sha256 of every output file but the run
 log, xxh3-128 over names and bytes (equal digests = byte-identical output); NAME=VALUE after a
-tree sets the split's environment (e.g. SURGEON_EARLY_READ=0). One JSON object; also $OUT/bench_io_floor.json.
+tree sets the split's environment (e.g. SURGEON_EARLY_READ=0), :M1+M2 limits that tree to these methods. One JSON object; also $OUT/bench_io_floor.json.
 """
 
 from __future__ import annotations
@@ -149,8 +149,11 @@ def main() -> None:
     res: dict = {"floors": floors(files, args.scratch, write_bytes, args.depth, args.chunk), "splits": {}}
     print(json.dumps(res["floors"]), flush=True)
     floor = res["floors"]["floor_s"]
-    for m in filter(None, args.methods.split(",")):
-        for spec in args.root or [str(HERE)]:
+    for spec in args.root or [str(HERE)]:
+        spec, _, only = spec.partition(":")
+        for m in filter(None, args.methods.split(",")):
+            if only and m not in only.split("+"):
+                continue
             root, *envs = spec.split(",")
             key = f"{Path(root).name} {m} {' '.join(envs)}".strip()
             r = timed_split(Path(root).resolve(), args.model, args.scratch / "out", m, [], dict(e.split("=", 1) for e in envs))

@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 METHODS=${1:-milora,pissa}
 shift || true
 ROOTS=("$@")
-[ ${#ROOTS[@]} -eq 0 ] && ROOTS=(../base . .,SURGEON_EARLY_READ=0)
+[ ${#ROOTS[@]} -eq 0 ] && ROOTS=(../base . .,SURGEON_EARLY_READ=0:milora .,SURGEON_WRITEBACK=0:milora .,SURGEON_SYNC_BYTES=4000000000:milora)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site wheels/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 python3 -V; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
@@ -21,5 +21,5 @@ timeout 150 python3 -c "
 import sys, time; sys.path[:0] = ['.', 'bench']; from pathlib import Path; t = time.time()
 import bench_gpu_7b as b; b.build(Path('/tmp/b7/model'), 32); print('build_s', round(time.time() - t, 1))" || exit 1
 args=(); for r in "${ROOTS[@]}"; do args+=(--root "$r"); done
-timeout 480 python3 bench/bench_io_floor.py --model /tmp/b7/model --scratch /tmp/b7 --methods "$METHODS" "${args[@]}" >"$OUT/floor.log" 2>&1
+timeout 420 python3 bench/bench_io_floor.py --model /tmp/b7/model --scratch /tmp/b7 --methods "$METHODS" "${args[@]}" >"$OUT/floor.log" 2>&1
 echo "floor rc=$?"; grep -v '^ ' "$OUT/floor.log" | grep -v '^[{}]' | cut -c1-900
