@@ -8,7 +8,7 @@ Floors, each from a cold page cache:
   (a) read: every shard, `--depth` threads of `--chunk`-byte positioned reads in file order;
   (b) write: as many bytes as the split writes (`--write-bytes`, default: the checkpoint's size times
       1.095, a 7B rank-64 split's ratio), `--depth` threads of pwrite, then fsync;
-  (c) both at once, as a split must: the job's I/O floor (≥ max(a, b) when reads and writes share the disk).
+  (c) both at once; the job's I/O floor is the better of (c) and (a) + (b), reads then writes.
 Then, for each surgeon tree in --root (default: this one) and each method, the whole CLI split cold
 (`python -m surgeon split MODEL --method M --rank 64 --target all-linear --device cuda`), with its
 wall and pipeline time, the pipeline over floor (c), and the sha256 of every output file but the run
@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -99,7 +100,9 @@ def floors(files: list[Path], scratch: Path, write_bytes: int, depth: int, chunk
     out["c_read_GBps_alongside"] = round(res["r"][1] / res["r"][0] / 1e9, 2)
     out["c_write_GBps_alongside"] = round(res["w"][1] / res["w"][0] / 1e9, 2)
     out["c_total_GBps"] = round((res["r"][1] + res["w"][1]) / both / 1e9, 2)
-    out["floor_s"] = max(out["c_both_s"], out["a_read_s"], out["b_write_s"])
+    # the job must read and write: at best both at once, or one after the other where mixing costs more
+    out["serial_s"] = round(r + w, 2)
+    out["floor_s"] = max(out["a_read_s"], out["b_write_s"], min(out["c_both_s"], out["serial_s"]))
     return out
 
 
@@ -120,6 +123,8 @@ def output_digest(out: Path) -> str:
 
 
 def timed_split(root: Path, model: Path, out: Path, method: str, extra: list[str], env: dict) -> dict:
+    if out.exists():  # a fresh output each time: replacing one first reads it whole (surgeon checks what it deletes)
+        shutil.rmtree(out)
     drop_caches()
     cmd = [sys.executable, "-m", "surgeon", "split", str(model), "--method", method, "--rank", "64", "--target", "all-linear",
            "--device", "cuda", "--out", str(out), "--overwrite", "--quiet", *extra]

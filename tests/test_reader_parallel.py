@@ -150,11 +150,12 @@ def test_early_reads_read_every_byte_within_the_budget(tiny):
     assert small.done_bytes <= 2000 and len(small.jobs) == 2
 
 
-def test_early_reads_start_before_torch_and_can_be_turned_off(tiny):
+def test_early_reads_start_before_torch_when_asked_and_are_off_by_default(tiny):
     code = ("import sys; from surgeon.cli import early; w = early.start(['split', sys.argv[1]]); "
             "assert 'torch' not in sys.modules; early.stop(); print(w is not None)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    on = subprocess.run([sys.executable, "-c", code, str(tiny["tiny-llama"])], env=env, capture_output=True, text=True, timeout=60, check=False)
-    off = subprocess.run([sys.executable, "-c", code, str(tiny["tiny-llama"])], env={**env, "SURGEON_EARLY_READ": "0"},
+    env = {k: v for k, v in os.environ.items() if k != "SURGEON_EARLY_READ"} | {"PYTHONPATH": str(ROOT)}
+    on = subprocess.run([sys.executable, "-c", code, str(tiny["tiny-llama"])], env={**env, "SURGEON_EARLY_READ": "4"},
+                        capture_output=True, text=True, timeout=60, check=False)
+    off = subprocess.run([sys.executable, "-c", code, str(tiny["tiny-llama"])], env=env,  # off by default
                          capture_output=True, text=True, timeout=60, check=False)
     assert (on.stdout.strip(), off.stdout.strip()) == ("True", "False"), on.stderr + off.stderr

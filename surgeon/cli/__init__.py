@@ -31,7 +31,7 @@ def build_app():
 
 
 def run() -> None:
-    early.start(sys.argv[1:])  # split: the model's bytes start coming off the disk before torch loads
+    early.start(sys.argv[1:])  # split with SURGEON_EARLY_READ=N: the model starts coming off the disk before torch loads
     try:
         build_app()(prog_name="surgeon")
     finally:

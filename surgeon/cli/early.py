@@ -1,6 +1,9 @@
-"""Disk reads that start before torch is imported: `surgeon split MODEL` pulls the model's shards
-into the page cache on a few threads while Python imports torch, opens the CUDA context and plans the
-split (4 s and more, cold), so the pipeline's first reads find their bytes in memory.
+"""Disk reads that start before torch is imported (opt-in: SURGEON_EARLY_READ=N reads in flight):
+`surgeon split MODEL` pulls the model's shards into the page cache on N threads while Python imports
+torch, opens the CUDA context and plans the split, so the pipeline's first reads find their bytes in
+memory. Off by default: on the GPU machine's disk, cold, 8 reads in flight cut the 7B split's
+pipeline by 4-6 s but slowed torch's own cold import from the same disk by more (wall +4 s,
+bench/RESULTS.md, issue 29).
 
 Imports only the standard library (it runs before anything heavy). It reads what the split reads
 anyway, only regular files (no links) directly inside a local model folder, at most half of the
@@ -115,12 +118,12 @@ _warmer: Warmer | None = None
 
 def start(argv: list[str]) -> Warmer | None:
     """Begin reading the model of a `split` command line (SURGEON_EARLY_READ: the number of reads in
-    flight, 0 turns it off)."""
+    flight; unset or 0: none)."""
     global _warmer
     try:
-        depth = int(os.environ.get("SURGEON_EARLY_READ", DEPTH))
+        depth = int(os.environ.get("SURGEON_EARLY_READ", "0"))
     except ValueError:
-        depth = DEPTH
+        depth = 0
     if _warmer is not None or depth <= 0:
         return _warmer
     files = model_files(argv)
