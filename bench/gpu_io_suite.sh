@@ -12,7 +12,7 @@ METHODS=${1:-milora,pissa}
 shift || true
 ROOTS=("$@")
 [ ${#ROOTS[@]} -eq 0 ] && ROOTS=(../base . .,SURGEON_EARLY_READ=0:milora .,SURGEON_WRITEBACK=0:milora .,SURGEON_SYNC_BYTES=4000000000:milora)
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site wheels/*.whl || exit 1
+rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site wheels/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 python3 -V; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
 python3 -c "import typer, filelock, xxhash, regex, huggingface_hub, httpx2; print('deps ok', filelock.__version__, huggingface_hub.__version__)" || exit 1
