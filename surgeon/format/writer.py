@@ -26,7 +26,7 @@ from surgeon.options import parse_size  # noqa: F401 (read here by split, absorb
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 # fdatasync every this many bytes per shard, from the writing thread (SURGEON_SYNC_BYTES: a benchmark knob)
-SYNC_BYTES = int(os.environ.get("SURGEON_SYNC_BYTES", str(256 << 20)))
+SYNC_BYTES = int(os.environ.get("SURGEON_SYNC_BYTES", "")) if os.environ.get("SURGEON_SYNC_BYTES", "").isdigit() else 256 << 20
 # SURGEON_WRITEBACK=0 leaves when to write dirty pages to the kernel (a benchmark knob)
 _FADVISE = hasattr(os, "posix_fadvise") and os.environ.get("SURGEON_WRITEBACK", "1") != "0"
 
