@@ -9,7 +9,10 @@ commands through the entry-point group `surgeon.commands` (each entry point is a
 from __future__ import annotations
 
 import logging
+import sys
 from importlib.metadata import entry_points
+
+from surgeon.cli import early
 
 PLUGIN_GROUP = "surgeon.commands"
 
@@ -32,4 +35,8 @@ def build_app():
 
 
 def run() -> None:
-    build_app()(prog_name="surgeon")
+    early.start(sys.argv[1:])  # split with SURGEON_EARLY_READ=N: the model starts coming off the disk before torch loads
+    try:
+        build_app()(prog_name="surgeon")
+    finally:
+        early.stop()

@@ -1,7 +1,7 @@
 """The streaming part of a split: read → decompose → method → write, overlapped.
 
-A reader thread prefetches the next tensors while the current ones are hashed and decomposed on
-solve threads, and a writer thread puts finished tensors into the pre-planned
+Reader threads prefetch the next tensors and a hash thread hashes them while the current ones are
+decomposed on solve threads, and a writer thread puts finished tensors into the pre-planned
 shards. Every `commit_seconds` the writer thread, after the writes queued before, fsyncs the
 shards and appends the finished tensors to the journal: a resume point that costs the main loop
 nothing. Host memory stays at a few tensors. Used by pipeline.split; knows no file format.
@@ -68,14 +68,16 @@ class SplitRunner:
 
     def _loop(self, todo: list[str], wpool, spool) -> None:
         job = self.job
-        stream = job.ckpt.stream(todo, prefetch=job.opts.prefetch, pin=self.device_type == "cuda")
+        # digest: each tensor's content hash on the reader's hash thread, beside the solve of the one before
+        stream = job.ckpt.stream(todo, prefetch=job.opts.prefetch, pin=self.device_type == "cuda", digest=True)
         while True:
             with self.clock("wait_read"):
                 item = next(stream, None)
             if item is None:
                 break
             info, tensor = item
-            self.solving.append((info, spool.submit(self._process, info, tensor)))
+            digest = job.ckpt.digests.pop(info.name, None)
+            self.solving.append((info, spool.submit(self._process, info, tensor, digest)))
             if len(self.solving) > self.workers:
                 self._drain_one(wpool)
             if time.monotonic() - self.last_commit >= job.opts.commit_seconds:
@@ -121,14 +123,15 @@ class SplitRunner:
             self.pending.popleft().result()
 
     # --- on the solve threads -----------------------------------------------------------------
-    def _process(self, info, tensor) -> tuple[dict, list]:
+    def _process(self, info, tensor, digest: str | None) -> tuple[dict, list]:
         stream = contextlib.nullcontext()
         if self.device_type == "cuda":  # each solve thread works on a stream of its own
             if not hasattr(self.streams, "s"):
                 self.streams.s = torch.cuda.Stream(self.job.backend.device)
             stream = torch.cuda.stream(self.streams.s)
-        with self.clock("hash_busy"):  # here, not on the reader thread: a cold read is often the critical path
-            digest = tensor_hash(tensor)
+        if digest is None:  # a source that hashes nothing while it reads
+            with self.clock("hash_busy"):
+                digest = tensor_hash(tensor)
         with stream, self.clock("solver_busy"):
             record, outputs = self._outputs(info, tensor)
         record["hash"] = digest

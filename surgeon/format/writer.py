@@ -25,6 +25,10 @@ from surgeon.format.dtypes import DTYPES, dtype_name
 from surgeon.options import parse_size  # noqa: F401 (read here by split, absorb and the dry run)
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
+# fdatasync every this many bytes per shard, from the writing thread (SURGEON_SYNC_BYTES: a benchmark knob)
+SYNC_BYTES = int(os.environ.get("SURGEON_SYNC_BYTES", "")) if os.environ.get("SURGEON_SYNC_BYTES", "").isdigit() else 256 << 20
+# SURGEON_WRITEBACK=0 leaves when to write dirty pages to the kernel (a benchmark knob)
+_FADVISE = hasattr(os, "posix_fadvise") and os.environ.get("SURGEON_WRITEBACK", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -142,6 +146,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + chunk], offset + done)
 
 
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing these bytes to the disk now, without waiting (Linux: fadvise DONTNEED begins the
+    writeback of dirty pages and drops clean ones): the disk stays busy between the periodic fdatasyncs,
+    which then find little left to wait for. Durability still comes only from fsync (commit, sync)."""
+    if _FADVISE:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
 def planned_sizes(folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None) -> list[tuple[Path, int]]:
     """(file, size) of each shard a ShardSetWriter with these arguments lays out, before it exists."""
     meta = {"format": "pt", **(metadata or {})}
@@ -152,11 +164,11 @@ def planned_sizes(folder: Path, shards: list[list[OutTensor]], prefix: str = "mo
 class ShardSetWriter:
     """Pre-laid-out shard files in `folder`; `write(name, tensor)` fills one tensor's bytes."""
 
-    def __init__(self, folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None, sync_bytes: int = 256 << 20):
+    def __init__(self, folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None, sync_bytes: int | None = None):
         self.folder = Path(folder)
         # flush to disk every `sync_bytes` per file, from the writing thread, so the disk works
         # all along instead of the page cache filling up and the final fsync waiting for it all
-        self.sync_bytes = sync_bytes
+        self.sync_bytes = SYNC_BYTES if sync_bytes is None else sync_bytes
         self._unsynced: list[int] = []
         self.files = [self.folder / n for n in shard_names(len(shards), prefix)]
         self.prefix = prefix
@@ -186,6 +198,7 @@ class ShardSetWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             with disk_errors(self.files[idx]):
                 _pwrite_all(self._fds[idx], memoryview(data), offset)
+                _start_writeback(self._fds[idx], offset, spec.nbytes)
                 self._unsynced[idx] += spec.nbytes
                 if self._unsynced[idx] >= self.sync_bytes:
                     os.fdatasync(self._fds[idx])
