@@ -24,6 +24,16 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return build(tmp_path_factory.mktemp("fixtures"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One BLAS thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): on 2 shared cores, small
+    training steps run ~100x slower with 2 under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def model(tiny, tmp_path) -> Path:
     """A copy of fixtures/tiny-llama at tmp_path/m, for tests that may damage their input."""

@@ -22,13 +22,7 @@ from surgeon.methods.nusa import null_ranks
 R = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS thread: on 2 shared cores, small training steps run ~100x slower with 2 under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

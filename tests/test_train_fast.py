@@ -25,12 +25,7 @@ DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
 FAST = dict(lr=1e-2, seq_len=64, batch_size=4, warmup_steps=1, steps=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

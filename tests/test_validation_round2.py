@@ -21,12 +21,7 @@ DATA = ROOT / "fixtures" / "data" / "tiny_instruct.jsonl"
 TRAIN = ["--steps", "1", "--seq-len", "32", "--batch-size", "2", "-q"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
