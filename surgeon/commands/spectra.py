@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from surgeon.engine.outdir import check_outside
 from surgeon.engine.outplace import check_place, out_path
 from surgeon.engine.progress import NullReporter, Reporter
 from surgeon.errors import SplitDirError, UsageError
@@ -74,13 +75,6 @@ def picture_path(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def check_not_input(out: Path, inputs: list[Path]) -> None:
-    """The picture never goes into an input: the split folder, the source model folder or files."""
-    for i in map(Path, inputs):
-        if out == i.resolve() or out.is_relative_to(i.resolve()):
-            raise UsageError(f"--out {out} lies inside the input {i}; surgeon never writes into its input, so choose another --out.")
-
-
 @reads("split_dir")
 def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool = False, reporter: Reporter | None = None) -> tuple[int, Path]:
     """Draw the spectra of the layers `layers` selects into `out` (written whole, then renamed);
@@ -88,7 +82,7 @@ def plot_spectra(split_dir: Path, out: Path, layers: str = ".*", overwrite: bool
     out = picture_path(out, overwrite)
     rx = UserRegex(layers, "--layers")  # matched under a time bound
     sd = SplitDir(Path(split_dir))  # validated: a split folder, complete
-    check_not_input(out.parent.resolve() / out.name, sd.inputs())
+    check_outside(out, sd.inputs())  # never into the split or the model it came from
     try:
         import matplotlib
 
