@@ -277,7 +277,7 @@ def _finish(job: AbsorbJob, work: WorkDir, writer: ShardSetWriter, reporter: Rep
         build_card(manifest).save(work.path / CARD)
     write_json(work.path / RUN_LOG, {"seconds": round(seconds, 3), "resumed_tensors": work.resumed})
     faults.point("after-manifest")
-    work.finish()
+    work.finish(writer.content_hashes())  # hashed while written: the merged model is not read again to be listed
     reporter.close()
     return manifest
 

@@ -378,9 +378,18 @@ def _finish(job: SplitJob, work: WorkDir, w: Writers, runner: SplitRunner, todo:
     distributed.rank_summary(run_log, ranks)
     run_log["finish_seconds"] = round(time.perf_counter() - t_start - elapsed, 3)  # after the last tensor
     write_json(work.path / RUN_LOG, run_log)
-    work.finish()
+    work.finish(_written_hashes(job, work, w))
     reporter.close()
     return {**manifest, "run": run_log}
+
+
+def _written_hashes(job: SplitJob, work: WorkDir, w: Writers) -> dict:
+    """The content hashes the writers computed while writing (a 7B output is not read again to be
+    listed); the adapter's file is left out when write_fused rewrote part of it in place."""
+    hashes = {f: h for x in w.all for f, h in x.content_hashes().items()}
+    if job.adapter and job.adapter.fused:
+        hashes.pop(work.path / ADAPTER_WEIGHTS, None)
+    return hashes
 
 
 def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:

@@ -38,7 +38,7 @@ from surgeon.engine.outplace import (  # noqa: F401 (OutputLock: imported from h
     sweep_trash,
 )
 from surgeon.errors import DistributedError, OutputExistsError, UnsafeOutputError
-from surgeon.format.listing import FILES, TEMP, WORK, unlisted_reason, write_listing  # noqa: F401 (FILES: imported from here)
+from surgeon.format.listing import FILES, TEMP, WORK, seeded_cache, unlisted_reason, write_listing  # noqa: F401 (FILES: imported from here)
 from surgeon.format.splitdir import RUN_LOG, is_surgeon_output, read_manifest
 from surgeon.format.writer import Journal, disk_errors, fsync_tree, write_json
 
@@ -221,12 +221,14 @@ class WorkDir:
         return done
 
     # --- finishing ----------------------------------------------------------------------------
-    def finish(self) -> Path:
+    def finish(self, hashes: dict | None = None) -> Path:
         """fsync everything, rename the work folder into place (moving an old OUT aside), then drop
-        the bookkeeping. Each step is safe to repeat after a kill."""
+        the bookkeeping. Each step is safe to repeat after a kill. hashes: content hashes of files
+        that their writer computed while writing them (not read again for the listing)."""
         trash = self.out.parent / f".{self.out.name}.replaced"
         if not self.complete:
-            write_listing(self.path, {RUN_LOG: TEMP})  # the run log's timings differ from run to run
+            # the run log's timings differ from run to run
+            write_listing(self.path, {RUN_LOG: TEMP}, seeded_cache(self.path, hashes or {}))
             fsync_tree(self.path)
             faults.point("before-rename")
             if self.out.exists():  # only reached with --overwrite, over a folder check_replaceable allowed

@@ -54,6 +54,18 @@ def content_hash(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+def seeded_cache(folder: Path, hashes: dict[Path, tuple[tuple[int, int, int], str]]) -> dict:
+    """write_listing's cache, filled with the content hashes a writer computed while it wrote these
+    files (ShardSetWriter.content_hashes, keyed by inode, size and modification time at its close):
+    a file whose key changed since is hashed again from its bytes."""
+    cache = {}
+    for path, (key, digest) in hashes.items():
+        st = path.lstat()
+        if (st.st_ino, st.st_size, st.st_mtime_ns) == key:
+            cache[path.relative_to(folder).as_posix()] = (key, digest)
+    return cache
+
+
 def write_listing(folder: Path, marks: dict[str, str] | None = None, cache: dict | None = None) -> None:
     """Record every file `folder` holds with its content hash (written whole, then renamed).
     marks: relative path -> GROWS or TEMP for the files surgeon itself may change later; cache: kept

@@ -15,10 +15,12 @@ import json
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from surgeon.errors import DiskSpaceError
 from surgeon.format.dtypes import DTYPES, dtype_name
@@ -154,6 +156,30 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
+class _InOrderHash:
+    """xxh3-128 of a file built from the bytes written to it, while they are written strictly in file
+    order from its start: the content listing (listing.write_listing) then needs no second read of
+    a file that the early writeback (fadvise DONTNEED) has already dropped from the page cache. Any
+    other order (a resumed file, a rank writing beside others, a tensor rewritten) gives it up."""
+
+    def __init__(self, head: bytes, total: int):
+        self.h, self.at, self.total = xxhash.xxh3_128(head), len(head), total
+        self.lock = threading.Lock()  # writers on several threads: the order check and the update as one
+
+    def add(self, offset: int, data: memoryview) -> None:
+        with self.lock:
+            if self.h is not None and offset == self.at:
+                self.h.update(data)
+                self.at += len(data)
+            else:
+                self.h = None
+
+    def digest(self) -> str | None:
+        """The file's hash when every one of its bytes went through `add` in order, else None."""
+        with self.lock:
+            return self.h.hexdigest() if self.h is not None and self.at == self.total else None
+
+
 def planned_sizes(folder: Path, shards: list[list[OutTensor]], prefix: str = "model", metadata: dict[str, str] | None = None) -> list[tuple[Path, int]]:
     """(file, size) of each shard a ShardSetWriter with these arguments lays out, before it exists."""
     meta = {"format": "pt", **(metadata or {})}
@@ -174,17 +200,21 @@ class ShardSetWriter:
         self.prefix = prefix
         self._where: dict[str, tuple[int, int, OutTensor]] = {}  # name -> (file idx, abs offset, spec)
         self._fds: list[int] = []
+        self._hashes: list[_InOrderHash | None] = []  # None: a file reopened with its bytes (resume)
+        self._closed: list[tuple[int, int, int]] = []  # each file's (inode, size, mtime_ns) at close
         metadata = {"format": "pt", **(metadata or {})}
         for i, (path, tensors) in enumerate(zip(self.files, shards)):
             head, offsets = _header_bytes(tensors, metadata)
             total = len(head) + sum(t.nbytes for t in tensors)  # as planned_sizes says
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             existing = os.pread(fd, len(head), 0) if os.fstat(fd).st_size == total else b""
-            if existing != head:  # new file, or a layout from another plan: start it afresh
+            fresh = existing != head
+            if fresh:  # new file, or a layout from another plan: start it afresh
                 with disk_errors(path):
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, total)
                     os.pwrite(fd, head, 0)
+            self._hashes.append(_InOrderHash(head, total) if fresh else None)
             self._fds.append(fd)
             self._unsynced.append(0)
             for t in tensors:
@@ -198,6 +228,8 @@ class ShardSetWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             with disk_errors(self.files[idx]):
                 _pwrite_all(self._fds[idx], memoryview(data), offset)
+                if self._hashes[idx] is not None:
+                    self._hashes[idx].add(offset, memoryview(data))
                 _start_writeback(self._fds[idx], offset, spec.nbytes)
                 self._unsynced[idx] += spec.nbytes
                 if self._unsynced[idx] >= self.sync_bytes:
@@ -210,8 +242,16 @@ class ShardSetWriter:
                 os.fsync(fd)
             self._unsynced[i] = 0
 
+    def content_hashes(self) -> dict[Path, tuple[tuple[int, int, int], str]]:
+        """file -> ((inode, size, mtime_ns) when closed, xxh3-128 of its bytes), for each file this
+        writer wrote whole and in order (listing.py's hash and cache key); empty until closed."""
+        return {f: (key, d) for f, h, key in zip(self.files, self._hashes, self._closed)
+                if h is not None and (d := h.digest()) is not None}
+
     def close(self) -> None:
         for fd in self._fds:
+            st = os.fstat(fd)
+            self._closed.append((st.st_ino, st.st_size, st.st_mtime_ns))
             os.close(fd)
         self._fds = []
 
