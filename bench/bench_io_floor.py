@@ -122,18 +122,40 @@ def output_digest(out: Path) -> str:
     return h.hexdigest()
 
 
+def import_seconds(stderr: str) -> float:
+    """Total import time from `python -X importtime`'s report: the top-level modules' cumulative times."""
+    total = 0
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            _, cum, name = line.split("|")
+            if cum.strip().isdigit() and not name.startswith("  ") and name.strip() and name[1:2] != " ":
+                total += int(cum)
+    return round(total / 1e6, 2)
+
+
 def timed_split(root: Path, model: Path, out: Path, method: str, extra: list[str], env: dict) -> dict:
+    """The whole CLI, cold, with where its wall time went: imports (-X importtime), before the split
+    began (interpreter, imports, arguments), the split's own setup / pipeline / finish (its run log),
+    and after the run log (content listing, rename, fsyncs, exit)."""
     if out.exists():  # a fresh output each time: replacing one first reads it whole (surgeon checks what it deletes)
         shutil.rmtree(out)
     drop_caches()
-    cmd = [sys.executable, "-m", "surgeon", "split", str(model), "--method", method, "--rank", "64", "--target", "all-linear",
+    cmd = [sys.executable, "-X", "importtime", "-m", "surgeon", "split", str(model), "--method", method, "--rank", "64", "--target", "all-linear",
            "--device", "cuda", "--out", str(out), "--overwrite", "--quiet", *extra]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=root, env={**os.environ, **env, "PYTHONPATH": f"{root}:{root}/plugins/surgeon-train:{os.environ.get('PYTHONPATH', '')}"})
-    wall = time.perf_counter() - t0
-    run = json.loads((out / "surgeon.run.json").read_text())
+    t0, w0 = time.perf_counter(), time.time()
+    proc = subprocess.run(cmd, cwd=root, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **env, "PYTHONPATH": f"{root}:{root}/plugins/surgeon-train:{os.environ.get('PYTHONPATH', '')}"})
+    wall, w1 = time.perf_counter() - t0, time.time()
+    if proc.returncode:
+        raise RuntimeError(f"split exited {proc.returncode}: " + "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:"))[-2000:])
+    log = out / "surgeon.run.json"
+    run = json.loads(log.read_text())
+    logged = log.stat().st_mtime - w0  # process start to the run log written
+    inside = run["seconds"] + (run.get("setup_seconds") or 0) + (run.get("finish_seconds") or 0)
     return {"wall_s": round(wall, 2), "pipeline_s": run["seconds"], "setup_s": run.get("setup_seconds"),
-            "finish_s": run.get("finish_seconds"), "read_GBps": round(run["bytes_read"] / run["seconds"] / 1e9, 2),
+            "finish_s": run.get("finish_seconds"), "imports_s": import_seconds(proc.stderr),
+            "before_split_s": round(logged - inside, 2), "after_log_s": round(w1 - log.stat().st_mtime, 2),
+            "read_GBps": round(run["bytes_read"] / run["seconds"] / 1e9, 2),
             "written_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
             "stage_seconds": run.get("stage_seconds"), "digest": output_digest(out)}
 
