@@ -101,6 +101,13 @@ class BlockRunner:
             return {}
         return {k: v for k, v in ties.items() if isinstance(k, str) and isinstance(v, str)}
 
+    def eager_experts(self) -> None:
+        """transformers' eager experts forward (one F.linear per routed expert) instead of grouped_mm."""
+        try:
+            self.model.set_experts_implementation("eager")
+        except (AttributeError, ValueError, RuntimeError):  # a model without switchable experts: left as built
+            pass
+
     def block_name(self, i: int) -> str:
         return f"{self.prefix}.{i}"
 
