@@ -28,8 +28,9 @@ unit (not orthogonal), U Σ Vh unchanged. The methods split S between A and B as
 (PEFT's corda_init uses σ of M as is, whose balance depends on the covariance scale).
 Check: M's triplets pass decompose's a-posteriori check with its float64 fallback; then the back
 transform is checked against W itself: Wᵀ U_r = Vh_calᵀ Σ_r holds for exact triplets, and
-‖Wᵀ U_r − Vh_calᵀ Σ_r‖_F / ‖Σ_r‖₂ is recorded ("back_error"); above tol the float64 SVD of M is
-taken instead of the Gram routes. Exactness of the split does not rest on it: the methods form the
+‖Wᵀ U_r − Vh_calᵀ Σ_r‖_F / ‖Vh_calᵀ Σ_r‖_F is recorded ("back_error"; it is C̃⁻¹ times M's own
+residual, so it grows with C̃'s condition); above tol the float64 SVD of M is taken instead of the
+Gram routes. Exactness of the split does not rest on it: the methods form the
 residual from the rounded factors, W − s·B A, in float64.
 Limits: the inverse costs one Cholesky factorisation of an (in, in) matrix per layer (shared
 inputs could share it; not done); Triplets.spectrum is M's (its σ, descending), which NuSA's energy
@@ -96,9 +97,9 @@ def _back(w64, t: Triplets, t_inv: torch.Tensor, tol: float) -> tuple[torch.Tens
     """(S (r,), Vh (r, in) unit rows, back error) of W from M's triplets: Vh_cal = Vh T⁻¹ (T symmetric)."""
     vh_cal = t.Vh @ t_inv  # (r, in) @ (in, in) -> (r, in)
     r = w64.mT @ t.U - vh_cal.mT * t.S  # (in, r): Wᵀ U − Vh_calᵀ Σ
-    top = float(t.S.abs().max()) if t.S.numel() else 0.0
-    err = math.sqrt(float(r.square().sum())) / top if top > 0 else 0.0
     norms = torch.linalg.vector_norm(vh_cal, dim=1)  # (r,)
+    size = float(torch.linalg.vector_norm(t.S * norms))  # ‖Vh_calᵀ Σ‖_F: the components' size in weight space
+    err = math.sqrt(float(r.square().sum())) / size if size > 0 else 0.0
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return t.S * norms, vh_cal / safe[:, None], err
 
