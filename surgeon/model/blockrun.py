@@ -15,8 +15,8 @@ llm-compressor "catcher" scheme), with transformers' own modules: nothing model-
    the forward before the final norm and head. Every module the forward calls before the blocks
    (embeddings, rotary embedding, multimodal wrappers) is materialised on first call by a pre-hook,
    and put back on the meta device after.
-3. block(i): the block's parameters read from the checkpoint onto `device` (bf16/f16 as float32 on
-   the CPU), its buffers (rotary tables, scales) computed by the model's own `_init_weights`, as
+3. block(i): the block's checkpoint tensors read ahead in file order (Checkpoint.stream), its
+   parameters put on `device` (bf16/f16 as float32 on the CPU), its buffers (rotary tables, scales) computed by the model's own `_init_weights`, as
    `from_pretrained` computes buffers a checkpoint lacks.
 
 Host memory: one block's tensors at a time (plus the reader's read-ahead); device memory: one block
@@ -86,6 +86,7 @@ class BlockRunner:
             raise UsageError(f"--calibrate needs the model as transformers builds it, and {why}; split without --calibrate.")
         self.model = model.eval()
         self.ckpt, self.device = ckpt, torch.device(device)
+        self._host: dict[str, torch.Tensor] = {}  # the block's checkpoint tensors, read ahead
         self.places: dict[str, list] = defaultdict(list)  # loaded parameter -> the checkpoint places filling it
         for p in map_keys(model, list(ckpt.tensors)).places.values():
             self.places[p.param].append(p)
@@ -121,18 +122,23 @@ class BlockRunner:
             raise UsageError(f"--calibrate cannot load {param}: transformers converts its checkpoint tensor in a way surgeon does not "
                              "reproduce; split without --calibrate.")
         if len(places) == 1 and not places[0].fused:
-            t = self.ckpt.read(places[0].key)
+            t = self._read(places[0].key)
         else:  # fused MoE experts: stacked along dim 0, parts concatenated along dim 1, as from_pretrained does
             first = self.ckpt.tensors[places[0].key]
             t = torch.zeros(places[0].shape, dtype=self._dtype_of(first.dtype))
             for p in places:
-                part = self.ckpt.read(p.key)  # (out, in)
+                part = self._read(p.key)  # (out, in)
                 rows = p.shape[1] // p.parts
                 t[p.expert, p.part * rows:(p.part + 1) * rows] = part
         if tuple(t.shape) != tuple(like.shape):
             raise SurgeonError(f"calibration: {param} is {tuple(t.shape)} in the checkpoint, {tuple(like.shape)} in the model.")
         dtype = torch.float32 if (self.device.type == "cpu" and t.dtype in HALF) or not t.is_floating_point() and like.is_floating_point() else t.dtype
         return t.to(self.device, dtype)
+
+    def _read(self, key: str) -> torch.Tensor:
+        """A checkpoint tensor: from the block's read-ahead when there, else one positioned read."""
+        t = self._host.pop(key, None)
+        return t if t is not None else self.ckpt.read(key)
 
     @staticmethod
     def _dtype_of(name: str) -> torch.dtype:
@@ -147,6 +153,10 @@ class BlockRunner:
                     module._buffers[k] = torch.empty_like(b, device=self.device)
             with torch.no_grad():
                 self._owner[id(module)]._init_weights(module)
+            for k, b in module._buffers.items():  # a persistent buffer the checkpoint holds: its stored value
+                full = f"{name}.{k}".strip(".")
+                if b is not None and full in self.places:
+                    module._buffers[k] = self._tensor(full, b)
         for k, p in module._parameters.items():
             if p is not None and p.is_meta:
                 full = f"{name}.{k}".strip(".")
@@ -161,11 +171,17 @@ class BlockRunner:
     def block(self, i: int):
         """Block i materialised on the device for the duration."""
         mods = list(self.layers[i].modules())
+        head = self.block_name(i) + "."
+        keys = [p.key for name, places in self.places.items() if name.startswith(head) for p in places]
         try:
+            for info, t in self.ckpt.stream(sorted(keys, key=lambda k: (str(self.ckpt.tensors[k].file), self.ckpt.tensors[k].offset)),
+                                            pin=self.device.type == "cuda"):
+                self._host[info.name] = t
             for m in mods:
                 self.materialise(m)
             yield self.layers[i]
         finally:
+            self._host.clear()
             for m in mods:
                 self.free(m)
 
