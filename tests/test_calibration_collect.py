@@ -27,7 +27,11 @@ from surgeon.format import Checkpoint
 from surgeon.format.source import resolve
 from surgeon.model import load_names
 from surgeon.model.calibdata import _hash
-from surgeon.model.calibration import BlockCovariances, CalibrationData, load_calibration_data
+from surgeon.model.calibration import (
+    BlockCovariances,
+    CalibrationData,
+    load_calibration_data,
+)
 from surgeon.model.selection import select_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
