@@ -15,6 +15,7 @@ sample, one-line errors.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 import transformers
 from archmodels import ARCHS, Zoo
 
-from surgeon.errors import UsageError
+from surgeon.errors import SurgeonError, UsageError
 from surgeon.format import Checkpoint
 from surgeon.format.source import resolve
 from surgeon.model import load_names
@@ -251,3 +252,35 @@ def test_data_errors_one_line(smollm2, tmp_path, case):
     assert "\n" not in msg
     assert "--calibrate" in msg and str(f) in msg
     assert {"missing": "does not exist", "empty": "holds no examples", "bad-json": "line 1"}[case] in msg
+
+
+@pytest.mark.real_model
+def test_data_through_datasets_and_without_it(smollm2, tmp_path, monkeypatch):
+    """A .json file goes through `datasets` (the reader `surgeon train --data` uses) and gives the same ids as
+    JSONL; without the library, one UsageError naming the extra."""
+    rows = [{"text": t} for t in TEXTS]
+    want = load_calibration_data(str(_jsonl(tmp_path / "t.jsonl", rows)), smollm2)
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    got = load_calibration_data(str(tmp_path / "t.json"), smollm2)
+    assert got.sha256 == want.sha256 and got.tokens == want.tokens
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(UsageError, match=r"pip install 'surgeon\[datasets\]'") as e:
+        load_calibration_data(str(tmp_path / "t.json"), smollm2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.real_model
+def test_released_block_is_not_recomputed(smol):
+    """Covariances come in block order: one released (or of a block already passed) is an error, not a rerun."""
+    folder, ckpt, targets, ids, _ = smol
+    some = {m: k for m, k in targets.items() if ".layers.0." in m or ".layers.1." in m}
+    bc = BlockCovariances(folder, ckpt, some, _data(ids), CPU)
+    q0 = "model.layers.0.self_attn.q_proj"
+    bc.covariance(q0)
+    bc.release(q0)
+    assert bc.covariance("model.layers.0.self_attn.k_proj") is not None  # a sharer keeps the tensor alive
+    bc.covariance("model.layers.1.mlp.down_proj")
+    with pytest.raises(SurgeonError, match="released"):
+        bc.covariance(q0)
+    with pytest.raises(UsageError, match="not a calibration target"):
+        bc.covariance("model.layers.2.mlp.down_proj")
