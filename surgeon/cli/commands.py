@@ -202,6 +202,9 @@ def _summary(m: dict, out: Path) -> None:
     if s.get("error_meaning"):
         t.add_row("what that means", s["error_meaning"])
     t.add_row("mean factor energy (fraction of Σσ²)", f"{s['mean_factor_energy']:.3g}")
+    if c := m.get("calibration"):  # --calibrate: what the chosen part carries of the layers' output on the text
+        share = f"; largest share of a layer's output carried by the {c['carried']}: {100 * c['output_share_max']:.3g}%" if c.get("output_share_max") is not None else ""
+        t.add_row("calibration", f"{c['mode']} on {c['tokens']} tokens{share}" + ("; `surgeon check` measures the perplexity change" if c["carried"] == "truncated part" else ""))
     if run.get("seconds") is not None:
         t.add_row("time", f"{run['seconds']:.1f} s ({run['bytes_read'] / max(run['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
     err_console().print(t)
