@@ -91,7 +91,7 @@ def device(value: str, option: str = "--device") -> str:
     return value
 
 
-CALIBRATE_MODES = ("kpm", "ipm", "asvd")  # = surgeon.linalg.calibrated.MODES
+CALIBRATE_MODES = ("kpm", "ipm", "asvd", "whiten")  # = surgeon.linalg.calibrated.MODES
 CALIBRATE_DEFAULT_MODE = {"milora": "kpm", "kasa": "kpm", "nusa": "kpm", "pissa": "ipm"}  # the methods --calibrate serves
 CALIBRATE_SIDE_FIXED = ("kasa", "nusa")  # they drop/train the minor side by definition: ipm would invert them
 
@@ -109,7 +109,7 @@ def calibrate_mode(method: str, data: str | None, tokens: int, mode: str | None,
     check(("--calibrate-tokens", tokens, COUNT), required=True)
     mode = CALIBRATE_DEFAULT_MODE[method] if mode is None else mode
     if mode not in CALIBRATE_MODES:
-        raise UsageError(f"--calibrate-mode {mode!r} unknown; choose kpm (train/drop the components the text needs least), ipm (the most) or asvd.")
+        raise UsageError(f"--calibrate-mode {mode!r} unknown; choose kpm (train/drop the components the text needs least), ipm (the most), asvd or whiten.")
     if mode == "ipm" and method in CALIBRATE_SIDE_FIXED:
         raise UsageError(f"--calibrate-mode ipm would make {method} work on the components the text needs MOST; use kpm or asvd.")
     if quantize:

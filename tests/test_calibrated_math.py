@@ -143,3 +143,18 @@ def test_nusa_plain_triplets_keep_their_bits():
     res = method.split(w, t, dataclasses.replace(MethodConfig(6, 2.0, True), module="m"))
     e = res.stats["effective_rank"]
     assert torch.equal(res.factors["nusa_A"][:e], t.Vh[6 - e:].float())
+
+
+def test_whiten_truncation_is_the_least_output_change():
+    """whiten: the r smallest components of W L (C = L Lᵀ) change the layer's output on the text least
+    of every rank-r removal: their share is Σ of the r smallest σ²(W L) / ‖W L‖², below CorDA's and the plain one."""
+    w, cov, x = _layer(seed=11)
+    n = x.shape[0]
+    t, rec = calibrated(w, cov, n, 6, "whiten", CPU, which="minor")
+    l = torch.linalg.cholesky(cov / n)
+    s = torch.linalg.svdvals(w @ l)
+    share = output_share((t.U * t.S) @ t.Vh, w, cov)
+    assert rec["which"] == "minor" and share == pytest.approx(float(s[-6:].square().sum() / s.square().sum()), rel=1e-8)
+    kpm, _ = calibrated(w, cov, n, 6, "kpm", CPU)
+    plain = decompose(w, 6, "minor", CPU)
+    assert share <= output_share((kpm.U * kpm.S) @ kpm.Vh, w, cov) and share <= output_share((plain.U * plain.S) @ plain.Vh, w, cov)

@@ -115,4 +115,5 @@ def summary(job, layers: dict) -> dict:
         "output_share_max": max(shares) if shares else None,
         "regularised": sorted(m for m, r in recs.items() if r.get("regularised")),
         "skipped": {m: r["skipped"] for m, r in recs.items() if "skipped" in r},
+        **({"spectra": "the singular values of W·T (the calibrated transform), not of W"} if job.opts.spectra else {}),
     }

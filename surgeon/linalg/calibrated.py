@@ -16,6 +16,11 @@ triplets still live in W's space:
   * ASVD (Yuan et al. 2023): T = S = diag(m^α), m the activation magnitude per input channel,
     α = 0.5: M = W S, Vh_cal = Vᵀ S⁻¹, the method's own side (minor or principal). Deviation: ASVD
     takes m = mean |x|; the covariance holds only second moments, so m = √(diag(cov)/N) (the RMS).
+  * whiten (SVD-LLM's truncation-aware whitening, Wang et al. 2024): T = L, the Cholesky factor of
+    C̃ = L Lᵀ (damped as CorDA's when singular), the method's own side. ‖X Δᵀ‖²_F/N = ‖Δ L‖²_F for
+    any Δ, so the r smallest components of W L are exactly the rank-r part whose removal changes
+    the layer's output on the calibration text least (Eckart–Young in the C̃-norm); CorDA's W·C
+    weighs the inputs twice and is not that optimum.
 Damping. ours (default): none while C is numerically positive definite in float64 (its Cholesky
 factor exists and ‖C̃ C̃⁻¹ − I‖_F < 1e-8); otherwise CorDA's rule, λ = 0.01·mean(diag C), doubled
 until the inverse passes. peft=True reproduces PEFT exactly: its covariance (each forward's
@@ -48,7 +53,7 @@ from surgeon.errors import NumericsError, UsageError
 from surgeon.linalg.backends import Backend
 from surgeon.linalg.decompose import Triplets, decompose
 
-MODES = ("kpm", "ipm", "asvd")
+MODES = ("kpm", "ipm", "asvd", "whiten")
 ASVD_ALPHA = 0.5
 OURS_INV_TOL = 1e-8  # ‖C̃ C̃⁻¹ − I‖_F below which C counts as invertible in float64
 PEFT_INV_TOL = 0.05  # PEFT's (float32) threshold
@@ -57,7 +62,7 @@ MAX_DOUBLINGS = 40
 
 
 def side(mode: str, method_which: str) -> str:
-    """Which components of the transformed weight are taken: kpm minor, ipm principal, asvd the method's."""
+    """Which components of the transformed weight are taken: kpm minor, ipm principal, asvd and whiten the method's."""
     if mode not in MODES:
         raise UsageError(f"unknown calibration mode {mode!r}; choose {', '.join(MODES)}.")
     return {"kpm": "minor", "ipm": "principal"}.get(mode, method_which)
@@ -94,7 +99,7 @@ def regularise(c: torch.Tensor, peft: bool = False) -> tuple[torch.Tensor, torch
 
 
 def _back(w64, t: Triplets, t_inv: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(S (r,), Vh (r, in) unit rows, back error) of W from M's triplets: Vh_cal = Vh T⁻¹ (T symmetric)."""
+    """(S (r,), Vh (r, in) unit rows, back error) of W from M's triplets: Vh_cal = Vh T⁻¹."""
     vh_cal = t.Vh @ t_inv  # (r, in) @ (in, in) -> (r, in)
     r = w64.mT @ t.U - vh_cal.mT * t.S  # (in, r): Wᵀ U − Vh_calᵀ Σ
     norms = torch.linalg.vector_norm(vh_cal, dim=1)  # (r,)
@@ -105,7 +110,8 @@ def _back(w64, t: Triplets, t_inv: torch.Tensor, tol: float) -> tuple[torch.Tens
 
 
 def transform(cov: torch.Tensor, tokens: int, mode: str, peft: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(T, T⁻¹, record) for a mode: CorDA's damped mean covariance or ASVD's diagonal scaling."""
+    """(T, T⁻¹, record) for a mode: CorDA's damped mean covariance, its Cholesky factor (whiten) or
+    ASVD's diagonal scaling. T need not be symmetric: W = M T⁻¹ = U Σ (Vh T⁻¹)."""
     if tokens <= 0:
         raise UsageError("the calibration saw no tokens for this layer; give more --calibrate text.")
     c = cov.to(torch.float64) / tokens  # (in, in) mean covariance
@@ -117,7 +123,12 @@ def transform(cov: torch.Tensor, tokens: int, mode: str, peft: bool = False) -> 
         rec = {"regularised": dead > 0, "damping": floor if dead else 0.0, "inverse_error": 0.0, "alpha": ASVD_ALPHA}
         return torch.diag(scale), torch.diag(1.0 / scale), rec
     fixed, inv, lam, err = regularise(c, peft)
-    return fixed, inv, {"regularised": lam > 0, "damping": lam, "inverse_error": err}
+    rec = {"regularised": lam > 0, "damping": lam, "inverse_error": err}
+    if mode == "whiten":  # T = L, C̃ = L Lᵀ: ‖X Δᵀ‖² = ‖Δ L‖² exactly
+        l = torch.linalg.cholesky(fixed)  # (in, in) lower
+        eye = torch.eye(l.shape[0], dtype=l.dtype, device=l.device)
+        return l, torch.linalg.solve_triangular(l, eye, upper=False), rec
+    return fixed, inv, rec
 
 
 def calibrated(w: torch.Tensor, cov: torch.Tensor, tokens: int, rank: int, mode: str, backend: Backend, which: str = "minor",
