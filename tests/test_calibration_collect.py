@@ -145,17 +145,19 @@ def test_smollm2_peft_corda_covariance(smol):
 
 @pytest.mark.real_model
 def test_smollm2_one_block_in_memory(smol):
-    """While block i runs, the only non-meta parameters of the model are block i's; after, none are left."""
+    """While block i runs, the only non-meta parameters of the model are block i's; after, none are left; the
+    process's resident memory stays flat from block to block."""
     folder, ckpt, targets, ids, _ = smol
     bc = BlockCovariances(folder, ckpt, targets, _data(ids), CPU)
     model, layers = bc.run.model, bc.run.layers
-    seen = []
+    seen, rss = [], []
 
     def check(i):
         def pre(mod, args, kwargs):
             live = {id(p) for p in model.parameters() if not p.is_meta}
             assert live and live == {id(p) for p in layers[i].parameters()}, f"block {i}: other parameters live"
             seen.append(sum(p.numel() for p in model.parameters() if not p.is_meta))
+            rss.append(int(Path("/proc/self/statm").read_text().split()[1]) * 4096)  # resident bytes (Linux)
         return pre
 
     for i, layer in enumerate(layers):
@@ -168,6 +170,9 @@ def test_smollm2_one_block_in_memory(smol):
     assert len(seen) == 30 * 1 and max(seen) == block_numel  # one batch: one call per block
     assert all(p.is_meta for p in model.parameters()) and all(b is None or b.is_meta for b in model.buffers())
     assert not bc._cov  # every covariance released
+    # host memory does not grow block after block (glibc kept ~1 block of freed pages per block before
+    # blockrun.release_host_memory: +0.9 GiB over SmolLM2's 30 blocks on 3,000 tokens)
+    assert max(rss[2:]) - rss[2] < 8 * 4 * block_numel, [r >> 20 for r in rss]
 
 
 # ---------------------------------------------------------------- the architecture matrix's tiny checkpoints

@@ -26,6 +26,8 @@ plus what the caller keeps (hidden states).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections import defaultdict
 
 import torch
@@ -184,6 +186,7 @@ class BlockRunner:
             self._host.clear()
             for m in mods:
                 self.free(m)
+            release_host_memory()
 
     # ------------------------------------------------------------------ capture
 
@@ -220,6 +223,24 @@ class BlockRunner:
                 self.materialise(module)
                 made.append(module)
         return hook
+
+
+@functools.cache
+def _glibc():
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_host_memory() -> None:
+    """Hand the heap pages freed by a block back to the OS (glibc's malloc_trim). Without it glibc keeps
+    them: measured on SmolLM2 on the CPU, the resident size grew by ~30 MiB a block (1.3 GiB after 30
+    blocks, 0.45 GiB after a trim) though no tensor stayed alive."""
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 class _Catcher(nn.Module):
