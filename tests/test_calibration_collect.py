@@ -289,3 +289,21 @@ def test_released_block_is_not_recomputed(smol):
         bc.covariance(q0)
     with pytest.raises(UsageError, match="not a calibration target"):
         bc.covariance("model.layers.2.mlp.down_proj")
+
+
+def test_forward_failure_is_one_line(zoo):
+    """An error inside transformers' forward (a model the scheme cannot run) is one SurgeonError line, no traceback."""
+    folder = zoo.path("llama")
+    ckpt, targets = _targets(folder)
+    ids = [torch.arange(3, 10)]
+    bc = BlockCovariances(folder, ckpt, targets, _data(ids), CPU)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("shape mismatch\nsecond line")
+
+    bc.run.layers[1].mlp.forward = boom
+    bc.covariance("model.layers.0.mlp.down_proj")  # block 0 runs fine
+    with pytest.raises(SurgeonError) as e:
+        bc.covariance("model.layers.1.mlp.down_proj")
+    assert str(e.value).startswith("calibration: the forward of LlamaForCausalLM in block 1 failed (RuntimeError: shape mismatch)")
+    assert "\n" not in str(e.value)

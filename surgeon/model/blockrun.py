@@ -134,8 +134,8 @@ class BlockRunner:
                 t[p.expert, p.part * rows:(p.part + 1) * rows] = part
         if tuple(t.shape) != tuple(like.shape):
             raise SurgeonError(f"calibration: {param} is {tuple(t.shape)} in the checkpoint, {tuple(like.shape)} in the model.")
-        dtype = torch.float32 if (self.device.type == "cpu" and t.dtype in HALF) or not t.is_floating_point() and like.is_floating_point() else t.dtype
-        return t.to(self.device, dtype)
+        half_on_cpu = self.device.type == "cpu" and t.dtype in HALF  # CPU kernels: float32 compute
+        return t.to(self.device, torch.float32 if half_on_cpu else t.dtype)
 
     def _read(self, key: str) -> torch.Tensor:
         """A checkpoint tensor: from the block's read-ahead when there, else one positioned read."""
@@ -204,7 +204,7 @@ class BlockRunner:
             for i in range(n):
                 self.layers[i] = _Catcher(real[i], i, i == n - 1, hidden, kwargs[i])
             for b in batches:
-                with torch.no_grad(), contextlib.suppress(_Stop):
+                with torch.no_grad(), contextlib.suppress(_Stop), failing(self.model, "before its first block"):
                     self.model(**{k: v.to(self.device) for k, v in b.items()}, use_cache=False)
         finally:
             for i, layer in enumerate(real):
@@ -223,6 +223,19 @@ class BlockRunner:
                 self.materialise(module)
                 made.append(module)
         return hook
+
+
+@contextlib.contextmanager
+def failing(model: nn.Module, where: str):
+    """Any error of transformers' forward (a model this scheme cannot run) as one SurgeonError line."""
+    try:
+        yield
+    except (_Stop, SurgeonError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # torch and transformers raise many kinds
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise SurgeonError(f"calibration: the forward of {type(model).__name__} {where} failed ({type(e).__name__}: {first}); "
+                           "split without --calibrate, and please report it with the model's config.json.") from None
 
 
 @functools.cache

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError, UsageError
-from surgeon.model.blockrun import BlockRunner, call_block
+from surgeon.model.blockrun import BlockRunner, call_block, failing
 from surgeon.model.calibdata import CalibrationData, load_calibration_data  # noqa: F401  (one import place for callers)
 from surgeon.model.calibhooks import Collector, ExpertInputs
 
@@ -189,7 +189,7 @@ class BlockCovariances:
         watch = ExpertInputs({p: block.get_parameter(p[rel:]) for p in fused}, coll.add) if fused else None
         outs = []
         try:
-            with torch.no_grad(), (watch or contextlib.nullcontext()):
+            with torch.no_grad(), (watch or contextlib.nullcontext()), failing(self.run.model, f"in block {i}"):
                 for x, kw, mask in zip(self._hidden, self._kwargs[i], self._masks):
                     coll.begin(mask)
                     outs.append(call_block(block, x, kw))
