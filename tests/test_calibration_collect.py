@@ -32,6 +32,7 @@ from surgeon.model.calibration import (
     BlockCovariances,
     CalibrationData,
     load_calibration_data,
+    make_batches,
 )
 from surgeon.model.selection import select_targets
 
@@ -307,3 +308,14 @@ def test_forward_failure_is_one_line(zoo):
         bc.covariance("model.layers.1.mlp.down_proj")
     assert str(e.value).startswith("calibration: the forward of LlamaForCausalLM in block 1 failed (RuntimeError: shape mismatch)")
     assert "\n" not in str(e.value)
+
+
+def test_batches_pad_little_and_keep_every_token():
+    ids = [torch.arange(n) + 3 for n in (5, 9, 2, 9, 7, 5)]
+    padded = make_batches(_data(ids), batch_tokens=20)
+    assert [tuple(b["input_ids"].shape) for b in padded] == [(2, 9), (2, 7), (2, 5)]  # longest first: 2 padding tokens in all
+    assert sum(int(b["attention_mask"].sum()) for b in padded) == 37
+    exact = make_batches(_data(ids), batch_tokens=20, pad=False)
+    assert [tuple(b["input_ids"].shape) for b in exact] == [(2, 9), (1, 7), (2, 5), (1, 2)] and all(bool(b["attention_mask"].all()) for b in exact)
+    got = sorted(tuple(r[m.bool()].tolist()) for b in padded for r, m in zip(b["input_ids"], b["attention_mask"]))
+    assert got == sorted(tuple(i.tolist()) for i in ids)

@@ -47,9 +47,9 @@ NOT_LINEAR = "not a module with a 2-D weight that a forward hook can watch"
 
 
 def make_batches(data: CalibrationData, batch_tokens: int, pad: bool = True) -> list[dict]:
-    """The samples, in order, as right-padded batches of at most `batch_tokens` (padded) tokens each
-    (a longer sample alone); {"input_ids", "attention_mask"} (B, T) int64. Without `pad`, only samples
-    of one length share a batch."""
+    """The samples, longest first (a stable sort: little padding, a fixed order), as right-padded batches
+    of at most `batch_tokens` (padded) tokens each (a longer sample alone); {"input_ids",
+    "attention_mask"} (B, T) int64. Without `pad`, only samples of one length share a batch."""
     batches, cur = [], []
 
     def close() -> None:
@@ -62,9 +62,9 @@ def make_batches(data: CalibrationData, batch_tokens: int, pad: bool = True) -> 
             batches.append({"input_ids": ids, "attention_mask": mask})
             cur.clear()
 
-    for s in data.input_ids:
-        longest = max([len(s), *(len(c) for c in cur)])
-        if cur and ((len(cur) + 1) * longest > batch_tokens or (not pad and len(s) != len(cur[0]))):
+    for s in sorted(data.input_ids, key=len, reverse=True):
+        longest = len(cur[0]) if cur else len(s)
+        if cur and ((len(cur) + 1) * longest > batch_tokens or (not pad and len(s) != longest)):
             close()
         cur.append(s)
     close()
