@@ -2,7 +2,7 @@
 on held-out English text, and the split times (issue 24).
 
     python bench/bench_calibrate_cpu.py [--model DIR] [--rank 8] [--target all-linear] [--calibrate default]
-                                        [--modes kpm asvd] [--json out.json]
+                                        [--modes kpm asvd whiten] [--peft] [--skip-plain] [--json out.json]
 
 Perplexity is measured as bench/eval_methods.py measures it (bench.eval.measure.Evaluator: the first
 --ppl-tokens tokens of bench/eval/general_text.txt in windows of 2·--seq-len, float32 on the CPU).
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--calibrate", default="default")
     ap.add_argument("--tokens", type=int, default=65536, help="--calibrate-tokens")
     ap.add_argument("--modes", nargs="+", default=["kpm", "asvd"])
+    ap.add_argument("--peft", action="store_true", help="--calibrate-peft: PEFT's covariance and damping settings")
+    ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-calibrate"))
@@ -49,7 +51,9 @@ def main() -> None:
     ev = Evaluator(a.model, "cpu", {}, a.seq_len, a.ppl_tokens)
     rows = [{"split": "original", "ppl": ev.ppl(load_plain_model(a.model, "cpu"))}]
     print(json.dumps(rows[-1]), flush=True)
-    runs = [("plain", {})] + [(f"calibrated {m}", {"calibrate": a.calibrate, "calibrate_mode": m, "calibrate_tokens": a.tokens}) for m in a.modes]
+    tag = " peft" if a.peft else ""
+    runs = ([] if a.skip_plain else [("plain", {})]) + [
+        (f"calibrated {m}{tag}", {"calibrate": a.calibrate, "calibrate_mode": m, "calibrate_tokens": a.tokens, "calibrate_peft": a.peft}) for m in a.modes]
     for name, extra in runs:
         out = a.work / name.replace(" ", "-")
         t0 = time.perf_counter()
