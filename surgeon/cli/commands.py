@@ -100,7 +100,7 @@ def split(
     double_quant: Annotated[bool, typer.Option("--double-quant", help="--quantize: also quantize the absmax statistics (bnb_4bit_use_double_quant).")] = False,
     calibrate: Annotated[str | None, typer.Option("--calibrate", help="DATA (text, JSONL or a dataset, as train --data; 'default': a built-in general-English sample): decompose each weight as the layer is used on this text (CorDA / ASVD), streamed block by block. milora, pissa, kasa, nusa.")] = None,
     calibrate_tokens: Annotated[int, typer.Option("--calibrate-tokens", help="--calibrate: tokens of DATA used at most.")] = 65536,
-    calibrate_mode: Annotated[str | None, typer.Option("--calibrate-mode", help="kpm: the r components of W·C the text needs LEAST (default for milora, kasa, nusa); ipm: the r it needs most (default for pissa); asvd: W scaled by activation RMS^0.5, the method's own side.")] = None,
+    calibrate_mode: Annotated[str | None, typer.Option("--calibrate-mode", help="kpm: the r components of W·C the text needs LEAST (default for milora, kasa, nusa); ipm: the r it needs most (default for pissa); asvd: W scaled by activation RMS^0.5; whiten: W times C's Cholesky factor (SVD-LLM); both on the method's own side.")] = None,
     calibrate_peft: Annotated[bool, typer.Option("--calibrate-peft", help="--calibrate: PEFT's CorDA settings (each sample's inputs divided by their max, damping 0.01·mean(diag C) always) instead of ours (plain token covariance, damped only when singular).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (targets, ranks, trainable parameters, file sizes, free space, estimated time) and write nothing.")] = False,
     overwrite: Overwrite = False,
