@@ -40,14 +40,14 @@ class Calibrator:
     def __init__(self, job):
         self.job = job
         self._cov: BlockCovariances | None = None
-        self.modules = {t.tensor: t.module for t in job.targets.values()}
+        self.modules = {name: t.module for name, t in job.targets.items()}  # keyed as the runner asks: the checkpoint tensor
 
     @property
     def cov(self) -> BlockCovariances:
         if self._cov is None:
             job = self.job
             kw = {"peft": True} if job.opts.calibrate_peft else {}
-            self._cov = BlockCovariances(job.src.root, job.ckpt, {m: t for t, m in self.modules.items()}, job.calib_data,
+            self._cov = BlockCovariances(job.model_cfg, job.ckpt, {t.module: t.tensor for t in job.targets.values()}, job.calib_data,
                                          job.backend.device, **kw)
         return self._cov
 
