@@ -216,3 +216,26 @@ def test_kasa_export_to_peft_kasa_is_refused_after_calibration(smollm2, calib_fi
     split(str(smollm2), out, SplitOptions(method="kasa", rank=8, target=[r"model\.layers\.0\.self_attn\.v_proj"], calibrate=str(calib_file)))
     res = run("export", out, "--to", "kasa", "--out", tmp_path / "e")
     assert res.exit_code == 2 and "--to lora" in one_error_line(res)
+
+
+def test_moe_experts_of_a_fused_checkpoint_are_calibrated_and_exact(tmp_path, one_thread):
+    """A Mixtral with fused 3-D experts: every expert matrix gets its own covariance (over its routed
+    tokens) and the split stays exact. The tiny model has no tokenizer: a small BPE is trained on the
+    built-in sample so that `--calibrate default` has ids inside its vocabulary."""
+    from archmodels import Zoo
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    src = Zoo(tmp_path / "zoo").path("mixtral")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    sample = Path(__file__).resolve().parents[1] / "surgeon" / "model" / "calibration_default.jsonl"
+    tok.train_from_iterator(sample.read_text().splitlines(), trainers.BpeTrainer(vocab_size=min(vocab, 300), special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(src)
+    out = tmp_path / "split"
+    m = split(str(src), out, SplitOptions(method="milora", rank=2, calibrate="default", calibrate_tokens=512))
+    experts = {k: lay for k, lay in m["layers"].items() if ".experts." in k}
+    assert experts and not m["calibration"]["skipped"]
+    assert all(lay["calibration"]["mode"] == "kpm" and 0 < lay["calibration"]["output_share"] < 1 for lay in experts.values())
+    assert m["summary"]["worst_reconstruction_error"] < 1e-6  # the files' error (tests/test_exactness.py checks that it is)
