@@ -89,3 +89,29 @@ def device(value: str, option: str = "--device") -> str:
     if not isinstance(value, str) or not DEVICE.match(value):
         raise UsageError(f"{option} {value!r}: choose auto, cpu, cuda or cuda:N.")
     return value
+
+
+CALIBRATE_MODES = ("kpm", "ipm", "asvd", "whiten")  # = surgeon.linalg.calibrated.MODES
+CALIBRATE_DEFAULT_MODE = {"milora": "kpm", "kasa": "kpm", "nusa": "kpm", "pissa": "ipm"}  # the methods --calibrate serves
+CALIBRATE_SIDE_FIXED = ("kasa", "nusa")  # they drop/train the minor side by definition: ipm would invert them
+
+
+def calibrate_mode(method: str, data: str | None, tokens: int, mode: str | None, peft: bool = False, quantize: str | None = None) -> str | None:
+    """The calibration mode in force for `surgeon split --calibrate` (None without --calibrate), or
+    one UsageError line: a method it does not serve, an unknown mode, a bad --calibrate-tokens."""
+    if data is None:
+        given = [o for o, v in (("--calibrate-mode", mode is not None), ("--calibrate-peft", peft)) if v]
+        if given:
+            raise UsageError(f"{given[0]} only applies with --calibrate DATA; add --calibrate (e.g. --calibrate default) or drop it.")
+        return None
+    if method not in CALIBRATE_DEFAULT_MODE:
+        raise UsageError(f"--calibrate is not available for --method {method}; use milora, pissa, kasa or nusa, or split without --calibrate.")
+    check(("--calibrate-tokens", tokens, COUNT), required=True)
+    mode = CALIBRATE_DEFAULT_MODE[method] if mode is None else mode
+    if mode not in CALIBRATE_MODES:
+        raise UsageError(f"--calibrate-mode {mode!r} unknown; choose kpm (train/drop the components the text needs least), ipm (the most), asvd or whiten.")
+    if mode == "ipm" and method in CALIBRATE_SIDE_FIXED:
+        raise UsageError(f"--calibrate-mode ipm would make {method} work on the components the text needs MOST; use kpm or asvd.")
+    if quantize:
+        raise UsageError("--calibrate and --quantize cannot be combined yet; split with one of them.")
+    return mode

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from surgeon.cli.common import err_console, errors_to_exit, print_json, reporter
 from surgeon.engine.distributed import is_main_process
+from surgeon.options import calibrate_mode as calibrate_mode_of
 from surgeon.version import __version__
 
 app = typer.Typer(
@@ -97,6 +98,10 @@ def split(
     quantize_iters: Annotated[int, typer.Option("--quantize-iters", help="pissa + --quantize: LoftQ alternations; the factors are refitted to W - deq(Q(residual)) this many times, and the best pair is written.")] = 0,
     quant_blocksize: Annotated[int, typer.Option("--quant-blocksize", help="--quantize: values per absmax block (transformers' default 64).")] = 64,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="--quantize: also quantize the absmax statistics (bnb_4bit_use_double_quant).")] = False,
+    calibrate: Annotated[str | None, typer.Option("--calibrate", help="DATA (text, JSONL or a dataset, as train --data; 'default': a built-in general-English sample): decompose each weight as the layer is used on this text (CorDA / ASVD), streamed block by block. milora, pissa, kasa, nusa.")] = None,
+    calibrate_tokens: Annotated[int, typer.Option("--calibrate-tokens", help="--calibrate: tokens of DATA used at most.")] = 65536,
+    calibrate_mode: Annotated[str | None, typer.Option("--calibrate-mode", help="kpm: the r components of W·C the text needs LEAST (default for milora, kasa, nusa); ipm: the r it needs most (default for pissa); asvd: W scaled by activation RMS^0.5; whiten: W times C's Cholesky factor (SVD-LLM); both on the method's own side.")] = None,
+    calibrate_peft: Annotated[bool, typer.Option("--calibrate-peft", help="--calibrate: PEFT's CorDA settings (each sample's inputs divided by their max, damping 0.01·mean(diag C) always) instead of ours (plain token covariance, damped only when singular).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (targets, ranks, trainable parameters, file sizes, free space, estimated time) and write nothing.")] = False,
     overwrite: Overwrite = False,
     push_to_hub: PushToHub = None,
@@ -113,6 +118,7 @@ def split(
                             quantize_iters=quantize_iters, quant_blocksize=quant_blocksize, double_quant=double_quant, rank_pattern=rank_pattern or None)
         plain = target in (None, ["all-linear"]) and _as_default(split, judged_first)
         check_split_options(model, method, rank, dtype, solver, nusa, shard_size, check_rank=plain)
+        calibrate_mode_of(method, calibrate, calibrate_tokens, calibrate_mode, calibrate_peft, quantize)
     from surgeon.commands.split import SplitOptions
     from surgeon.commands.split import split as do_split
 
@@ -123,6 +129,7 @@ def split(
         seed=seed, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma, top_k=top_k, pooling=pooling,
         rank_pattern=rank_pattern or [], alpha_pattern=alpha_pattern or [], quantize=quantize, quantize_iters=quantize_iters,
         quant_blocksize=quant_blocksize, double_quant=double_quant,
+        calibrate=calibrate, calibrate_tokens=calibrate_tokens, calibrate_mode=calibrate_mode, calibrate_peft=calibrate_peft,
     )
     if dry_run:
         return _dry_run(model, out, opts, json_out)
@@ -195,6 +202,9 @@ def _summary(m: dict, out: Path) -> None:
     if s.get("error_meaning"):
         t.add_row("what that means", s["error_meaning"])
     t.add_row("mean factor energy (fraction of Σσ²)", f"{s['mean_factor_energy']:.3g}")
+    if c := m.get("calibration"):  # --calibrate: what the chosen part carries of the layers' output on the text
+        share = f"; largest share of a layer's output carried by the {c['carried']}: {100 * c['output_share_max']:.3g}%" if c.get("output_share_max") is not None else ""
+        t.add_row("calibration", f"{c['mode']} on {c['tokens']} tokens{share}" + ("; `surgeon check` measures the perplexity change" if c["carried"] == "truncated part" else ""))
     if run.get("seconds") is not None:
         t.add_row("time", f"{run['seconds']:.1f} s ({run['bytes_read'] / max(run['seconds'], 1e-9) / 1e9:.2f} GB/s read)")
     err_console().print(t)

@@ -30,7 +30,7 @@ from surgeon.commands.manifest import (
     method_config,
     truncation_warnings,
 )
-from surgeon.engine import distributed, faults
+from surgeon.engine import calibrate, distributed, faults
 from surgeon.engine.outdir import (
     COMMIT_SECONDS,
     WorkDir,
@@ -117,6 +117,10 @@ class SplitOptions:
     double_quant: bool = False
     rank_pattern: list[str] = field(default_factory=list)  # "REGEX=R", PEFT's rank_pattern (surgeon/patterns.py)
     alpha_pattern: list[str] = field(default_factory=list)  # "REGEX=A", PEFT's alpha_pattern
+    calibrate: str | None = None  # DATA: decompose W as the layer is used on this text (surgeon/engine/calibrate.py)
+    calibrate_tokens: int = 65536  # calibration tokens at most
+    calibrate_mode: str | None = None  # kpm | ipm | asvd; None: the method's default (options.CALIBRATE_DEFAULT_MODE)
+    calibrate_peft: bool = False  # PEFT's covariance and damping settings (its CorDA), instead of ours
 
 
 def _stem(file_name: str) -> str:
@@ -150,6 +154,9 @@ class SplitJob:
     dense: dict[str, str] = field(default_factory=dict)  # all-linear layers left dense (module -> why)
     adapter: AdapterPlan | None = None  # the PEFT names of a LoRA-shaped split (None without a skeleton)
     init_plan: list[OutTensor] = field(default_factory=list)  # surgeon.init: per expert matrix where the adapter fuses them
+    calib_mode: str | None = None  # --calibrate: the mode in force (None: a plain split)
+    calib_data: object = None  # surgeon.model.calibration.CalibrationData
+    calib: calibrate.Calibrator | None = None
 
     def out_dtype(self, stored: str) -> str:
         return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored
@@ -209,6 +216,9 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
                        kasa_gamma=opts.kasa_gamma, moe_top_k=opts.top_k, moe_pooling=opts.pooling,
                        null_energy=opts.null_energy, null_rank=opts.null_rank)
     method.check(cfg)
+    calib_mode = options.calibrate_mode(method.name, opts.calibrate, opts.calibrate_tokens, opts.calibrate_mode, opts.calibrate_peft, opts.quantize)
+    if calib_mode and dist.world > 1:
+        raise UsageError("--calibrate runs in one process for now; start it without torchrun.")
     qspec = quant.spec_from(opts, method)  # None without --quantize
     new_dtype = None
     if opts.dtype:
@@ -219,6 +229,8 @@ def plan_split(model: str, opts: SplitOptions, dist) -> SplitJob:
     backend = get_backend(dist.device(opts.device), opts.backend)
     with _meanwhile(backend.warmup, _import_finish):  # CUDA context, solver libraries and late imports load while the headers are read
         job = _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_bytes)
+    if calib_mode:  # the data is read and hashed now: a bad --calibrate stops before any folder exists
+        calibrate.attach(job, calib_mode)
     return job
 
 
@@ -335,6 +347,8 @@ def _run(job: SplitJob, work: WorkDir, runner: SplitRunner, reporter: Reporter, 
     left = [n for n in job.ckpt.tensors if n not in work.done]
     device_type = job.backend.device.type
     todo = dist.share(left, [split_cost(job.ckpt.tensors[n], n in job.targets, device_type) for n in left])  # this rank's, in file order
+    if job.calib is not None and any(n in job.targets for n in todo):
+        todo = job.calib.order(todo)  # the covariances come block by block
     done = len(job.ckpt.tensors) - len(left)
     reporter.start(done + len(todo), sum(job.ckpt.tensors[n].nbytes for n in todo), done=done)
     if device_type == "cuda":
@@ -418,6 +432,8 @@ def _manifest(job: SplitJob, records: dict[str, dict]) -> dict:
         manifest["fused"] = job.adapter.fused
     if job.dense:
         manifest["dense"] = job.dense
+    if job.calib_mode:
+        manifest["calibration"] = calibrate.summary(job, layers)
     if job.names is None:
         manifest["names"] = f"checkpoint names ({job.names_why}); no load check"
     if warnings := truncation_warnings(job.method, layers):

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from surgeon.engine import faults
+from surgeon.engine import calibrate, faults
 from surgeon.engine.stages import HostCopy, StageClock, write_all
 from surgeon.errors import NumericsError
 from surgeon.format import quant
@@ -77,7 +77,8 @@ class SplitRunner:
                 break
             info, tensor = item
             digest = job.ckpt.digests.pop(info.name, None)
-            self.solving.append((info, spool.submit(self._process, info, tensor, digest)))
+            calib = job.calib.fetch(info.name) if job.calib is not None else None  # main loop: the collector is not thread-safe
+            self.solving.append((info, spool.submit(self._process, info, tensor, digest, calib)))
             if len(self.solving) > self.workers:
                 self._drain_one(wpool)
             if time.monotonic() - self.last_commit >= job.opts.commit_seconds:
@@ -93,6 +94,8 @@ class SplitRunner:
         info, fut = self.solving.popleft()
         with self.clock("wait_solve"):
             record, outputs = fut.result()
+        if self.job.calib is not None:
+            self.job.calib.release(info.name)  # solved: its covariance may go
         with self.clock("wait_write"):
             while len(self.pending) >= 4:
                 self.pending.popleft().result()
@@ -123,7 +126,7 @@ class SplitRunner:
             self.pending.popleft().result()
 
     # --- on the solve threads -----------------------------------------------------------------
-    def _process(self, info, tensor, digest: str | None) -> tuple[dict, list]:
+    def _process(self, info, tensor, digest: str | None, calib=None) -> tuple[dict, list]:
         stream = contextlib.nullcontext()
         if self.device_type == "cuda":  # each solve thread works on a stream of its own
             if not hasattr(self.streams, "s"):
@@ -133,11 +136,11 @@ class SplitRunner:
             with self.clock("hash_busy"):
                 digest = tensor_hash(tensor)
         with stream, self.clock("solver_busy"):
-            record, outputs = self._outputs(info, tensor)
+            record, outputs = self._outputs(info, tensor, calib)
         record["hash"] = digest
         return record, outputs
 
-    def _outputs(self, info, tensor) -> tuple[dict, list]:
+    def _outputs(self, info, tensor, calib=None) -> tuple[dict, list]:
         """(journal record, [(writer, name, tensor)]) of one input tensor."""
         job, w = self.job, self.w
         record: dict = {"name": info.name}
@@ -148,7 +151,7 @@ class SplitRunner:
             if out_dt != info.dtype and (why := cast_overflow(info.name, tensor, cast)):
                 raise NumericsError(f"{why}; {DTYPE_FIX}")
             return record, [(w.base, info.name, cast)]
-        record["layer"], outs = split_one(target, tensor, job, out_dt, self.clock)
+        record["layer"], outs = split_one(target, tensor, job, out_dt, self.clock, calib)
         residual = outs.pop("__residual__")  # a tensor, or {name: tensor} of a quantized weight's group
         outputs = [(w.base, n, t) for n, t in (residual.items() if isinstance(residual, dict) else [(info.name, residual)])]
         if job.opts.spectra:
@@ -160,8 +163,9 @@ class SplitRunner:
         return record, outputs
 
 
-def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClock) -> tuple[dict, dict]:
-    """Decompose one targeted weight and apply the method: (layer record, {name: tensor})."""
+def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClock, calib=None) -> tuple[dict, dict]:
+    """Decompose one targeted weight and apply the method: (layer record, {name: tensor}).
+    calib: --calibrate's (covariance, tokens) of this weight (surgeon/engine/calibrate.py), or why it has none."""
     t0 = time.perf_counter()
     backend, opts, method = job.backend, job.opts, job.method
     cfg = dataclasses.replace(job.layer(target.module), module=target.module)  # its own rank/alpha (--rank-pattern)
@@ -170,7 +174,12 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
     w64 = w64.mT if target.transposed else w64  # (out, in)
     with clock("decompose"):
         try:
-            trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=opts.spectra or method.needs_spectrum)
+            spectrum = opts.spectra or method.needs_spectrum
+            crec = None
+            if isinstance(calib, tuple):
+                trip, crec = calibrate.solve(w64, calib, job, cfg, spectrum)
+            else:
+                trip = decompose(w64, cfg.rank, method.which, backend, tol=opts.tol, solver=opts.solver, spectrum=spectrum)
         except NumericsError as e:  # name the tensor: a damaged checkpoint is fixed one tensor at a time
             raise NumericsError(f"{target.tensor}: {e}") from e
     qstats: dict = {}
@@ -226,6 +235,10 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         **({"fused": {"param": target.place.param, "expert": target.place.expert, "part": target.place.part,
                       "parts": target.place.parts}} if target.place is not None and target.place.fused else {}),
     }
+    if crec is not None:
+        layer["calibration"] = calibrate.layer_record(crec, w64, res, calib[0])
+    elif isinstance(calib, str):  # the collector has no covariance for it: decomposed as without --calibrate
+        layer["calibration"] = {"skipped": calib}
     if job.qspec is not None:  # bitsandbytes codes always quantize the (out, in) orientation
         outs = {"__residual__": residual}
     else:

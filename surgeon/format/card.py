@@ -33,7 +33,7 @@ This checkpoint was rewritten by [surgeon](https://pypi.org/project/surgeon/) wi
 - Solver: {solvers}; worst error of the written weights against the original, ‖W − (W_res + s·BA)‖/‖W‖ over all layers: {worst:.2e}
   ({meaning})
 - Spectra: {spectra}
-- The trainable factors hold {factor_energy:.3g}% of each weight's spectral energy on average.
+- The trainable factors hold {factor_energy:.3g}% of each weight's spectral energy on average.{calibration}
 
 `surgeon.json` records every layer's solver, factor singular values and reconstruction error; plot the
 spectra with `surgeon spectra DIR` (stored in `surgeon.spectra.safetensors` when split with `--spectra`).
@@ -130,6 +130,15 @@ def _spectra(layers: dict) -> str:
     return f"σ from {bottom:.3g} to {top:.3g} over all layers{span}; the trainable band spans σ ∈ [{lo:.3g}, {hi:.3g}]"
 
 
+def _calibration(c: dict | None) -> str:
+    """One card line for a --calibrate split ("" otherwise)."""
+    if not c:
+        return ""
+    share = f"; at most {100 * c['output_share_max']:.3g}% of a layer's output on that text is carried by the {c['carried']}" if c.get("output_share_max") is not None else ""
+    return (f"\n- Calibrated ({c['mode']}, CorDA/ASVD-style) on {c['tokens']} tokens of `{c['source']}` "
+            f"(sha256 {c['sha256'][:12]}…){share}.")
+
+
 def build_card(manifest: dict, repo: str = ".") -> ModelCard:
     """The card for a split (`operation` "split") or merged (`operation` "absorb") folder."""
     src = manifest.get("source", {})
@@ -168,6 +177,7 @@ def build_card(manifest: dict, repo: str = ".") -> ModelCard:
             meaning=s.get("error_meaning", "measured against the original weights"),
             spectra=_spectra(manifest.get("layers", {})),
             factor_energy=100 * s["mean_factor_energy"],
+            calibration=_calibration(manifest.get("calibration")),
             load_text=LORA_LOAD if peft else FACTORS_LOAD,
             snippet=(LORA_SNIPPET if peft else FACTORS_SNIPPET).format(repo=repo, cls=manifest.get("load_class") or "AutoModelForCausalLM"),
             after=LORA_AFTER if peft else "Merge the trained factors with `surgeon absorb DIR --out merged`.",

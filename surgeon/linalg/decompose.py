@@ -51,6 +51,7 @@ class Triplets:
     subspace_bound: float  # Wedin sin-θ bound of the returned subspace (inf when the gap is 0)
     orth_error: float  # ‖UᵀU − I‖_max of the side derived by multiplication (0 for the SVD)
     energy: float  # ‖W‖_F² = Σ σ² (trace of the Gram matrix)
+    calibrated: bool = False  # from surgeon.linalg.calibrated: Vh rows unit but NOT orthogonal, S not necessarily descending
 
 
 def _select(k: int, rank: int, which: str, ascending: bool) -> slice:

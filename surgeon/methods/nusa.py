@@ -21,6 +21,9 @@ Decisions where the sources leave room:
     columns e..r−1 of B are zero, so those entries of M get zero gradient and carry no update.
     The first e rows/columns hold the e smallest directions in descending σ order. e, p, n and
     the energy of the kept directions are recorded per layer in surgeon.json.
+  * With `--calibrate` (surgeon.linalg.calibrated) the triplets are those of W·T mapped back:
+    the cutoff ρ applies to W·T's spectrum (the layer's output energy on the calibration text) and
+    A is an orthonormal basis of the e kept rows of Vᵀ T⁻¹ (a QR), no longer singular vectors of W.
   * `--null-rank N` fixes n = N instead of the energy rule; given with `--null-energy`, the
     smaller of the two null spaces is used. With neither, ρ = 0.95 (the authors').
   * The scale is α/√r by the method's definition (recorded as use_rslora = true, as PEFT's rsLoRA
@@ -71,6 +74,17 @@ def null_ranks(spectrum: torch.Tensor, cfg: MethodConfig) -> tuple[int, int, int
     return k - n, n, min(n, cfg.rank)
 
 
+def _row_basis(vh: torch.Tensor, calibrated: bool) -> torch.Tensor:
+    """Orthonormal rows spanning vh's (e, in). Plain triplets: vh itself (already orthonormal, kept
+    bit for bit). Calibrated ones (surgeon.linalg.calibrated: Vh = Vᵀ T⁻¹, unit rows, not orthogonal):
+    the Q of a QR, signs fixed so that each row points along its component (deterministic)."""
+    if not calibrated:
+        return vh
+    q, rr = torch.linalg.qr(vh.mT)  # (in, e), (e, e)
+    sign = torch.where(rr.diagonal() < 0, -1.0, 1.0).to(q.dtype)  # (e,)
+    return (q * sign).mT  # (e, in)
+
+
 class NuSA(Method):
     name = "nusa"
     which = "minor"
@@ -100,7 +114,7 @@ class NuSA(Method):
         a = torch.zeros(r, in_f, dtype=torch.float32, device=w.device)  # (r, in)
         b = torch.zeros(out_f, r, dtype=torch.float32, device=w.device)  # (out, r)
         if e:
-            a[:e] = t.Vh[r - e :].to(torch.float32)  # (e, in): the e smallest right singular vectors
+            a[:e] = _row_basis(t.Vh[r - e :], t.calibrated).to(torch.float32)  # (e, in): the e smallest right singular vectors
             b[:, :e] = t.U[:, r - e :].to(torch.float32)  # (out, e): the matching left ones
         m = torch.zeros(r, r, dtype=torch.float32, device=w.device)  # (r, r)
         kept = t.S[r - e :] if e else t.S[:0]  # (e,)

@@ -34,51 +34,16 @@ the `datasets` library (surgeon_train.sources; `pip install 'surgeon-train[datas
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from surgeon.format.records import FORMAT_HINT, DataError, normalize
+from surgeon.format.datafiles import load_jsonl
+from surgeon.format.records import FORMAT_HINT, DataError
 
 IGNORE = -100  # the label of a position without loss (torch's cross_entropy ignore_index)
 __all__ = ["IGNORE", "FORMAT_HINT", "DataError", "Packed", "load_jsonl", "load_packed", "pack", "tokenize"]
-
-
-def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; raises DataError naming the file and line.
-    columns maps record fields to the file's keys ({"prompt": "question", ...}); fmt forces a format
-    (surgeon.format.records.FORMATS) instead of detecting it per record."""
-    path = Path(path)
-    rename = {col: field for field, col in (columns or {}).items()}
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL file with {FORMAT_HINT}.")
-    records = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError) as e:
-                    why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-                    raise DataError(f"{path}, line {lineno}: not valid JSON ({why}); expected {FORMAT_HINT}.") from None
-                if rename and isinstance(obj, dict):
-                    obj = {rename.get(k, k): v for k, v in obj.items()}
-                records.append((lineno, _check(obj, path, lineno, fmt=fmt)))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
-    if not records:
-        raise DataError(f"{path} holds no examples (it is empty or blank); expected {FORMAT_HINT}.")
-    return records
-
-
-def _check(obj, path: Path, lineno: int, unit: str = "line", fmt: str | None = None) -> dict:
-    """The record in one of the three forms of surgeon.format.records.normalize; DataError naming the place."""
-    return normalize(obj, f"{path}, {unit} {lineno}", fmt)
 
 
 def _ids(enc) -> list[int]:

@@ -30,6 +30,8 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     sd = SplitDir(split_dir)
     if sd.method.name != "kasa":
         raise UsageError(f"--to kasa needs a KaSA split; {sd.path} was split with {sd.method.name}. Use --to lora.")
+    if sd.manifest.get("calibration"):
+        raise UsageError("--to kasa: PEFT truncates the plain SVD's minor components of the original weights itself, but this split truncated calibrated ones (--calibrate); use --to lora (a LoRA on the truncated base).")
     if sd.manifest.get("transposed", False):
         raise UsageError("PEFT's KaSA does not support Conv1D (fan_in_fan_out) layers such as GPT-2's; use --to lora (a LoRA on the truncated base).")
     cfg = sd.cfg

@@ -1,0 +1,101 @@
+"""Where text records come from: a JSONL file (read here, line by line), or anything the `datasets`
+library reads (a .json/.parquet/.csv/.arrow file, a folder, a Hub dataset id). Shared by
+`surgeon train --data` (plugins/surgeon-train) and `surgeon split --calibrate`.
+
+    from surgeon.format.datafiles import load_records
+    load_records("train.jsonl")                    # [(line number, {"text"} | {"prompt", "completion"} | {"messages"})]
+    load_records("org/name", split="train[:200]")  # through datasets (an optional extra)
+
+Every record is brought to one of the three forms of surgeon.format.records.normalize; errors are
+DataError naming the file and the line (or row). `datasets` is imported only for the sources that
+need it; without it, one DataError naming the extra to install (`extra`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from surgeon.format.records import FORMAT_HINT, DataError, normalize
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "conversations")
+TRAIN_EXTRA = "pip install 'surgeon-train[datasets]'"
+
+
+def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line; raises DataError naming the file and line.
+    columns maps record fields to the file's keys ({"prompt": "question", ...}); fmt forces a format
+    (surgeon.format.records.FORMATS) instead of detecting it per record."""
+    path = Path(path)
+    rename = {col: field for field, col in (columns or {}).items()}
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL file with {FORMAT_HINT}.")
+    records = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise DataError(f"{path}, line {lineno}: not valid JSON ({why}); expected {FORMAT_HINT}.") from None
+                if rename and isinstance(obj, dict):
+                    obj = {rename.get(k, k): v for k, v in obj.items()}
+                records.append((lineno, normalize(obj, f"{path}, line {lineno}", fmt)))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
+    if not records:
+        raise DataError(f"{path} holds no examples (it is empty or blank); expected {FORMAT_HINT}.")
+    return records
+
+
+def load_records(source, split: str = "train", columns: dict[str, str] | None = None, fmt: str | None = None,
+                 extra: str = TRAIN_EXTRA, option: str = "--data") -> list[tuple[int, dict]]:
+    """(number, record) pairs from a JSONL path, a datasets-readable file or folder, or a Hub id."""
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise DataError(f"{option} {source} is a model folder (config.json and weights), not text data; give a JSONL file "
+                        "with one example a line, a data folder or a dataset id.")
+    if path.suffix == ".jsonl" and path.is_file():
+        return load_jsonl(path, columns, fmt)
+    if path.suffix in BUILDERS and not path.is_file():
+        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet or CSV file, or a dataset id.")
+    ds = _load_dataset(str(source), path, split, extra, option)
+    missing = [c for c in (columns or {}).values() if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{source} has no column {missing[0]!r} (it has {ds.column_names}); fix --columns.")
+    rename = {col: field for field, col in (columns or {}).items()}
+    keep = [c for c in ds.column_names if rename.get(c, c) in FIELDS]
+    records = []
+    for i, row in enumerate(ds.select_columns(keep) if keep else ds, 1):
+        records.append((i, normalize({rename.get(k, k): v for k, v in row.items()}, f"{source}, row {i}", fmt)))
+    if not records:
+        raise DataError(f"{source} (split {split!r}) holds no rows.")
+    return records
+
+
+def _load_dataset(source: str, path: Path, split: str, extra: str, option: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {source} needs the `datasets` library: {extra} (JSONL files need nothing more).") from None
+    datasets.disable_progress_bars()
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its builders log a failure, then raise it: one line is ours
+    try:
+        if path.is_file():
+            return datasets.load_dataset(BUILDERS.get(path.suffix, "json"), data_files=str(path), split="train")
+        if path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError, datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e  # what the builder met
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"could not read {option} {source} with datasets ({first}); give a JSONL/JSON/parquet/CSV file, "
+                        "a folder, or a dataset id reachable from here (set HF_DATASETS_OFFLINE=1 to use the cache only).") from None
+    finally:
+        datasets.logging.set_verbosity(level)
