@@ -138,7 +138,7 @@ def test_trained_dir_loads_in_peft_absorbs_and_exports(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from surgeon.commands.absorb import AbsorbOptions, absorb, export_lora
-    from surgeon.commands.split import MANIFEST
+    from surgeon.format.splitdir import MANIFEST
 
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
