@@ -17,6 +17,10 @@ The pieces live in bench/eval/: tasks.py (the generated tasks), probes.py (forge
 folders.py (split folders and budgets), jobs.py / sweep.py / latency.py (what a worker runs),
 plan.py (the job list and lr selection), runner.py (workers, deadline, resume), aggregate.py,
 claims.py, report.py and plots.py (the outputs), convert_gguf.py (the weights on a machine without Hub).
+Protocol v2 adds: cli2.py (the subcommands), grid.py (the lr grid, the value order, the cost), jobs2.py and
+measure2.py (what a worker runs and measures), archive.py (bench/eval/archive_v2.jsonl: resume and fold),
+derive.py, stats.py, claims2.py, report2.py, plots2.py (the report from the archive), general/ (the text,
+the probes, their sources and licences), gpu_prep2.sh and gpu_run2.sh (one GPU call).
 """
 
 from __future__ import annotations

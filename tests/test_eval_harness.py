@@ -176,3 +176,16 @@ def _tiny(arms):
     from bench.eval.cli2 import settings2
 
     return settings2(True, arms, calibrate=False)
+
+
+def test_an_empty_archive_reports_what_is_missing(tmp_path):
+    from bench.eval.cli2 import settings2
+    from bench.eval.report2 import write
+
+    s = settings2(False, calibrate=False)
+    md = write(s, {}, tmp_path / "r")["md"]
+    need = 2 * len(s["grid"]) * len(s["select_seeds"]) + 1  # MiLoRA's and LoRA's grids, and the untrained reference
+    assert f"**MiLoRA** (all-linear) — *adapting the minor singular components learns as well as LoRA while forgetting less*: " \
+           f"**not yet measured: {need} runs missing**" in md
+    assert "| lora | all-linear | 16 | 3 | – |" in md and "Sequence runs missing: 9 of 9" in md
+    assert f"Archive: 0 of {sum(G.planned(s).values())} planned jobs finished" in md

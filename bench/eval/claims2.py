@@ -37,8 +37,11 @@ def heldout_claim(s, done, cdata, arm, label, claim, t) -> str:
 def milora_claim(s, done, mdata, pdata, t) -> str:
     m = mdata.get(t)
     head = "**MiLoRA** ({}) — *adapting the minor singular components learns as well as LoRA while forgetting less*: ".format(NAMES[t])
+    n = D.missing(s, done, ["milora", "lora"], t, heldout=False)
+    if n or D.ref_of(s, done) is None:
+        return head + f"**not yet measured: {n + (D.ref_of(s, done) is None)} runs missing**"
     if not m or "milora" not in next(iter(m["matched"].values())):
-        return head + _missing(s, done, ["milora", "lora"], t, heldout=False)
+        return head + "**not resolved**: the curves share no accuracy level (see the matched-accuracy section)."
     lvl, res = next(iter(m["matched"].items()))
     diff = res["milora"].get("diff")
     v = S.verdict(diff, "reproduced (less forgetting at matched accuracy)", "not reproduced (the opposite holds: more forgetting)")

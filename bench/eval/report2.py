@@ -73,7 +73,8 @@ def matched_rows(settings, done, ref) -> tuple[list[str], dict]:
             continue
         a_c = S.common_accuracy(curves)
         if a_c is None:
-            lines += [f"{NAMES[t]}: no common accuracy level (an arm starts above another's best).", ""]
+            lines += [f"{NAMES[t]}: no common accuracy level (an arm's lowest grid point is above another arm's best).", ""]
+            out[t] = {"level": None, "matched": {}}
             continue
         lines += [f"**{NAMES[t]}**" + (f" (not in the comparison yet: {', '.join(need)})" if need else ""), "",
                   "| arm | " + " | ".join(f"Δ log-ppl at acc {lvl:.3f} | vs LoRA" for lvl in (a_c, 0.8 * a_c)) + " |", "|---|" + "---|---|" * 2]
@@ -135,6 +136,24 @@ def curve_rows(settings, done, ref) -> list[str]:
     return lines
 
 
+def missing_rows(settings, done) -> list[str]:
+    """Per arm and target set: the grid's selection runs and the held-out runs not in the archive."""
+    tag = settings["tag"]
+    lines = ["## What is missing", "", "| arm | targets | grid runs missing (of {}) | held-out runs missing (of {}) | chosen lr |".format(
+        len(settings["grid"]) * len(settings["select_seeds"]), len(settings["heldout_seeds"])), "|---|---|---|---|---|"]
+    for t in settings["targets"]:
+        for arm in settings["arms"] + settings.get("calibrated_pending", []):
+            grid = sum(G.train_id(arm, t, lr, s, tag) not in done for lr in settings["grid"] for s in settings["select_seeds"])
+            best = G.chosen_lr(settings, done, arm, t) if arm in settings["arms"] else None
+            held = len(settings["heldout_seeds"]) if best is None else sum(G.train_id(arm, t, best, s, tag) not in done for s in settings["heldout_seeds"])
+            why = " (waits for `surgeon split --calibrate`)" if arm not in settings["arms"] else ""
+            lines.append(f"| {arm}{why} | {NAMES[t]} | {grid} | {held} | {G.lr_tag(best) if best else '–'} |")
+    seq = sum(f"seq-{settings['targets'][0]}-{a}-s{s}-{tag}" not in done for a in settings["seq_arms"] for s in settings["seq_seeds"])
+    return lines + ["", f"Sequence runs missing: {seq} of {len(settings['seq_arms']) * len(settings['seq_seeds'])} "
+                        f"({', '.join(settings['seq_arms'])} × seeds {settings['seq_seeds']}); untrained reference: "
+                        f"{'done' if D.ref_of(settings, done) else 'missing'}.", ""]
+
+
 def status(settings, done) -> list[str]:
     need = G.planned(settings)
     tag = settings["tag"]
@@ -181,7 +200,7 @@ def plan_section(settings, done, workers: int = 8) -> list[str]:
 
 def write(settings: dict, done: dict, out: Path) -> dict:
     md, data = markdown(settings, done)
-    md += "\n".join(plan_section(settings, done)) + "\n"
+    md += "\n".join(missing_rows(settings, done) + plan_section(settings, done)) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     plot(settings, done, D.ref_of(settings, done), out.with_suffix(".png"))
