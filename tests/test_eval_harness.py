@@ -117,6 +117,7 @@ def test_cost_estimate_arithmetic():
     s = {"tag": "v2", "arms": ["lora", "milora"], "grid": [1e-4, 1e-3, 1e-2], "select_seeds": [0, 1], "heldout_seeds": [2, 3, 4],
          "targets": ["all"], "seq_arms": ["lora"], "seq_seeds": [0, 1, 2]}
     assert G.planned(s) == {"ref": 1, "train": 2 * (3 * 2 + 3), "seq": 3}
+    assert G.planned(s | {"heldout_by_arm": {"milora": [2, 3, 4, 5, 6]}})["train"] == 2 * 3 * 2 + 3 + 5
     done = {f"x{i}": {"job": {"kind": "train"}} for i in range(5)} | {"r": {"job": {"kind": "ref"}}}
     c = G.cost(s, done, {"ref": 100.0, "train": 200.0, "seq": 600.0}, 4)
     assert c["left"] == {"ref": 0, "train": 13, "seq": 3}
@@ -187,5 +188,5 @@ def test_an_empty_archive_reports_what_is_missing(tmp_path):
     need = 2 * len(s["grid"]) * len(s["select_seeds"]) + 1  # MiLoRA's and LoRA's grids, and the untrained reference
     assert f"**MiLoRA** (all-linear) — *adapting the minor singular components learns as well as LoRA while forgetting less*: " \
            f"**not yet measured: {need} runs missing**" in md
-    assert "| lora | all-linear | 16 | 3 | – |" in md and "Sequence runs missing: 9 of 9" in md
+    assert "| lora | all-linear | 16 | 3 of 3 | – |" in md and "| moe | q/v | 16 | 5 of 5 | – |" in md and "Sequence runs missing: 9 of 9" in md
     assert f"Archive: 0 of {sum(G.planned(s).values())} planned jobs finished" in md

@@ -33,12 +33,13 @@ def settings2(tiny: bool = False, arms=None, calibrate: bool | None = None) -> d
     cal = has_calibrate() if calibrate is None else calibrate
     s = {"protocol": 2, "task_version": "v2", "tag": "v2", "model_name": "SmolLM2-135M-Instruct", "tasks": ["add", "reverse", "lookup"],
          "n_train": 1200, "n_val": 500, "n_test": 1000, "task_seed": 0, "rank": 8, "steps": 300, "batch_size": 16, "seq_len": 256,
-         "grid": list(G.GRID), "select_seeds": list(G.SELECT_SEEDS), "heldout_seeds": list(G.HELDOUT_SEEDS), "targets": ["all", "qv"],
+         "grid": list(G.GRID), "select_seeds": list(G.SELECT_SEEDS), "heldout_seeds": list(G.HELDOUT_SEEDS),
+         "heldout_by_arm": {k: list(v) for k, v in G.HELDOUT_BY_ARM.items()}, "targets": ["all", "qv"],
          "arms": list(arms or G.ARMS) + (list(G.CALIBRATED) if cal and not arms else []), "calibrated_pending": [] if cal else list(G.CALIBRATED),
          "seq_arms": list(G.SEQ_ARMS), "seq_seeds": [0, 1, 2], "gen_batch": 256, "n_probes": None, "gen_tokens": None}
     if tiny:
         s |= {"tag": "v2-tiny", "model_name": "tiny-llama", "n_train": 12, "n_val": 3, "n_test": 4, "steps": 2, "seq_len": 64, "batch_size": 2,
-              "grid": [1e-3, 1e-2], "heldout_seeds": [2], "targets": ["qv"], "seq_seeds": [0], "seq_arms": ["nusa", "lora"], "gen_batch": 8,
+              "grid": [1e-3, 1e-2], "heldout_seeds": [2], "heldout_by_arm": {"moe": [2, 3]}, "targets": ["qv"], "seq_seeds": [0], "seq_arms": ["nusa", "lora"], "gen_batch": 8,
               "n_probes": 6, "gen_tokens": 512, "est": {"ref": 10.0, "train": 10.0, "seq": 30.0}}
     return s
 
@@ -62,7 +63,7 @@ def print_plan(settings: dict, done: dict, budget: float, workers: int, say=prin
     c = G.cost(settings, {k: r for k, r in done.items() if k.endswith(settings["tag"]) and not r.get("error")}, per, workers)
     say(f"cost estimate ({settings['tag']}): " + "; ".join(f"{k} {c['left'][k]} of {c['planned'][k]} runs left × {per[k]:.0f} s ÷ {workers} workers = "
                                                     f"{c['seconds'][k]:.0f} s" for k in c["left"]) + f" (seconds per run: {src})")
-    say(f"total {c['total_s']:.0f} GPU-seconds ≈ {c['total_s'] / 540:.1f} calls of 9 minutes")
+    say(f"total {c['total_s']:.0f} s of one GPU (runs × seconds a run ÷ workers) ≈ {c['total_s'] / 540:.1f} calls of 9 minutes")
     go = fits(settings, done, per, budget, workers)
     say(f"within {budget:.0f} s: {len(go)} jobs, by value: " + ", ".join(j["id"] for j in go[:30]) + (" …" if len(go) > 30 else ""))
     if settings.get("calibrated_pending"):

@@ -94,6 +94,6 @@ def missing(settings: dict, done: dict, arms, targets: str, heldout: bool = True
         n += sum(G.train_id(arm, targets, lr, s, tag) not in done for lr in settings["grid"] for s in settings["select_seeds"])
         if heldout:
             best = G.chosen_lr(settings, done, arm, targets)
-            n += len(settings["heldout_seeds"]) if best is None else sum(G.train_id(arm, targets, best, s, tag) not in done
-                                                                          for s in settings["heldout_seeds"])
+            seeds = G.heldout(settings, arm)
+            n += len(seeds) if best is None else sum(G.train_id(arm, targets, best, s, tag) not in done for s in seeds)
     return n

@@ -24,10 +24,11 @@ def _panel(ax, settings, done, ref, targets) -> None:
             ax.annotate(G.lr_tag(lr), (x, y), fontsize=5, color=f"C{i}", xytext=(2, 2), textcoords="offset points")
         best = G.chosen_lr(settings, done, arm, targets)
         if best is not None:
-            p = D.point(settings, done, ref, arm, targets, best, settings["heldout_seeds"])
+            p = D.point(settings, done, ref, arm, targets, best, G.heldout(settings, arm))
             if p["acc"]:
                 ax.scatter([np.mean(list(p["forget"].values()))], [np.mean(list(p["acc"].values()))], marker="*", s=80, color=f"C{i}", edgecolors="k", lw=0.5)
-    ax.set_xlabel("Δ log-perplexity on general text (nats/token)")
+    ax.set_xscale("symlog", linthresh=0.05)  # a diverging lr moves it by nats, a gentle one by hundredths
+    ax.set_xlabel("Δ log-perplexity on general text (nats/token, symlog)")
     ax.set_ylabel("test accuracy (three tasks)")
     ax.set_title(f"{NAMES[targets]}: lr curves (selection seeds); ★ chosen point, held-out seeds", fontsize=8)
     ax.grid(alpha=0.3)

@@ -34,7 +34,8 @@ def ci(t, spec=".3f") -> str:
 def chosen_rows(settings, done, ref) -> tuple[list[str], dict]:
     lines = ["## Each arm at its chosen point (held-out seeds)", "",
              "Chosen lr: the best mean validation accuracy over the selection seeds "
-             f"{settings['select_seeds']}; measured on the held-out seeds {settings['heldout_seeds']} (never used to choose). "
+             f"{settings['select_seeds']}; measured on the held-out seeds {settings['heldout_seeds']} (the mixture: "
+             f"{G.heldout(settings, 'moe')}; never used to choose). "
              "Accuracy: mean over the three tasks' test items; Δ log-ppl: general-text log-perplexity change (nats/token, paired by window); "
              "Δ chat NLL: the probes' reference answers in the chat format; [95 % bootstrap interval over seeds × items or windows]; "
              "divergence: diverged grid runs / finished grid runs.", "",
@@ -47,7 +48,7 @@ def chosen_rows(settings, done, ref) -> tuple[list[str], dict]:
             if best is None or ref is None:
                 lines.append(f"| {arm} | {NAMES[t]} | – | – | not yet measured: {D.missing(settings, done, [arm], t)} runs missing | | | | {dv}/{fin} |")
                 continue
-            p = D.point(settings, done, ref, arm, t, best, settings["heldout_seeds"])
+            p = D.point(settings, done, ref, arm, t, best, G.heldout(settings, arm))
             data[(arm, t)] = p | {"lr": best}
             acc = S.boot(list(p["acc"].values())) if p["acc"] else None
             fg = S.boot(list(p["forget"].values())) if p["forget"] else None
@@ -139,15 +140,16 @@ def curve_rows(settings, done, ref) -> list[str]:
 def missing_rows(settings, done) -> list[str]:
     """Per arm and target set: the grid's selection runs and the held-out runs not in the archive."""
     tag = settings["tag"]
-    lines = ["## What is missing", "", "| arm | targets | grid runs missing (of {}) | held-out runs missing (of {}) | chosen lr |".format(
-        len(settings["grid"]) * len(settings["select_seeds"]), len(settings["heldout_seeds"])), "|---|---|---|---|---|"]
+    lines = ["## What is missing", "", "| arm | targets | grid runs missing (of {}) | held-out runs missing | chosen lr |".format(
+        len(settings["grid"]) * len(settings["select_seeds"])), "|---|---|---|---|---|"]
     for t in settings["targets"]:
         for arm in settings["arms"] + settings.get("calibrated_pending", []):
             grid = sum(G.train_id(arm, t, lr, s, tag) not in done for lr in settings["grid"] for s in settings["select_seeds"])
             best = G.chosen_lr(settings, done, arm, t) if arm in settings["arms"] else None
-            held = len(settings["heldout_seeds"]) if best is None else sum(G.train_id(arm, t, best, s, tag) not in done for s in settings["heldout_seeds"])
+            seeds = G.heldout(settings, arm)
+            held = len(seeds) if best is None else sum(G.train_id(arm, t, best, s, tag) not in done for s in seeds)
             why = " (waits for `surgeon split --calibrate`)" if arm not in settings["arms"] else ""
-            lines.append(f"| {arm}{why} | {NAMES[t]} | {grid} | {held} | {G.lr_tag(best) if best else '–'} |")
+            lines.append(f"| {arm}{why} | {NAMES[t]} | {grid} | {held} of {len(seeds)} | {G.lr_tag(best) if best else '–'} |")
     seq = sum(f"seq-{settings['targets'][0]}-{a}-s{s}-{tag}" not in done for a in settings["seq_arms"] for s in settings["seq_seeds"])
     return lines + ["", f"Sequence runs missing: {seq} of {len(settings['seq_arms']) * len(settings['seq_seeds'])} "
                         f"({', '.join(settings['seq_arms'])} × seeds {settings['seq_seeds']}); untrained reference: "
@@ -191,8 +193,8 @@ def plan_section(settings, done, workers: int = 8) -> list[str]:
     per, src = G.per_job_seconds(done, settings["tag"], settings.get("est"))
     c = G.cost(settings, {k: r for k, r in done.items() if k.endswith(settings["tag"]) and not (r.get("error") and not D.diverged(r))}, per, workers)
     return ["## Plan to finish", "",
-            "Left: " + ", ".join(f"{c['left'][k]} {k} runs × {per[k]:.0f} s" for k in c["left"]) + f" ÷ {workers} workers ≈ {c['total_s']:.0f} GPU-seconds "
-            f"≈ {c['total_s'] / 540:.1f} calls of 9 minutes ({src}). Each call: `bash bench/eval/gpu_run2.sh` (GPU_RUN.md), then "
+            "Left: " + ", ".join(f"{c['left'][k]} {k} runs × {per[k]:.0f} s" for k in c["left"]) + f" ÷ {workers} workers ≈ {c['total_s']:.0f} seconds "
+            f"of one GPU's time ≈ {c['total_s'] / 540:.1f} calls of 9 minutes ({src}). Each call: `bash bench/eval/gpu_run2.sh` (GPU_RUN.md), then "
             "`python bench/eval_methods.py fold NEW.jsonl` and `python bench/eval_methods.py report`; the plan takes the most valuable jobs first "
             "(bench/eval/grid.py). Not planned yet: the mixture against a true per-token router (surgeon has no such router; the v1 baseline "
             "recomputed the same gates) and the mixture over 5 seeds.", ""]
