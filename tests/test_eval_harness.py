@@ -190,3 +190,15 @@ def test_an_empty_archive_reports_what_is_missing(tmp_path):
            f"**not yet measured: {need} runs missing**" in md
     assert "| lora | all-linear | 16 | 3 of 3 | – |" in md and "| moe | q/v | 16 | 5 of 5 | – |" in md and "Sequence runs missing: 9 of 9" in md
     assert f"Archive: 0 of {sum(G.planned(s).values())} planned jobs finished" in md
+
+
+def test_the_forgetting_data_is_large_varied_and_self_consistent():
+    from bench.eval.measure2 import general_docs, keyword_hit, probes
+
+    ps = probes()
+    assert len(ps) >= 200 and len({q for q, _, _ in ps}) == len(ps)
+    assert all(keyword_hit(ans, keys) for _, keys, ans in ps)  # each reference answer passes its own keyword check
+    assert not keyword_hit("I do not know.", ("paris",)) and keyword_hit("It is Paris, of course.", ("paris",))
+    docs = general_docs()
+    assert len({d["source"] for d in docs}) == 3 and len(docs) >= 40
+    assert 200_000 < sum(len(d["text"]) for d in docs) < 400_000  # ≈ 61k SmolLM2 tokens; the file stays under 400 KB

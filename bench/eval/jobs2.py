@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from bench.eval import folders as F
 from bench.eval import jobs as J
 from bench.eval.measure import load_plain_model, load_split_model
@@ -120,7 +122,7 @@ def train_job(ctx, job: dict) -> dict:
     m = load_split_model(out, ctx.device)
     r |= ctx.ev.measure(m, s["tasks"], ("val", "test") if job.get("select") else ("test",))
     del m
-    r |= {"rank": J.rank_of(ctx, "nusa" if arm == "nusa" else arm, targets), "effective_trainable": F.effective_params(out),
+    r |= {"rank": J.rank_of(ctx, arm, targets), "effective_trainable": F.effective_params(out),
           "split_gen_nll": split_nll, "split_s": round(t_split, 2), "job_s": round(time.perf_counter() - t0, 2)}
     shutil.rmtree(out, ignore_errors=True)
     return r
@@ -153,4 +155,5 @@ def seq_job(ctx, job: dict) -> dict:
 
 
 def run_job(ctx, job: dict) -> dict:
-    return {"ref": ref_job, "train": train_job, "seq": seq_job}[job["kind"]](ctx, job)
+    res = {"ref": ref_job, "train": train_job, "seq": seq_job}[job["kind"]](ctx, job)
+    return res | {"device_name": torch.cuda.get_device_name(torch.device(ctx.device)) if ctx.device.startswith("cuda") else "cpu"}

@@ -160,7 +160,7 @@ def status(settings, done) -> list[str]:
     need = G.planned(settings)
     tag = settings["tag"]
     have = {k: sum(1 for i, r in done.items() if i.endswith(tag) and r["job"]["kind"] == k and not (r.get("error") and not D.diverged(r))) for k in need}
-    devs = sorted({r.get("device_name", "") for r in done.values() if r.get("device_name")})
+    devs = sorted({(r.get("result") or {}).get("device_name") for i, r in done.items() if i.endswith(tag) and (r.get("result") or {}).get("device_name")})
     lines = [f"Archive: {sum(have.values())} of {sum(need.values())} planned jobs finished (" + ", ".join(f"{k} {have[k]}/{need[k]}" for k in need) + ")"
              + (f" on {', '.join(devs)}" if devs else "") + ". Resume and finish: see \"Plan to finish\" below."]
     if settings.get("calibrated_pending"):
