@@ -40,7 +40,7 @@ def milora_claim(s, done, mdata, pdata, t) -> str:
     n = D.missing(s, done, ["milora", "lora"], t, heldout=False)
     if n or D.ref_of(s, done) is None:
         return head + f"**not yet measured: {n + (D.ref_of(s, done) is None)} runs missing**"
-    if not m or "milora" not in next(iter(m["matched"].values())):
+    if not m or not m["matched"] or "milora" not in next(iter(m["matched"].values())):
         return head + "**not resolved**: the curves share no accuracy level (see the matched-accuracy section)."
     lvl, res = next(iter(m["matched"].items()))
     diff = res["milora"].get("diff")

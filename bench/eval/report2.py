@@ -56,7 +56,28 @@ def chosen_rows(settings, done, ref) -> tuple[list[str], dict]:
             pr = np.mean(list(p["probe"].values())) if p["probe"] else None
             lines.append(f"| {arm} | {NAMES[t]} | {G.lr_tag(best)} | {len(p['acc'])}" + (f" ({p['missing']} missing)" if p["missing"] else "")
                          + f" | {ci(acc)} | {ci(fg)} | {ci(ch)} | {f3(pr)} | {dv}/{fin} |")
-    return lines + [""], data
+    return lines + [""] + room(settings, data), data
+
+
+def room(settings, data) -> list[str]:
+    """Per task, the held-out accuracy of each arm at its point: whether the tasks leave room (none at ceiling or floor)."""
+    if not data:
+        return []
+    tasks = settings["tasks"]
+    lines = ["Per task (held-out seeds, mean): does the benchmark leave room? (v1's reversal and lookup were at ≈ 1.0.)", "",
+             "| arm | targets | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    means = {t: [] for t in tasks}
+    for (arm, tg), p in data.items():
+        row = []
+        for t in tasks:
+            m = float(np.mean(p["task_acc"][t])) if p["task_acc"][t] else None
+            row.append(f3(m))
+            if m is not None:
+                means[t].append(m)
+        lines.append(f"| {arm} | {NAMES[tg]} | " + " | ".join(row) + " |")
+    flags = [f"{t} at ceiling (every arm ≥ 0.95)" for t, v in means.items() if v and min(v) >= 0.95]
+    flags += [f"{t} at floor (every arm ≤ 0.05)" for t, v in means.items() if v and max(v) <= 0.05]
+    return lines + ["", ("Not separating: " + "; ".join(flags) + ".") if flags else "No task is at ceiling or floor for every arm.", ""]
 
 
 def matched_rows(settings, done, ref) -> tuple[list[str], dict]:
@@ -110,8 +131,9 @@ def paper_rows(settings, done, ref) -> tuple[list[str], dict]:
         if da is None:
             continue
         lines.append(f"| {arm} − lora | {G.lr_tag(lr)} | {ci(da, '+.3f')} | {ci(df, '+.3f')} |")
-    if len(lines) == 5:
-        lines.append("| not yet measured | | | |")
+    if not any(v["acc"] for v in out.values()):
+        need = D.missing(settings, done, ["pissa", "milora", "lora"], t, heldout=False)
+        lines.append(f"| not yet measured: {need + (ref is None)} runs missing | | | |")
     return lines + [""], out
 
 
@@ -194,7 +216,8 @@ def plan_section(settings, done, workers: int = 8) -> list[str]:
     c = G.cost(settings, {k: r for k, r in done.items() if k.endswith(settings["tag"]) and not (r.get("error") and not D.diverged(r))}, per, workers)
     return ["## Plan to finish", "",
             "Left: " + ", ".join(f"{c['left'][k]} {k} runs × {per[k]:.0f} s" for k in c["left"]) + f" ÷ {workers} workers ≈ {c['total_s']:.0f} seconds "
-            f"of one GPU's time ≈ {c['total_s'] / 540:.1f} calls of 9 minutes ({src}). Each call: `bash bench/eval/gpu_run2.sh` (GPU_RUN.md), then "
+            f"of one GPU's time ≈ {c['total_s'] / 540:.1f} calls of 9 minutes ({src}). Each call: the staging and compute calls in the header of "
+            "bench/eval/gpu_run2.sh (`bash bench/eval/gpu_prep2.sh` first), then "
             "`python bench/eval_methods.py fold NEW.jsonl` and `python bench/eval_methods.py report`; the plan takes the most valuable jobs first "
             "(bench/eval/grid.py). Not planned yet: the mixture against a true per-token router (surgeon has no such router; the v1 baseline "
             "recomputed the same gates) and the mixture over 5 seeds.", ""]
