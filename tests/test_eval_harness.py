@@ -202,3 +202,50 @@ def test_the_forgetting_data_is_large_varied_and_self_consistent():
     docs = general_docs()
     assert len({d["source"] for d in docs}) == 3 and len(docs) >= 40
     assert 200_000 < sum(len(d["text"]) for d in docs) < 400_000  # ≈ 61k SmolLM2 tokens; the file stays under 400 KB
+
+
+def _synthetic(s: dict, curves: dict, heldout: dict, items=300, windows=60) -> dict:
+    """Archive records with known numbers: CURVES {arm: [(val/test accuracy, forgetting) per grid lr]},
+    HELDOUT {arm: (accuracy, forgetting)} at the arm's best lr; accuracy as exact shares of correct items."""
+    rng = np.random.default_rng(0)
+    tag, tasks = s["tag"], s["tasks"]
+
+    def res(acc, fg, seed):
+        k = round(acc * items)
+        bits = "".join(rng.permutation(list("1" * k + "0" * (items - k))))
+        test = {t: {"acc": acc, "loss": 1.0, "n": items, "bits": bits} for t in tasks}
+        return {"test": test, "val": {t: {"acc": acc, "loss": 1.0 - acc} for t in tasks}, "final_train_loss": 0.5,
+                "gen_nll": list(fg + 0.01 * rng.standard_normal(windows)), "chat_nll": [fg] * 4, "probe_bits": "1100"}
+
+    done = {f"ref-{tag}": {"job": {"id": f"ref-{tag}", "kind": "ref"}, "result": res(0.0, 0.0, 0) | {"gen_nll": [0.0] * windows, "chat_nll": [0.0] * 4}}}
+    for arm, pts in curves.items():
+        for lr, (acc, fg) in zip(s["grid"], pts):
+            for seed in s["select_seeds"]:
+                j = {"id": G.train_id(arm, "all", lr, seed, tag), "kind": "train", "method": arm, "targets": "all", "lr": lr, "seed": seed, "select": True}
+                done[j["id"]] = {"job": j, "result": res(acc, fg, seed), "seconds": 100.0}
+        best = G.chosen_lr(s, done, arm, "all")
+        for seed in G.heldout(s, arm):
+            acc, fg = heldout[arm]
+            j = {"id": G.train_id(arm, "all", best, seed, tag), "kind": "train", "method": arm, "targets": "all", "lr": best, "seed": seed, "select": False}
+            done[j["id"]] = {"job": j, "result": res(acc, fg, seed), "seconds": 100.0}
+    return done
+
+
+def test_the_report_decides_the_claims_from_known_numbers(tmp_path):
+    from bench.eval.cli2 import settings2
+    from bench.eval.report2 import write
+
+    s = settings2(False, ["lora", "pissa", "milora"], calibrate=False) | {"grid": [1e-4, 1e-3, 1e-2], "targets": ["all"], "tasks": ["add"]}
+    curve = [(0.3, 0.2), (0.6, 0.6), (0.9, 1.2)]
+    done = _synthetic(s, {"lora": curve, "pissa": [(a + 0.05, f * 1.5) for a, f in curve], "milora": [(a, f / 2) for a, f in curve]},
+                      {"lora": (0.8, 1.0), "pissa": (0.9, 1.0), "milora": (0.8, 0.5)})
+    md = write(s, done, tmp_path / "r")["md"]
+    claim = next(line for line in md.splitlines() if line.startswith("- **MiLoRA** (all-linear)"))
+    assert "**reproduced (less forgetting at matched accuracy)**" in claim
+    level = float(claim.split("matched test accuracy ")[1].split(",")[0])  # the common level: the lowest top, 0.9
+    diff = float(claim.split("Δ log-ppl MiLoRA − LoRA ")[1].split(" ")[0])
+    assert level == pytest.approx(0.9) and diff == pytest.approx(-0.6, abs=0.01)  # 0.6 vs 1.2 at accuracy 0.9 (window noise 0.01)
+    pissa = next(line for line in md.splitlines() if line.startswith("- **PiSSA** (all-linear)"))
+    assert "**reproduced**" in pissa and "held-out test accuracy pissa − LoRA +0.100" in pissa
+    assert "| pissa − lora | 1.0e-3 | +0.050" in md  # PiSSA's own setting: equal lr
+    assert "Archive: 1 + " not in md and "lora | all-linear | 0 | 0 of 3 | 1.0e-2" in md
