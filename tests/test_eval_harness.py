@@ -14,10 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "surgeon-train")]
 
-from bench.eval import archive as A  # noqa: E402
-from bench.eval import grid as G  # noqa: E402
-from bench.eval import stats as S  # noqa: E402
-from bench.eval import tasks as T  # noqa: E402
+from bench.eval import archive as A
+from bench.eval import grid as G
+from bench.eval import stats as S
+from bench.eval import tasks as T
 
 TINY = ROOT / "fixtures" / "tiny-llama"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -36,7 +36,7 @@ def heldout_claim(s, done, cdata, arm, label, claim, t) -> str:
 
 def milora_claim(s, done, mdata, pdata, t) -> str:
     m = mdata.get(t)
-    head = "**MiLoRA** ({}) — *adapting the minor singular components learns as well as LoRA while forgetting less*: ".format(NAMES[t])
+    head = f"**MiLoRA** ({NAMES[t]}) — *adapting the minor singular components learns as well as LoRA while forgetting less*: "
     n = D.missing(s, done, ["milora", "lora"], t, heldout=False)
     if n or D.ref_of(s, done) is None:
         return head + f"**not yet measured: {n + (D.ref_of(s, done) is None)} runs missing**"

@@ -129,7 +129,7 @@ def per_job_seconds(done: dict, tag: str, default: dict | None = None) -> tuple[
         if r["job"]["id"].endswith(tag) and r.get("seconds") and not r.get("error"):
             seen.setdefault(r["job"]["kind"], []).append(r["seconds"])
     out = {k: statistics.median(seen[k]) if seen.get(k) else v for k, v in (default or DEFAULT_EST_V2).items()}
-    src = ", ".join(f"{k}: {'median of %d finished' % len(seen[k]) if seen.get(k) else 'v1 H200 jobs scaled'}" for k in out)
+    src = ", ".join(f"{k}: {f'median of {len(seen[k])} finished' if seen.get(k) else 'v1 H200 jobs scaled'}" for k in out)
     return out, src
 
 

@@ -36,7 +36,7 @@ _HAS_CALIBRATE: dict[str, bool] = {}
 def has_calibrate() -> bool:
     """Whether this checkout's `surgeon split` takes --calibrate (asked once per process)."""
     if "v" not in _HAS_CALIBRATE:
-        r = subprocess.run([sys.executable, "-m", "surgeon", "split", "--help"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+        r = subprocess.run([sys.executable, "-m", "surgeon", "split", "--help"], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"}, check=False)
         _HAS_CALIBRATE["v"] = "--calibrate" in r.stdout
     return _HAS_CALIBRATE["v"]
 
@@ -88,7 +88,7 @@ def calibrated(ctx, model: Path, where: Path, arm: str, rank: int, targets: str,
                    "--out", str(out), "--calibrate", str(CALIBRATION), "--overwrite"]
             for t in F.TARGETS[targets]:
                 cmd += ["--target", t]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode:
                 raise RuntimeError(f"surgeon split --calibrate failed: {(r.stderr or r.stdout).strip()[-300:]}")
     return out

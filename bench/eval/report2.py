@@ -16,6 +16,7 @@ from bench.eval import derive as D
 from bench.eval import grid as G
 from bench.eval import stats as S
 from bench.eval.claims2 import claims, sequence_rows
+from bench.eval.measure2 import probes
 from bench.eval.plots2 import plot
 
 NAMES = {"all": "all-linear", "qv": "q/v"}
@@ -103,7 +104,7 @@ def matched_rows(settings, done, ref) -> tuple[list[str], dict]:
         res = {lvl: S.matched(curves, lvl, "lora", reps=1000) for lvl in (a_c, 0.8 * a_c)}
         for arm in curves:
             cells = []
-            for lvl, m in res.items():
+            for m in res.values():
                 r = m[arm]
                 cells.append(f"{f3(r['forget'])}" + (f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if "ci" in r else ""))
                 cells.append(ci(r.get("diff"), "+.3f") if arm != "lora" else "")
@@ -200,7 +201,7 @@ def markdown(settings, done) -> tuple[str, dict]:
               f"{s['n_train']} training, {s['n_val']} validation, {s['n_test']} test items per task, no input shared between splits; lr grid "
               f"{', '.join(G.lr_tag(x) for x in s['grid'])} for every arm, selection seeds {s['select_seeds']}, held-out seeds "
               f"{s['heldout_seeds']}; forgetting on ≈ 61k tokens of general text (bench/eval/general/README.md) in 256-token windows, "
-              f"on the chat-formatted reference answers of {len(open(Path(__file__).with_name('general') / 'probes.tsv').read().splitlines()) - 1} probes, "
+              f"on the chat-formatted reference answers of {len(probes())} probes, "
               "and the probes' keyword accuracy. The earlier protocol's report: [bench/eval_methods_v1.md](eval_methods_v1.md).", ""]
     chosen, cdata = chosen_rows(s, done, ref)
     matched, mdata = matched_rows(s, done, ref)
