@@ -41,6 +41,7 @@ if [ ! -f "$MODEL/model.safetensors" ] && [ ! -f "$MODEL/model.safetensors.index
 fi
 export PYTHONPATH="$PWD:$PWD/plugins/surgeon-train:$D/site"
 python3 -c "import surgeon, surgeon_train, xxhash, filelock, torch, transformers, peft; print('imports ok: torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
+python3 -m surgeon split --help >/dev/null 2>>"$LOG" && echo "surgeon CLI ok" | tee -a "$LOG"
 nvidia-smi dmon -s um -d 5 >"$D/gpu_util.txt" 2>&1 &
 DMON=$!
 DEADLINE=$((BUDGET - ($(date +%s) - T0) - 40))  # 40 s: in-flight grace, export, report, packing
