@@ -125,9 +125,13 @@ def run(args, settings: dict, done: dict) -> dict:
 
     t0 = time.time()
     print_plan(settings, done | load_results(args.results), args.budget, max(1, args.workers), log)
-    plan = stored(args.results / "_plan.json", lambda: budget_plan(settings, model, args.device), log, "budget plan")
-    inv = run_jobs(settings, plan, model, args.work, args.results, args.device, args.workers, args.threads, args.budget - (time.time() - t0),
-                   True, log, prior=done)
+    try:  # `timeout -s INT` may come before the runner (which stops on it by itself) starts: still export and report
+        plan = stored(args.results / "_plan.json", lambda: budget_plan(settings, model, args.device), log, "budget plan")
+        inv = run_jobs(settings, plan, model, args.work, args.results, args.device, args.workers, args.threads, args.budget - (time.time() - t0),
+                       True, log, prior=done)
+    except KeyboardInterrupt:
+        log("interrupted before the jobs started")
+        inv = {"info": {}, "started": 0}
     new = {k: r for k, r in load_results(args.results).items() if k not in done or (done[k].get("error") and not r.get("error"))}
     log(f"this call: {len(new)} finished records ({sum(1 for r in new.values() if r.get('error'))} errors); {json.dumps(inv.get('info'))}")
     if args.export:
