@@ -3,9 +3,11 @@ its cost arithmetic, the KaSA authors' variant, and the tiny end-to-end run resu
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +115,7 @@ def test_grid_order_and_the_chosen_point():
     assert [j["ready"] for j in held] == [True] * 3 and {j["seed"] for j in held} == {2, 3, 4}
 
 
-def test_cost_estimate_arithmetic():
+def test_cost_estimate_arithmetic(tmp_path):
     s = {"tag": "v2", "arms": ["lora", "milora"], "grid": [1e-4, 1e-3, 1e-2], "select_seeds": [0, 1], "heldout_seeds": [2, 3, 4],
          "targets": ["all"], "seq_arms": ["lora"], "seq_seeds": [0, 1, 2]}
     assert G.planned(s) == {"ref": 1, "train": 2 * (3 * 2 + 3), "seq": 3}
@@ -122,10 +124,22 @@ def test_cost_estimate_arithmetic():
     c = G.cost(s, done, {"ref": 100.0, "train": 200.0, "seq": 600.0}, 4)
     assert c["left"] == {"ref": 0, "train": 13, "seq": 3}
     assert c["total_s"] == pytest.approx(13 * 200 / 4 + 3 * 600 / 4)
+    v1 = tmp_path / "v1.tgz"  # the last results: seconds a job and its training seconds
+    with tarfile.open(v1, "w:gz") as t:
+        for name, rec in {"train-a": {"seconds": 90.0, "result": {"train_s": 70.0, "val": {}}}, "train-b": {"seconds": 110.0, "result": {"train_s": 80.0, "val": {}}},
+                          "train-c": {"seconds": 50.0, "result": {"train_s": 40.0}}, "ref": {"seconds": 20.0, "result": {}}}.items():
+            data = json.dumps(rec | {"job": {"id": name, "kind": name.split("-")[0]}}).encode()
+            info = tarfile.TarInfo(f"results/{name}.json")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    est = G.v1_scaled(v1)  # train (with a validation split): median training 75 s, median measuring 25 s
+    assert est["train"] == pytest.approx(G.TRAIN_SCALE * 75 + G.MEASURE_SCALE * 25) and est["ref"] == pytest.approx(G.MEASURE_SCALE * 20)
+    assert est["seq"] == pytest.approx(3 * (G.TRAIN_SCALE * 75 + G.MEASURE_SCALE * 25 * 2 / 3))
+    assert G.v1_scaled(tmp_path / "absent.tgz") == G.DEFAULT_EST_V2
     per, src = G.per_job_seconds({"a-v2": {"job": {"id": "a-v2", "kind": "train"}, "seconds": 30.0},
                                   "b-v2": {"job": {"id": "b-v2", "kind": "train"}, "seconds": 50.0},
                                   "c-v1": {"job": {"id": "c-v1", "kind": "train"}, "seconds": 999.0}}, "v2")
-    assert per["train"] == 40.0 and per["ref"] == G.DEFAULT_EST_V2["ref"] and "median of 2" in src
+    assert per["train"] == 40.0 and per["ref"] == pytest.approx(G.v1_scaled()["ref"]) and "median of 2" in src
 
 
 def test_kasa_authors_keeps_the_weights_the_authors_do_not_truncate(tmp_path):

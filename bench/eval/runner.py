@@ -23,7 +23,6 @@ from bench.eval import grid as G
 from bench.eval import plan as P
 
 DEFAULT_EST = {"ref": 30.0, "train": 90.0, "seq": 300.0, "kasa": 90.0, "latency": 120.0}
-DEFAULT_EST_V2 = G.DEFAULT_EST_V2
 
 
 def v2(settings: dict) -> bool:
@@ -194,7 +193,7 @@ class Estimates:
 
     def __init__(self, settings: dict, done: dict):
         self.seen: dict[str, list[float]] = {}
-        self.default = (settings.get("est") or DEFAULT_EST_V2) if v2(settings) else DEFAULT_EST
+        self.default = (settings.get("est") or G.v1_scaled()) if v2(settings) else DEFAULT_EST
         self.n_seq = len(settings.get("seq_tasks", settings["tasks"])) * settings.get("seq_steps", settings["steps"]) / max(1, settings["steps"])
         for rec in done.values():
             if rec.get("seconds") and not rec.get("error"):
