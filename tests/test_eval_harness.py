@@ -262,4 +262,5 @@ def test_the_report_decides_the_claims_from_known_numbers(tmp_path):
     pissa = next(line for line in md.splitlines() if line.startswith("- **PiSSA** (all-linear)"))
     assert "**reproduced**" in pissa and "held-out test accuracy pissa − LoRA +0.100" in pissa
     assert "| pissa − lora | 1.0e-3 | +0.050" in md  # PiSSA's own setting: equal lr
+    assert "| lora | all-linear | 1.0e-2 (grid edge) | 3 |" in md  # the best lr is the grid's last point: said
     assert "Archive: 1 + " not in md and "lora | all-linear | 0 | 0 of 3 | 1.0e-2" in md

@@ -38,7 +38,8 @@ def _panel(ax, settings, done, ref, targets) -> None:
         ax.text(0.5, 0.5, "not yet measured", ha="center", va="center", transform=ax.transAxes)
 
 
-def plot(settings: dict, done: dict, ref: dict | None, path: Path) -> None:
+def plot(settings: dict, done: dict, ref: dict | None, path: Path, levels: dict | None = None) -> None:
+    """LEVELS: {targets: the matched accuracy level}, drawn as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,6 +48,9 @@ def plot(settings: dict, done: dict, ref: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(1, len(settings["targets"]), figsize=(6 * len(settings["targets"]), 4.8), squeeze=False)
     for ax, t in zip(axes[0], settings["targets"]):
         _panel(ax, settings, done, ref, t)
+        if (levels or {}).get(t) is not None:
+            ax.axhline(levels[t], color="k", lw=0.6, ls="--")
+            ax.annotate("matched accuracy", (0.01, levels[t]), xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
     fig.suptitle(f"{settings['model_name']}, tasks {settings['task_version']}, rank {settings['rank']}, {settings['steps']} steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -39,7 +39,8 @@ def chosen_rows(settings, done, ref) -> tuple[list[str], dict]:
              f"{G.heldout(settings, 'moe')}; never used to choose). "
              "Accuracy: mean over the three tasks' test items; Δ log-ppl: general-text log-perplexity change (nats/token, paired by window); "
              "Δ chat NLL: the probes' reference answers in the chat format; [95 % bootstrap interval over seeds × items or windows]; "
-             "divergence: diverged grid runs / finished grid runs.", "",
+             "divergence: diverged grid runs / finished grid runs; (grid edge): the chosen lr is the grid's first or last point, "
+             "so the optimum may lie outside it.", "",
              "| arm | targets | chosen lr | seeds | test accuracy | Δ log-ppl | Δ chat NLL | probes correct | diverged |", "|---|---|---|---|---|---|---|---|---|"]
     data = {}
     for t in settings["targets"]:
@@ -55,7 +56,8 @@ def chosen_rows(settings, done, ref) -> tuple[list[str], dict]:
             fg = S.boot(list(p["forget"].values())) if p["forget"] else None
             ch = S.boot(list(p["chat"].values())) if p["chat"] else None
             pr = np.mean(list(p["probe"].values())) if p["probe"] else None
-            lines.append(f"| {arm} | {NAMES[t]} | {G.lr_tag(best)} | {len(p['acc'])}" + (f" ({p['missing']} missing)" if p["missing"] else "")
+            edge = " (grid edge)" if best in (settings["grid"][0], settings["grid"][-1]) else ""
+            lines.append(f"| {arm} | {NAMES[t]} | {G.lr_tag(best)}{edge} | {len(p['acc'])}" + (f" ({p['missing']} missing)" if p["missing"] else "")
                          + f" | {ci(acc)} | {ci(fg)} | {ci(ch)} | {f3(pr)} | {dv}/{fin} |")
     return lines + [""] + room(settings, data), data
 
@@ -229,6 +231,6 @@ def write(settings: dict, done: dict, out: Path) -> dict:
     md += "\n".join(missing_rows(settings, done) + plan_section(settings, done)) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md, encoding="utf-8")
-    plot(settings, done, D.ref_of(settings, done), out.with_suffix(".png"))
+    plot(settings, done, D.ref_of(settings, done), out.with_suffix(".png"), {t: v["level"] for t, v in data["matched"].items()})
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=float), encoding="utf-8")
     return data | {"md": md}
