@@ -118,12 +118,14 @@ def test_grid_order_and_the_chosen_point():
 def test_cost_estimate_arithmetic(tmp_path):
     s = {"tag": "v2", "arms": ["lora", "milora"], "grid": [1e-4, 1e-3, 1e-2], "select_seeds": [0, 1], "heldout_seeds": [2, 3, 4],
          "targets": ["all"], "seq_arms": ["lora"], "seq_seeds": [0, 1, 2]}
-    assert G.planned(s) == {"ref": 1, "train": 2 * (3 * 2 + 3), "seq": 3}
+    assert G.planned(s) == {"ref": 1, "train": 2 * (3 * 2 + 3), "seq": 3, "latency": 0}
     assert G.planned(s | {"heldout_by_arm": {"milora": [2, 3, 4, 5, 6]}})["train"] == 2 * 3 * 2 + 3 + 5
     done = {f"x{i}": {"job": {"kind": "train"}} for i in range(5)} | {"r": {"job": {"kind": "ref"}}}
     c = G.cost(s, done, {"ref": 100.0, "train": 200.0, "seq": 600.0}, 4)
-    assert c["left"] == {"ref": 0, "train": 13, "seq": 3}
+    assert c["left"] == {"ref": 0, "train": 13, "seq": 3, "latency": 0}
     assert c["total_s"] == pytest.approx(13 * 200 / 4 + 3 * 600 / 4)
+    c = G.cost(s | {"latency_batches": [1]}, done, {"ref": 100.0, "train": 200.0, "seq": 600.0, "latency": 120.0}, 4)
+    assert c["total_s"] == pytest.approx(13 * 200 / 4 + 3 * 600 / 4 + 120)  # the latency job runs alone: not ÷ 4
     v1 = tmp_path / "v1.tgz"  # the last results: seconds a job and its training seconds
     with tarfile.open(v1, "w:gz") as t:
         for name, rec in {"train-a": {"seconds": 90.0, "result": {"train_s": 70.0, "val": {}}}, "train-b": {"seconds": 110.0, "result": {"train_s": 80.0, "val": {}}},
@@ -169,7 +171,9 @@ def test_tiny_run_resumes_from_the_archive_and_reports(tmp_path):
     run = ["run", *base, "--workers", "0", "--work", str(tmp_path / "work"), "--budget", "900"]
     first = em.main([*run, "--results", str(tmp_path / "r1"), "--export", str(tmp_path / "new1.jsonl")])
     n_all = sum(G.planned(_tiny(["lora", "nusa"])).values())
-    assert len(first["new"]) == n_all == 1 + 2 * (2 * 2 + 1) + 2  # ref, 2 arms × (2 lrs × 2 seeds + 1 held out), 2 sequences
+    assert len(first["new"]) == n_all == 1 + 2 * (2 * 2 + 1) + 2 + 1  # ref, 2 arms × (2 lrs × 2 seeds + 1 held out), 2 sequences, latency
+    lat = A.load(tmp_path / "new1.jsonl")["latency-v2-tiny"]["result"]["batches"]
+    assert set(lat) == {"1", "3"} and all(v["moe_per_token"]["best_s"] > 0 and v["same_tokens_cached_vs_per_step"] for v in lat.values())
     assert A.fold(arch, [tmp_path / "new1.jsonl"]) == (n_all, 0) and A.fold(arch, [tmp_path / "r1"]) == (0, n_all)
     again = em.main([*run, "--results", str(tmp_path / "r2")])  # a fresh machine: only the archive says what is done
     assert again["new"] == [] and again["invocation"]["started"] == 0
@@ -264,3 +268,30 @@ def test_the_report_decides_the_claims_from_known_numbers(tmp_path):
     assert "| pissa − lora | 1.0e-3 | +0.050" in md  # PiSSA's own setting: equal lr
     assert "| lora | all-linear | 1.0e-2 (grid edge) | 3 |" in md  # the best lr is the grid's last point: said
     assert "Archive: 1 + " not in md and "lora | all-linear | 0 | 0 of 3 | 1.0e-2" in md
+
+
+def test_the_per_token_router_routes_every_token_and_restores_the_model(tmp_path):
+    import torch
+
+    from bench.eval import folders as F
+    from bench.eval.per_token import PerToken, token_gates
+    from surgeon.runtime import load_split
+
+    sm = load_split(F.split_folder(TINY, tmp_path / "moe", "moe", 8, "all", 0, "cpu"), dtype=torch.float32, device="cpu", trainable=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in sm.modules.values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
+    model, ids = sm.model.eval(), torch.randint(0, 100, (3, 7), generator=g)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with PerToken(model):
+            per_token = model(input_ids=ids).logits
+            router = next(iter(model.surgeon_routing.routers.values()))
+            gates = router.gates  # (B, T, E): this forward's last routing of that block
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after) and not torch.allclose(before, per_token)
+    assert gates.shape == (3, 7, router.n_experts) and bool(((gates > 0).sum(-1) == router.k).all())
+    h = torch.randn(2, 5, router.weight.shape[1], generator=g)
+    one = token_gates(router, h[:, 2:3])  # a token's gates do not depend on its neighbours
+    assert torch.allclose(one[:, 0], token_gates(router, h)[:, 2])

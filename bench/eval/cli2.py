@@ -36,11 +36,13 @@ def settings2(tiny: bool = False, arms=None, calibrate: bool | None = None) -> d
          "grid": list(G.GRID), "select_seeds": list(G.SELECT_SEEDS), "heldout_seeds": list(G.HELDOUT_SEEDS),
          "heldout_by_arm": {k: list(v) for k, v in G.HELDOUT_BY_ARM.items()}, "targets": ["all", "qv"],
          "arms": list(arms or G.ARMS) + (list(G.CALIBRATED) if cal and not arms else []), "calibrated_pending": [] if cal else list(G.CALIBRATED),
-         "seq_arms": list(G.SEQ_ARMS), "seq_seeds": [0, 1, 2], "gen_batch": 256, "n_probes": None, "gen_tokens": None}
+         "seq_arms": list(G.SEQ_ARMS), "seq_seeds": [0, 1, 2], "gen_batch": 256, "n_probes": None, "gen_tokens": None,
+         "latency_batches": [1, 16, 64], "latency_new_tokens": 32, "latency_repeat": 3, "latency_per_token": True}
     if tiny:
         s |= {"tag": "v2-tiny", "model_name": "tiny-llama", "n_train": 12, "n_val": 3, "n_test": 4, "steps": 2, "seq_len": 64, "batch_size": 2,
               "grid": [1e-3, 1e-2], "heldout_seeds": [2], "heldout_by_arm": {"moe": [2, 3]}, "targets": ["qv"], "seq_seeds": [0], "seq_arms": ["nusa", "lora"], "gen_batch": 8,
-              "n_probes": 6, "gen_tokens": 512, "est": {"ref": 10.0, "train": 10.0, "seq": 30.0}}
+              "n_probes": 6, "gen_tokens": 512, "est": {"ref": 10.0, "train": 10.0, "seq": 30.0, "latency": 10.0},
+              "latency_batches": [1, 3], "latency_new_tokens": 3, "latency_repeat": 1}
     return s
 
 
@@ -49,6 +51,12 @@ def fits(settings: dict, done: dict, per: dict, budget: float, workers: int) -> 
     free, out = [0.0] * workers, []
     for j in G.jobs(settings, done):
         if j["id"] in done or not j["ready"]:
+            continue
+        if j.get("exclusive"):  # waits for every worker, then has the GPU alone
+            start = max(free)
+            if start + per[j["kind"]] <= budget:
+                free = [start + per[j["kind"]]] * workers
+                out.append(j)
             continue
         i = min(range(workers), key=free.__getitem__)
         if free[i] + per[j["kind"]] > budget:
@@ -61,7 +69,7 @@ def fits(settings: dict, done: dict, per: dict, budget: float, workers: int) -> 
 def print_plan(settings: dict, done: dict, budget: float, workers: int, say=print) -> dict:
     per, src = G.per_job_seconds(done, settings["tag"], settings.get("est"))
     c = G.cost(settings, {k: r for k, r in done.items() if k.endswith(settings["tag"]) and not r.get("error")}, per, workers)
-    say(f"cost estimate ({settings['tag']}): " + "; ".join(f"{k} {c['left'][k]} of {c['planned'][k]} runs left × {per[k]:.0f} s ÷ {workers} workers = "
+    say(f"cost estimate ({settings['tag']}): " + "; ".join(f"{k} {c['left'][k]} of {c['planned'][k]} runs left × {per[k]:.0f} s ÷ {1 if k in G.EXCLUSIVE else workers} workers = "
                                                     f"{c['seconds'][k]:.0f} s" for k in c["left"]) + f" (seconds per run: {src})")
     say(f"total {c['total_s']:.0f} s of one GPU (runs × seconds a run ÷ workers) ≈ {c['total_s'] / 540:.1f} calls of 9 minutes")
     go = fits(settings, done, per, budget, workers)

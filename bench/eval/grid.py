@@ -14,7 +14,8 @@ Value order (priority, lowest first; within a priority, the order below):
   4  held-out       3 fresh seeds (2, 3, 4) at each arm's chosen all-linear point (once its grid is complete)
   5  sequence       NuSA, LoRA, MiLoRA over add → reverse → lookup, 3 seeds, at their chosen all-linear lr
   6  q/v            every arm's q/v grid, then its held-out seeds
-  7  latency        the mixture against a true per-token router (planned: needs a router that is not in surgeon)
+  7  latency        the mixture (gates once per prompt) against a true per-token router (bench/eval/per_token.py),
+                    alone on the GPU
 The chosen point of an arm: the grid lr with the best mean validation accuracy over the two selection
 seeds (ties: the lower mean validation loss); a diverged run counts as accuracy 0.
 """
@@ -40,14 +41,16 @@ SEQ_ARMS = ("nusa", "lora", "milora")
 # 3 stages, each a training and a test-only measuring (3,000 answers). DEFAULT_EST_V2: the same without the archive.
 V1_RESULTS = Path(__file__).with_name("results_h200.tgz")
 TRAIN_SCALE, MEASURE_SCALE = 1.6, 5.2
-DEFAULT_EST_V2 = {"ref": 115.0, "train": 210.0, "seq": 560.0}
+DEFAULT_EST_V2 = {"ref": 115.0, "train": 210.0, "seq": 560.0, "latency": 125.0}
+EXCLUSIVE = ("latency",)
+LATENCY_SCALE = 4 / 3  # v1's latency job timed 3 mixture modes and 2 references; v2 adds the per-token router
 
 
 def v1_scaled(path: Path = V1_RESULTS) -> dict:
     """Seconds per v2 job kind from the v1 results archive (the rule above); DEFAULT_EST_V2 if it is not there."""
     if not path.exists():
         return dict(DEFAULT_EST_V2)
-    train, measure, ref = [], [], []
+    train, measure, ref, lat = [], [], [], []
     with tarfile.open(path) as t:
         for m in t.getmembers():
             if m.isfile() and m.name.endswith(".json") and not m.name.rsplit("/", 1)[-1].startswith("_"):
@@ -58,8 +61,11 @@ def v1_scaled(path: Path = V1_RESULTS) -> dict:
                     measure.append(rec["seconds"] - res["train_s"])
                 elif kind == "ref" and not rec.get("error"):
                     ref.append(rec["seconds"])
+                elif kind == "latency" and not rec.get("error"):
+                    lat.append(rec["seconds"])
     tr, me = TRAIN_SCALE * statistics.median(train), MEASURE_SCALE * statistics.median(measure)
-    return {"ref": MEASURE_SCALE * statistics.median(ref), "train": tr + me, "seq": 3 * (tr + me * 2 / 3)}
+    return {"ref": MEASURE_SCALE * statistics.median(ref), "train": tr + me, "seq": 3 * (tr + me * 2 / 3),
+            "latency": LATENCY_SCALE * statistics.median(lat) if lat else DEFAULT_EST_V2["latency"]}
 
 
 def lr_tag(lr: float) -> str:
@@ -130,6 +136,9 @@ def jobs(settings: dict, done: dict) -> list[dict]:
         for s in settings["seq_seeds"]:
             out.append({"id": f"seq-{tg}-{arm}-s{s}-{tv}", "kind": "seq", "prio": 5, "ready": best is not None, "method": arm, "targets": tg,
                         "lr": best, "seed": s, "why": "three-task sequence (ACC, BWT)"})
+    if settings.get("latency_batches"):  # alone on the GPU; untrained splits with random B (timing only)
+        out.append({"id": f"latency-{tv}", "kind": "latency", "prio": 7, "exclusive": True, "ready": True, "moe_run": None, "lora_run": None,
+                    "why": "the mixture's gates once per prompt against a true per-token router"})
     order = {j["id"]: i for i, j in enumerate(out)}
     mid = {lr: i for i, lr in enumerate(middle_out(grid))}
 
@@ -144,7 +153,7 @@ def jobs(settings: dict, done: dict) -> list[dict]:
 def planned(settings: dict) -> dict:
     """What the whole protocol needs, whatever is done: runs per kind (held-out and sequence runs counted too)."""
     n_train = len(settings["targets"]) * sum(len(settings["grid"]) * len(settings["select_seeds"]) + len(heldout(settings, a)) for a in settings["arms"])
-    return {"ref": 1, "train": n_train, "seq": len(settings["seq_arms"]) * len(settings["seq_seeds"])}
+    return {"ref": 1, "train": n_train, "seq": len(settings["seq_arms"]) * len(settings["seq_seeds"]), "latency": 1 if settings.get("latency_batches") else 0}
 
 
 def per_job_seconds(done: dict, tag: str, default: dict | None = None) -> tuple[dict, str]:
@@ -159,11 +168,12 @@ def per_job_seconds(done: dict, tag: str, default: dict | None = None) -> tuple[
 
 
 def cost(settings: dict, done: dict, per_job_s: dict, workers: int) -> dict:
-    """GPU-seconds still needed: per kind, (runs left) × (seconds per run) ÷ workers (runs in parallel)."""
+    """GPU-seconds still needed: per kind, (runs left) × (seconds per run) ÷ workers (runs in parallel; an
+    exclusive kind, the latency job, has the GPU to itself: not divided)."""
     need, have = planned(settings), {}
     for rec in done.values():
         k = rec["job"]["kind"]
         have[k] = have.get(k, 0) + 1
     left = {k: max(0, n - have.get(k, 0)) for k, n in need.items()}
-    secs = {k: left[k] * per_job_s[k] / workers for k in left}
+    secs = {k: left[k] * per_job_s[k] / (1 if k in EXCLUSIVE else workers) if left[k] else 0.0 for k in left}
     return {"planned": need, "done": have, "left": left, "per_job_s": per_job_s, "workers": workers, "seconds": secs, "total_s": sum(secs.values())}

@@ -27,6 +27,7 @@ import torch
 
 from bench.eval import folders as F
 from bench.eval import jobs as J
+from bench.eval import latency
 from bench.eval.measure import load_plain_model, load_split_model
 
 CALIBRATION = Path(__file__).with_name("general") / "calibration.txt"
@@ -155,5 +156,5 @@ def seq_job(ctx, job: dict) -> dict:
 
 
 def run_job(ctx, job: dict) -> dict:
-    res = {"ref": ref_job, "train": train_job, "seq": seq_job}[job["kind"]](ctx, job)
+    res = {"ref": ref_job, "train": train_job, "seq": seq_job, "latency": latency.latency_job}[job["kind"]](ctx, job)
     return res | {"device_name": torch.cuda.get_device_name(torch.device(ctx.device)) if ctx.device.startswith("cuda") else "cpu"}

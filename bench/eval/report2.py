@@ -176,9 +176,11 @@ def missing_rows(settings, done) -> list[str]:
             why = " (waits for `surgeon split --calibrate`)" if arm not in settings["arms"] else ""
             lines.append(f"| {arm}{why} | {NAMES[t]} | {grid} | {held} of {len(seeds)} | {G.lr_tag(best) if best else '–'} |")
     seq = sum(f"seq-{settings['targets'][0]}-{a}-s{s}-{tag}" not in done for a in settings["seq_arms"] for s in settings["seq_seeds"])
+    lat = done.get(f"latency-{tag}")
     return lines + ["", f"Sequence runs missing: {seq} of {len(settings['seq_arms']) * len(settings['seq_seeds'])} "
                         f"({', '.join(settings['seq_arms'])} × seeds {settings['seq_seeds']}); untrained reference: "
-                        f"{'done' if D.ref_of(settings, done) else 'missing'}.", ""]
+                        f"{'done' if D.ref_of(settings, done) else 'missing'}; latency job (per-token router): "
+                        f"{'done' if lat and not lat.get('error') else 'missing'}.", ""]
 
 
 def status(settings, done) -> list[str]:
@@ -222,8 +224,8 @@ def plan_section(settings, done, workers: int = 8) -> list[str]:
             f"of one GPU's time ≈ {c['total_s'] / 540:.1f} calls of 9 minutes ({src}). Each call: the staging and compute calls in the header of "
             "bench/eval/gpu_run2.sh (`bash bench/eval/gpu_prep2.sh` first), then "
             "`python bench/eval_methods.py fold NEW.jsonl` and `python bench/eval_methods.py report`; the plan takes the most valuable jobs first "
-            "(bench/eval/grid.py). Not planned yet: the mixture against a true per-token router (surgeon has no such router; the v1 baseline "
-            "recomputed the same gates) and the mixture over 5 seeds.", ""]
+            "(bench/eval/grid.py). The latency job (the mixture against a true per-token router, bench/eval/per_token.py) runs last, alone on "
+            "the GPU.", ""]
 
 
 def write(settings: dict, done: dict, out: Path) -> dict:
