@@ -204,7 +204,8 @@ def markdown(settings, done) -> tuple[str, dict]:
               f"sequence length {s['seq_len']}; tasks {s['task_version']} (4–5-digit addition, reversal of 8–10 words, lookup among 20 pairs), "
               f"{s['n_train']} training, {s['n_val']} validation, {s['n_test']} test items per task, no input shared between splits; lr grid "
               f"{', '.join(G.lr_tag(x) for x in s['grid'])} for every arm, selection seeds {s['select_seeds']}, held-out seeds "
-              f"{s['heldout_seeds']}; forgetting on ≈ 61k tokens of general text (bench/eval/general/README.md) in 256-token windows, "
+              f"{s['heldout_seeds']}; forgetting on the general text (bench/eval/general/README.md) in {len(ref['gen_nll']) if ref else 222} windows of 256 tokens "
+              "inside documents, "
               f"on the chat-formatted reference answers of {len(probes())} probes, "
               "and the probes' keyword accuracy. The earlier protocol's report: [bench/eval_methods_v1.md](eval_methods_v1.md).", ""]
     chosen, cdata = chosen_rows(s, done, ref)
