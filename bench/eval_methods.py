@@ -2,11 +2,14 @@
 SmolLM2-135M-Instruct: task accuracy against forgetting, NuSA vs LoRA over three tasks in sequence,
 KaSA's truncation before training, and the mixture's multi-tenant latency.
 
-    # GPU (the protocol of bench/eval_methods.md): resumable; run it again with the same --results to go on
+    # protocol v2 (issue 25; bench/eval_methods.md, bench/eval/cli2.py): plan, run, fold, report
+    python bench/eval_methods.py plan | run | fold | report ...
+
+    # protocol v1 (bench/eval_methods_v1.md): resumable; run it again with the same --results to go on
     PYTHONPATH=$PWD:$PWD/plugins/surgeon-train python bench/eval_methods.py --device cuda --model SMOLLM2_DIR \
-        --workers 10 --deadline 420 --results /tmp/eval17/results --work /tmp/eval17/work --out bench/eval_methods
-    # re-render bench/eval_methods.{md,png} from a returned JSON
-    python bench/eval_methods.py --from-json bench/eval_methods.json
+        --workers 10 --deadline 420 --results /tmp/eval17/results --work /tmp/eval17/work --out bench/eval_methods_v1
+    # re-render bench/eval_methods_v1.{md,png} from a returned JSON
+    python bench/eval_methods.py --from-json bench/eval_methods_v1.json
     # the KaSA truncation sweep alone, on the CPU (bench/eval/kasa_sweep_cpu.json)
     python bench/eval_methods.py --kasa-only --out bench/eval/kasa_sweep_cpu
 
@@ -14,6 +17,10 @@ The pieces live in bench/eval/: tasks.py (the generated tasks), probes.py (forge
 folders.py (split folders and budgets), jobs.py / sweep.py / latency.py (what a worker runs),
 plan.py (the job list and lr selection), runner.py (workers, deadline, resume), aggregate.py,
 claims.py, report.py and plots.py (the outputs), convert_gguf.py (the weights on a machine without Hub).
+Protocol v2 adds: cli2.py (the subcommands), grid.py (the lr grid, the value order, the cost), jobs2.py and
+measure2.py (what a worker runs and measures), archive.py (bench/eval/archive_v2.jsonl: resume and fold),
+derive.py, stats.py, claims2.py, report2.py, plots2.py (the report from the archive), general/ (the text,
+the probes, their sources and licences), gpu_prep2.sh and gpu_run2.sh (one GPU call).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     a("--deadline", type=float, default=1e9, help="seconds: start no job that would not finish by then")
     a("--results", type=Path, default=Path("/tmp/eval17/results"))
     a("--work", type=Path, default=Path("/tmp/eval17/work"))
-    a("--out", type=Path, default=ROOT / "bench" / "eval_methods", help="output prefix (.json, .md, .png)")
+    a("--out", type=Path, default=ROOT / "bench" / "eval_methods_v1", help="output prefix (.json, .md, .png)")
     a("--retry-failed", action="store_true")
     a("--from-json", type=Path, help="only re-render the .md and .png of --out (default: beside the JSON) from this JSON")
     a("--report-only", action="store_true", help="only aggregate the finished jobs under --results into --out")
@@ -98,28 +105,6 @@ def settings_of(args) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def make_plan(settings: dict, model: Path, device: str) -> dict:
-    from bench.eval import folders as F
-
-    plan = {"budget": {}, "nusa_rank": {}, "nusa_effective": {}, "null_sizes": {}}
-    for t in settings["targets"]:
-        budget = F.lora_count(model, t, settings["rank"])
-        sizes = F.null_sizes(model, t, device=device)
-        r, eff = F.nusa_rank_for(budget, sizes, min(min(sh) for sh in F.target_shapes(model, t).values()))
-        plan["budget"][t], plan["nusa_rank"][t], plan["nusa_effective"][t], plan["null_sizes"][t] = budget, r, eff, sizes
-    return plan
-
-
-def stored(path: Path, make, log, what: str):
-    """The JSON at `path` if it is there (a resumed run keeps its protocol), else make it and store it."""
-    if path.exists():
-        return json.loads(path.read_text())
-    obj = make()
-    path.write_text(json.dumps(obj, indent=1))
-    log(f"{what} stored in {path}")
-    return obj
-
-
 def write_outputs(res: dict, prefix: Path) -> None:
     from bench.eval.plots import plot
     from bench.eval.report import markdown
@@ -140,13 +125,18 @@ def default_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("plan", "run", "report", "fold"):  # protocol v2 (issue 25): bench/eval/cli2.py
+        from bench.eval import cli2
+
+        return cli2.main(argv)
     args = parser().parse_args(argv)
     if args.from_json:
         from bench.eval.plots import plot
         from bench.eval.report import markdown
 
         res = json.loads(args.from_json.read_text())
-        prefix = args.out if "--out" in (argv if argv is not None else sys.argv) else args.from_json.with_suffix("")
+        prefix = args.out if "--out" in argv else args.from_json.with_suffix("")
         prefix.with_suffix(".md").write_text(markdown(res))
         plot(res, prefix.with_suffix(".png"))
         return res
@@ -158,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.model = default_model()
     if args.kasa_only:
         return kasa_only(args)
-    from bench.eval.runner import run
+    from bench.eval.folders import budget_plan
+    from bench.eval.runner import run, stored
 
     args.results.mkdir(parents=True, exist_ok=True)
     logf = (args.results / "_log.txt").open("a")
@@ -169,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         logf.flush()
 
     settings = stored(args.results / "_settings.json", lambda: settings_of(args), log, "protocol")
-    plan = stored(args.results / "_plan.json", lambda: make_plan(settings, args.model, args.device), log, "budget plan")
+    plan = stored(args.results / "_plan.json", lambda: budget_plan(settings, args.model, args.device), log, "budget plan")
     log(f"plan: {json.dumps({k: v for k, v in plan.items() if k != 'null_sizes'})}")
     inv = run(settings, plan, args.model, args.work, args.results, args.device, args.workers, args.threads, args.deadline, args.retry_failed, log)
     inv |= {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "device": args.device, "workers": args.workers, "deadline_s": args.deadline}

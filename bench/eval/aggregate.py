@@ -1,4 +1,4 @@
-"""Job results → one JSON document (bench/eval_methods.json): settings, the untrained reference, every
+"""Job results → one JSON document (bench/eval_methods_v1.json): settings, the untrained reference, every
 run with its derived forgetting measures, the chosen lrs, the sequences, the KaSA sweep, latency."""
 
 from __future__ import annotations

@@ -169,3 +169,14 @@ def effective_params(path: Path) -> int:
             elif not k.endswith(("nusa_B", "nusa_M")):
                 n += math.prod(h.get_slice(k).get_shape())
     return n
+
+
+def budget_plan(settings: dict, model: Path, device: str) -> dict:
+    """Per target set: LoRA's trainable count at the protocol's rank, and NuSA's rank matched on its effective count."""
+    plan = {"budget": {}, "nusa_rank": {}, "nusa_effective": {}, "null_sizes": {}}
+    for t in settings["targets"]:
+        budget = lora_count(model, t, settings["rank"])
+        sizes = null_sizes(model, t, device=device)
+        r, eff = nusa_rank_for(budget, sizes, min(min(sh) for sh in target_shapes(model, t).values()))
+        plan["budget"][t], plan["nusa_rank"][t], plan["nusa_effective"][t], plan["null_sizes"][t] = budget, r, eff, sizes
+    return plan

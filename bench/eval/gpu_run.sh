@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call of the evaluation (bench/eval_methods.md), resumable:  bash bench/eval/gpu_run.sh BUDGET_S [WORKERS]
+# One GPU call of the evaluation, protocol v1 (bench/eval_methods_v1.md; v2: gpu_run2.sh), resumable:  bash bench/eval/gpu_run.sh BUDGET_S [WORKERS]
 #
 # BUDGET_S: wall seconds this script may take in all (the call's limit minus a margin). It
 #   1. builds /tmp/eval17/smol (float32 HF folder) once: joins /tmp/eval17/aa (left by the staging
@@ -16,7 +16,7 @@
 # Each call must follow the last within the machine's 30 s warm window (/tmp is lost with the machine). On a
 # fresh machine: the staging call again, then compute with the returned results.tgz copied to .eval17/ and
 # ".eval17" added to carry.
-# To finish the 2026-12-02 H200 run (bench/eval_methods.md lists what did not run): cp bench/eval/results_h200.tgz
+# To finish the 2026-12-02 H200 run (bench/eval_methods_v1.md lists what did not run): cp bench/eval/results_h200.tgz
 # .eval17/results.tgz, then the staging call and the compute calls above with ".eval17" in carry.
 # Local dry runs: EVAL17_DIR (default /tmp/eval17), EVAL17_DEVICE (cuda), EVAL17_MODEL (skip the conversion and use
 # this folder), EVAL17_ARGS (more arguments for the runner's first invocation, e.g. a small protocol),

@@ -9,6 +9,8 @@ left-padded batch of task prompts (the three tasks interleaved, so neighbouring 
   moe_per_step_dense  the same without skipping (no host sync per block and step)
   lora                a plain LoRA of the same rank on the same targets (one adapter for every row)
   base                the model without adapters (a merged LoRA: the floor)
+  moe_per_token       (protocol v2, settings "latency_per_token") a TRUE per-token router (bench/eval/per_token.py):
+                      every token routes itself, every expert computed, gates per token
 The trained folders of the evaluation are used when they are there (moe and lora at the best lr,
 all-linear, seed 0); otherwise untrained splits with small random B (recorded in `weights`).
 Rounds are interleaved (one warm-up round), `latency_repeat` timed rounds, best and median.
@@ -16,6 +18,7 @@ Rounds are interleaved (one warm-up round), `latency_repeat` timed rounds, best 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.eval.measure import autocast, load_plain_model
+from bench.eval.per_token import PerToken
 
 
 def _prompts(ctx, n: int) -> list[str]:
@@ -73,6 +77,7 @@ def latency_job(ctx, job: dict) -> dict:
 
     per_step = hasattr(routing, "mode") and all(hasattr(r, "skip_inactive") for r in routing.routers.values())  # runtime internals
     names = ("moe_cached", "moe_per_step", "moe_per_step_dense", "lora", "base") if per_step else ("moe_cached", "lora", "base")
+    names += ("moe_per_token",) if s.get("latency_per_token") else ()  # protocol v2: a true per-token router
     out = {"weights": weights, "new_tokens": new, "repeat": s["latency_repeat"], "device": _device_name(dev), "batches": {}}
     for b in s["latency_batches"]:
         chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) if tok.chat_template else p
@@ -81,10 +86,10 @@ def latency_job(ctx, job: dict) -> dict:
         times, toks, active = {n: [] for n in names}, {}, None
         for i in range(s["latency_repeat"] + 1):
             for n in names:
-                model = arm(n)
+                model = arm("moe_cached" if n == "moe_per_token" else n)
                 sync()
                 t0 = time.perf_counter()
-                with torch.no_grad(), autocast(dev):
+                with torch.no_grad(), autocast(dev), (PerToken(moe) if n == "moe_per_token" else contextlib.nullcontext()):
                     toks[n] = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
                 sync()
                 if i:

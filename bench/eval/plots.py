@@ -1,4 +1,4 @@
-"""bench/eval_methods.png: accuracy vs forgetting, the sequence, the KaSA sweep, latency."""
+"""bench/eval_methods_v1.png: accuracy vs forgetting, the sequence, the KaSA sweep, latency."""
 
 from __future__ import annotations
 

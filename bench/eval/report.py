@@ -1,4 +1,4 @@
-"""The aggregated JSON → bench/eval_methods.md (tables, the claims, the proposed README summary)."""
+"""The aggregated JSON → bench/eval_methods_v1.md (tables, the claims, the proposed README summary)."""
 
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def readme_text(res) -> list[str]:
             f"(three-digit addition, word-order reversal, key–value lookup: {len(s['tasks']) * s['n_train']} training examples, exact-match accuracy on "
             f"{len(s['tasks']) * s['n_test']} held-out ones), and measures forgetting as general-text perplexity and {len(res['untrained']['probe_answers']) if res['untrained'] else 30} "
             "probe questions; NuSA and LoRA also learn the three tasks in sequence, and the mixture's latency is timed on multi-tenant batches. "
-            "Tables, plot and every number: [bench/eval_methods.md](bench/eval_methods.md), [plot](bench/eval_methods.png), `bench/eval_methods.json`. "
+            "Tables, plot and every number: [bench/eval_methods_v1.md](bench/eval_methods_v1.md), [plot](bench/eval_methods_v1.png), `bench/eval_methods_v1.json`. "
             "Verdicts (by the rule in the md):", ""] + [f"- {c}" for c in C.all_claims(res)] + [""]
 
 

@@ -19,9 +19,18 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.eval import grid as G
 from bench.eval import plan as P
 
 DEFAULT_EST = {"ref": 30.0, "train": 90.0, "seq": 300.0, "kasa": 90.0, "latency": 120.0}
+
+
+def v2(settings: dict) -> bool:
+    return settings.get("protocol") == 2
+
+
+def jobs_of(settings: dict, done: dict) -> list[dict]:
+    return (G.jobs if v2(settings) else P.jobs)(settings, done)
 
 
 def make_ctx(settings: dict, plan: dict, model: str, work: str, device: str, threads: int):
@@ -36,6 +45,12 @@ def make_ctx(settings: dict, plan: dict, model: str, work: str, device: str, thr
     from bench.eval.measure import Evaluator
     from bench.eval.tasks import make_tasks
 
+    if v2(settings):
+        from bench.eval.measure2 import Evaluator2
+
+        data = make_tasks(settings["n_train"], settings["n_val"], settings["n_test"], settings["task_seed"], settings["tasks"], settings["task_version"])
+        ev = Evaluator2(Path(model), device, data, settings["seq_len"], settings["gen_batch"], settings.get("n_probes"), settings.get("gen_tokens"))
+        return Ctx(settings, plan, Path(model), Path(work), device, ev)
     data = make_tasks(settings["n_train"], settings["n_val"], settings["n_test"], settings["task_seed"], settings["all_tasks"])
     ev = Evaluator(Path(model), device, data, settings["seq_len"], settings["ppl_tokens"], settings["gen_batch"], settings.get("n_probes"))
     return Ctx(settings, plan, Path(model), Path(work), device, ev)
@@ -45,9 +60,10 @@ def execute(ctx, job: dict, i: int, results: str) -> None:
     """Run one job and write its record (result or error) to RESULTS/<id>.json."""
     import torch
 
-    from bench.eval.jobs import run_job
+    from bench.eval import jobs, jobs2
     from bench.eval.measure import dump
 
+    run_job = jobs2.run_job if v2(ctx.settings) else jobs.run_job
     t0 = time.time()
     rec = {"job": job, "worker": i, "started": t0}
     try:
@@ -96,6 +112,16 @@ class Inline:
 
     def close(self, kill: bool) -> None:
         pass
+
+
+def stored(path: Path, make, log, what: str):
+    """The JSON at `path` if it is there (a resumed run keeps its protocol), else make it and store it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    obj = make()
+    path.write_text(json.dumps(obj, indent=1))
+    log(f"{what} stored in {path}")
+    return obj
 
 
 def load_results(results: Path, retry_failed: bool = False) -> dict:
@@ -167,7 +193,8 @@ class Estimates:
 
     def __init__(self, settings: dict, done: dict):
         self.seen: dict[str, list[float]] = {}
-        self.n_seq = len(settings["seq_tasks"]) * settings["seq_steps"] / max(1, settings["steps"])
+        self.default = (settings.get("est") or G.v1_scaled()) if v2(settings) else DEFAULT_EST
+        self.n_seq = len(settings.get("seq_tasks", settings["tasks"])) * settings.get("seq_steps", settings["steps"]) / max(1, settings["steps"])
         for rec in done.values():
             if rec.get("seconds") and not rec.get("error"):
                 self.add(rec["job"]["kind"], rec["seconds"])
@@ -181,16 +208,18 @@ class Estimates:
             return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
         if kind == "seq" and self.seen.get("train"):
             return 1.3 * self.n_seq * max(self.seen["train"])  # + a split and a merge per stage
-        return DEFAULT_EST[kind]
+        return self.default[kind]
 
 
 def run(settings: dict, plan: dict, model: Path, work: Path, results: Path, device: str, workers: int, threads: int,
-        deadline_s: float, retry_failed: bool, log, grace_s: float = 20.0) -> dict:
+        deadline_s: float, retry_failed: bool, log, grace_s: float = 20.0, prior: dict | None = None) -> dict:
+    """PRIOR: records finished elsewhere (protocol v2's archive); they count as done and are not written again."""
     t0 = time.time()
     results.mkdir(parents=True, exist_ok=True)
-    done = load_results(results, retry_failed)
+    done = {k: r for k, r in (prior or {}).items() if not (retry_failed and r.get("error") and "NumericsError" not in r["error"])}
+    done |= load_results(results, retry_failed)
     log(f"{len(done)} finished jobs found in {results}")
-    if not any(j["id"] not in done for j in P.jobs(settings, done)):
+    if not any(j["id"] not in done and j["ready"] for j in jobs_of(settings, done)):
         log("nothing to run")
         return {"info": {}, "wall_s": round(time.time() - t0, 1), "estimates": {}, "started": 0}
     pool = Pool(workers, settings, plan, model, work, results, device, threads, log) if workers else Inline(settings, plan, model, work, results, device, threads)
@@ -203,7 +232,7 @@ def run(settings: dict, plan: dict, model: Path, work: Path, results: Path, devi
                 if rec.get("seconds") and not rec.get("error"):
                     est.add(rec["job"]["kind"], rec["seconds"])
                 log(f"[{time.time() - t0:6.0f}s] done {jid} ({rec.get('seconds', '?')} s){' ERROR ' + rec['error'] if rec.get('error') else ''}")
-            todo = [j for j in P.jobs(settings, done) if j["id"] not in done and j["id"] not in started]
+            todo = [j for j in jobs_of(settings, done) if j["id"] not in done and j["id"] not in started]
             left = deadline_s - (time.time() - t0)
             if not todo and not pool.busy:
                 log("all jobs finished")

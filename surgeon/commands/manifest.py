@@ -80,7 +80,7 @@ def truncation_warnings(method, layers: dict[str, dict], limit: float = 5e-4) ->
     """A method whose residual drops part of W (KaSA) changes the untrained model: say where the
     dropped part (its factor_energy) exceeds `limit` of a layer's spectral energy. Energy understates
     the harm: on SmolLM2 one minor component of v_proj holds 0.08% of its energy but 21% of its output
-    on real text, and removing it multiplies perplexity by 9 (bench/eval_methods.md, KaSA sweep), while
+    on real text, and removing it multiplies perplexity by 9 (bench/eval_methods_v1.md, KaSA sweep), while
     q_proj's 8 smallest hold 3e-7 and change nothing. So the limit is low and the advice is to measure."""
     if not method.truncates:
         return []
