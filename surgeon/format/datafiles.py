@@ -1,9 +1,11 @@
-"""Where text records come from: a JSONL file (read here, line by line), or anything the `datasets`
+"""Where text records come from: a JSONL file (read here, line by line), a plain .txt/.md file (read
+here: one {"text"} record per paragraph, paragraphs separated by blank lines), or anything the `datasets`
 library reads (a .json/.parquet/.csv/.arrow file, a folder, a Hub dataset id). Shared by
 `surgeon train --data` (plugins/surgeon-train) and `surgeon split --calibrate`.
 
     from surgeon.format.datafiles import load_records
     load_records("train.jsonl")                    # [(line number, {"text"} | {"prompt", "completion"} | {"messages"})]
+    load_records("book.txt")                       # [(first line of the paragraph, {"text": paragraph})]
     load_records("org/name", split="train[:200]")  # through datasets (an optional extra)
 
 Every record is brought to one of the three forms of surgeon.format.records.normalize; errors are
@@ -52,6 +54,31 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | Non
     return records
 
 
+TEXT_SUFFIXES = (".txt", ".md")
+TEXT_CHARS = 2000  # a plain text's record: a paragraph, or up to this many characters of one at line breaks
+
+
+def load_text(path: Path, chars: int = TEXT_CHARS) -> list[tuple[int, dict]]:
+    """(first line number, {"text": ...}) records of a UTF-8 text file: its paragraphs (separated by blank
+    lines), a long one cut at line breaks into pieces of at most `chars` characters (a line longer than
+    that stays whole), so a text with few blank lines is not cut to its first tokens per paragraph."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from None
+    records, start, para = [], 0, []
+    for lineno, line in enumerate([*lines, ""], 1):
+        full = para and sum(len(x) + 1 for x in para) + len(line) > chars
+        if para and (not line.strip() or full):
+            records.append((start, {"text": "\n".join(para)}))
+            start, para = 0, []
+        if line.strip():
+            start, para = (start or lineno), [*para, line]
+    if not records:
+        raise DataError(f"{path} holds no text (it is empty or blank).")
+    return records
+
+
 def load_records(source, split: str = "train", columns: dict[str, str] | None = None, fmt: str | None = None,
                  extra: str = TRAIN_EXTRA, option: str = "--data") -> list[tuple[int, dict]]:
     """(number, record) pairs from a JSONL path, a datasets-readable file or folder, or a Hub id."""
@@ -61,6 +88,8 @@ def load_records(source, split: str = "train", columns: dict[str, str] | None = 
                         "with one example a line, a data folder or a dataset id.")
     if path.suffix == ".jsonl" and path.is_file():
         return load_jsonl(path, columns, fmt)
+    if path.suffix in TEXT_SUFFIXES and path.is_file():
+        return load_text(path)
     if path.suffix in BUILDERS and not path.is_file():
         raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet or CSV file, or a dataset id.")
     ds = _load_dataset(str(source), path, split, extra, option)

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def train(
     split_dir: Annotated[Path, typer.Argument(help="A folder written by `surgeon split` (any method).")],
-    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL, one record per line: {"text"}, {"prompt", "completion"}, chat {"messages": [{"role", "content"}]}, alpaca {"instruction", "input", "output"} or sharegpt {"conversations": [{"from", "value"}]} (loss on the answers only); or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
+    data: Annotated[str, typer.Option("--data", "-d", help='Training data: JSONL, one record per line: {"text"}, {"prompt", "completion"}, chat {"messages": [{"role", "content"}]}, alpaca {"instruction", "input", "output"} or sharegpt {"conversations": [{"from", "value"}]} (loss on the answers only); a .txt/.md file (a {"text"} record per paragraph); or through `datasets` a .json/.parquet/.csv file, a folder or a Hub dataset id.')],
     out: Annotated[Path, typer.Option("--out", "-o", help="The trained split folder (same format; base shards hard-linked, not copied).")],
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one epoch).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the packed data (instead of --steps).")] = None,
