@@ -131,3 +131,17 @@ def test_bench_summary_prints_the_issue_lines():
     assert out["lines"][0] == "train, H100, SmolLM2-shaped, surgeon vs PEFT LoRA: 1.60x tokens/s, 0.40x memory"
     assert re.match(r"train, H100, SmolLM2-shaped, 300 steps wall \(compile included\), surgeon vs PEFT LoRA: 50\.0 s vs 70\.0 s", out["lines"][1])
     assert out["loss_agreement"]["smollm2"]["rel_diff_at_step"] == pytest.approx(0.05 / 10.75)
+
+
+def test_evaluation_after_compiled_training_compiles_nothing_more(llama_split, tmp_path):
+    """--eval-data after a compiled run: another batch size without grad would compile new graphs
+    (seconds each on CUDA) for one pass; it runs the blocks' eager code instead, with the same loss."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    s = train_files(llama_split, DATA, tmp_path / "o", TrainOptions(compile=True, compile_backend="aot_eager", eval_batch_size=3, **FAST),
+                    eval_data=DATA)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    s2 = train_files(llama_split, DATA, tmp_path / "p", TrainOptions(compile=False, eval_batch_size=3, **FAST), eval_data=DATA)
+    assert s["eval_loss"] == pytest.approx(s2["eval_loss"], abs=1e-4)

@@ -157,6 +157,15 @@ def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.
     d = d or dist.Dist(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
+    with speed.eager():  # compiled blocks: no new graphs (no grad, another batch) for one pass
+        acc = _eval_sums(model, data, batch_size, d, loss)
+    dist.sum_(acc, d)
+    model.train(was_training)
+    return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
+
+
+def _eval_sums(model: torch.nn.Module, data: Packed, batch_size: int, d: dist.Dist, loss: str) -> torch.Tensor:
+    """[Σ cross-entropy, Σ loss-carrying tokens] over this rank's rows."""
     impl, capture = resolve(loss, d.device), None
     if impl != "full":
         try:
@@ -171,9 +180,7 @@ def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.
         rows = mine[i : i + batch_size]
         acc[0] += forward_ce(model, capture, impl, data, rows, d.device, docs).double()
         acc[1] += (data.labels[rows, 1:] != IGNORE).sum()
-    dist.sum_(acc, d)
-    model.train(was_training)
-    return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
+    return acc
 
 
 @reads("split_dir")

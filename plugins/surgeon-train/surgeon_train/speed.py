@@ -93,6 +93,13 @@ def scoped_kernels(model: nn.Module, name: str):
                     setattr(mod, k, v)
 
 
+def eager():
+    """Within `with`, compiled blocks run their eager code (evaluation: another batch size and no grad
+    would compile new graphs, seconds each, for one pass); a no-op on a torch without set_stance (< 2.6)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def use_compile(asked: bool | None, device: torch.device, steps: int) -> bool:
     """--compile / --no-compile as given; by default on CUDA for runs of ≥ COMPILE_MIN_STEPS steps."""
     if asked is not None:
