@@ -50,10 +50,10 @@ def _plan(tiny: bool) -> list[dict]:
     parts = [dict(model=big, impl="peft", steps=full), dict(model=big, impl="surgeon", steps=full, limit=120),
              dict(model=small, impl="peft", steps=full), dict(model=small, impl="surgeon", steps=full, limit=120),
              dict(model=big, impl="peft-split", steps=full)]
-    parts += [dict(model=big, impl=f"surgeon-{v}", steps=short, limit=75) for v in ("v0", "eager-chunked", "compile-chunked", "compile-liger", "eager-liger")]
+    parts += [dict(model=big, impl=f"surgeon-{v}", steps=short, limit=75) for v in ("v0", "eager-chunked", "compile-chunked", "compile-closs", "compile-liger", "eager-liger")]
     parts += [dict(model=big, impl="profile-surgeon", steps=prof, limit=90), dict(model=big, impl="profile-peft", steps=prof)]
     parts += [dict(model=big, impl="wall300-peft", steps=wall, limit=150), dict(model=big, impl="wall300-surgeon", steps=wall, limit=150)]
-    parts += [dict(model=small, impl=f"surgeon-{v}", steps=short, limit=75) for v in ("v0", "eager-chunked", "compile-chunked")]
+    parts += [dict(model=small, impl=f"surgeon-{v}", steps=short, limit=75) for v in ("v0", "eager-chunked", "compile-chunked", "compile-closs")]
     parts += [dict(model=big, impl=f"surgeon-{v}", steps=short, limit=75) for v in ("compile-cce", "compile-ligerkernels")]
     parts += [dict(model=small, impl="peft-split", steps=full)]
     return [p | {"id": f"{p['model']}:{p['impl']}"} for p in parts]

@@ -45,7 +45,7 @@ from surgeon.format.readlock import reads
 from surgeon.format.records import FORMATS
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
-from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
+from surgeon_train.loss import HeadCapture, compiled_chunk, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
 from surgeon_train.state import RunDir, check_out
 from surgeon_train.step import Runner, autocast, forward_ce, packing_supported
 
@@ -70,6 +70,7 @@ class TrainOptions:
     kernels: str = "auto"  # auto (none), liger, none (surgeon_train.speed)
     compile: bool | None = None  # torch.compile the transformer blocks; None: on CUDA for ≥ speed.COMPILE_MIN_STEPS steps
     compile_backend: str = "inductor"  # torch.compile's backend (tests: aot_eager, the same path without code generation)
+    compile_loss: bool = False  # with compile: the chunked loss's per-chunk softmax and gradient compiled too (loss.compiled_chunk)
     document_mask: bool = True  # packed examples attend only within themselves
     data_split: str = "train"  # split of a `datasets` source
     columns: dict | None = None  # record field -> column of the source ({"prompt": "question"})
@@ -252,7 +253,10 @@ def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: 
         compiled = speed.use_compile(opts.compile, d.device, total_steps(opts, len(data), d.world))
         if compiled:
             speed.compile_blocks(sm.model, opts.compile_backend)
-        setup = {"loss": runner.loss, "kernels": kernels, "compile": compiled, "document_mask": runner.document_mask, "memory": fit.as_dict()}
+            if opts.compile_loss and runner.capture is not None and runner.loss == "chunked":
+                runner.capture.fused = compiled_chunk(opts.compile_backend)
+        setup = {"loss": runner.loss, "kernels": kernels, "compile": compiled, "compile_loss": bool(runner.capture and runner.capture.fused),
+                 "document_mask": runner.document_mask, "memory": fit.as_dict()}
         from surgeon_train import __version__
 
         summary = {"surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {})}
