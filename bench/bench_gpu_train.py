@@ -190,6 +190,8 @@ def summarize(rows: dict, tiny: bool, gpu: str | None = None) -> dict:
         if r.get("setup"):
             st = r["setup"]
             note += f"; loss {st.get('loss')}, kernels {st.get('kernels')}, compile {st.get('compile')}, micro {r.get('micro_batch')}"
+        if r.get("compile_cache"):
+            note += f"; compile {r['compile_cache']}"
         if r.get("dynamo", {}).get("stats"):
             note += f"; dynamo {r['dynamo']['stats']}" + (f", recompiles {sum(r['dynamo'].get('recompiles', {}).values())}" if r["dynamo"].get("recompiles") else "")
         table.append(f"| {r['id']} | {r.get('tokens_per_s', '')} | {_ratio(r.get('tokens_per_s'), base) if r.get('tokens_per_s') else ''} | "
