@@ -17,6 +17,8 @@ Parts, in priority order (bench/gpu_train_parts.py says what each is), each boun
   real steps of peft and of surgeon (smollm2); 1b variants; compile+cce, compile+liger kernels;
   1b peft-split. The 300-step wall line uses the real 300-step parts when both finished, else it is
   extrapolated from the 100-step parts' set-up + warm-up + steady steps, and says which.
+The lines printed last: the issue's ratio lines, the 300-step wall line, the loss agreement, and
+for each compiled part the steps after which compile paid for itself against the eager run.
 tokens/s = rows·seq_len / the mean wall time of a step after the first --skip (the callback's clock,
 so it counts everything between steps); warm-up = what the first --skip steps cost above steady
 steps (compile); peak memory = torch.cuda.max_memory_allocated over the part (model load included).
@@ -183,6 +185,8 @@ def summarize(rows: dict, tiny: bool, gpu: str | None = None) -> dict:
             lines.append(f"train, {gpu}, {label}, loss at step {k}, surgeon vs PEFT on the same split factors and rows: "
                          f"{s[k - 1]:.4f} vs {p[k - 1]:.4f}, |Δ|/PEFT = {100 * rel[-1]:.3f} % (max over steps {100 * max(rel):.3f} %)")
     out["loss_agreement"] = agree
+    out["payback"] = payback(rows, pairs, gpu)
+    lines += [v["line"] for v in out["payback"].values()]
     table = ["| part | tokens/s | vs peft | warm-up extra s | set-up s | peak GiB | loss first → last | note |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows.values():
         base = rows.get(f"{r.get('model')}:peft", {}).get("tokens_per_s")
@@ -198,6 +202,30 @@ def summarize(rows: dict, tiny: bool, gpu: str | None = None) -> dict:
                      f"{r.get('warmup_extra_s', '')} | {r.get('setup_s', '')} | {r.get('peak_mem_gib', '')} | "
                      f"{r.get('first_loss', '')} → {r.get('last_loss', '')} | {note[:300]} |")
     return out | {"lines": lines, "table": table, "gpu": gpu}
+
+
+def payback(rows: dict, pairs, gpu: str) -> dict:
+    """Steps after which compiling the blocks has paid for itself: its extra warm-up (set-up and first
+    steps above the eager run's) over the time it saves a step. From each compiled part of a shape
+    against its eager twin (surgeon-eager-chunked); cold = the first compile of that shape."""
+    out = {}
+    for model, label in pairs:
+        e = rows.get(f"{model}:surgeon-eager-chunked", {})
+        if not e.get("step_s"):
+            continue
+        for impl in ("surgeon", "surgeon-compile-chunked", "surgeon-compile-closs"):
+            c = rows.get(f"{model}:{impl}", {})
+            if not c.get("step_s") or not c.get("setup", {}).get("compile"):
+                continue
+            extra = (c["setup_s"] + c["warmup_extra_s"]) - (e["setup_s"] + e["warmup_extra_s"])
+            saved = e["step_s"] - c["step_s"]
+            n = extra / saved if saved > 0 else float("inf")
+            out[f"{model}:{impl}"] = {"extra_s": round(extra, 2), "saved_per_step_s": round(saved, 5), "steps": round(n, 1),
+                                      "cache": c.get("compile_cache"),
+                                      "line": f"train, {gpu}, {label}, {impl} vs surgeon-eager-chunked: compile costs {extra:.1f} s "
+                                              f"({c.get('compile_cache', '?')} cache), saves {1000 * saved:.1f} ms a step: "
+                                              + (f"paid back after {n:.0f} steps" if saved > 0 else "never paid back")}
+    return out
 
 
 def main() -> None:
