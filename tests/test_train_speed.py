@@ -172,3 +172,22 @@ def test_compiled_loss_in_training_gives_the_eager_losses(llama_split, tmp_path,
     got, s = _run(llama_split, tmp_path / "o", compile=True, compile_loss=True, compile_backend="aot_eager")
     assert s["setup"]["compile_loss"] is True
     assert got == pytest.approx(eager, abs=1e-4)
+
+
+def test_a_compile_error_falls_back_to_eager_and_says_so(llama_split, tmp_path, eager, monkeypatch):
+    """The CUDA default compiles every model; one whose compile fails (here a backend that raises, as
+    inductor would on an op it cannot lower) must still train: the step is redone eagerly, the run
+    goes on without compile, and metrics.jsonl says why."""
+    from torch._dynamo import register_backend
+
+    def broken(gm, example_inputs):
+        raise NotImplementedError("no lowering for this op")
+
+    register_backend(broken, name="surgeon_test_broken")
+    monkeypatch.setattr(speed, "COMPILE_BACKENDS", (*speed.COMPILE_BACKENDS, "surgeon_test_broken"))
+    torch._dynamo.reset()
+    got, s = _run(llama_split, tmp_path / "o", compile=True, compile_backend="surgeon_test_broken")
+    assert got == pytest.approx(eager, abs=1e-5)
+    events = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [(e["event"], e["step"]) for e in events] == [("compile_failed", 1)]
+    assert "no lowering for this op" in events[0]["error"]

@@ -45,7 +45,7 @@ from surgeon.format.readlock import reads
 from surgeon.format.records import FORMATS
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
-from surgeon_train.loss import HeadCapture, compiled_chunk, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
+from surgeon_train.loss import HeadCapture, resolve, token_ce_sum  # noqa: F401 (token_ce_sum: imported from here by bench/)
 from surgeon_train.state import RunDir, check_out
 from surgeon_train.step import Runner, autocast, forward_ce, packing_supported
 
@@ -252,9 +252,7 @@ def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: 
         fit = runner.fit(mine, opts.grad_checkpointing, opts.micro_batch)
         compiled = speed.use_compile(opts.compile, d.device, total_steps(opts, len(data), d.world))
         if compiled:
-            speed.compile_blocks(sm.model, opts.compile_backend)
-            if opts.compile_loss and runner.capture is not None and runner.loss == "chunked":
-                runner.capture.fused = compiled_chunk(opts.compile_backend)
+            runner.compile(opts.compile_backend, opts.compile_loss)
         setup = {"loss": runner.loss, "kernels": kernels, "compile": compiled, "compile_loss": bool(runner.capture and runner.capture.fused),
                  "document_mask": runner.document_mask, "memory": fit.as_dict()}
         from surgeon_train import __version__

@@ -93,6 +93,18 @@ def scoped_kernels(model: nn.Module, name: str):
                     setattr(mod, k, v)
 
 
+def uncompile_blocks(model: nn.Module) -> None:
+    """Undo compile_blocks: every block runs its eager code again (nn.Module.compile's own slot)."""
+    for b in blocks(model):
+        b._compiled_call_impl = None
+
+
+def is_compile_error(e: BaseException) -> bool:
+    """An error of torch.compile itself (tracing, a backend that failed), not of the model's code."""
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(e, exc.TorchDynamoException)
+
+
 def eager():
     """Within `with`, compiled blocks run their eager code (evaluation: another batch size and no grad
     would compile new graphs, seconds each, for one pass); a no-op on a torch without set_stance (< 2.6)."""
