@@ -12,7 +12,8 @@ hooks (moe's routers) and every post-processing of the logits see a normal call.
   * z = s·h Wᵀ + b, optionally z ← c·tanh(z / c), and Σ (logsumexp(z) − z[target]) is computed
     by one of: "chunked" (this file: rows in chunks of ≈128 MiB of float32 logits, the gradient
     with respect to h is formed chunk by chunk in the forward pass, as liger does, so no chunk is
-    kept), "liger" (liger-kernel's LigerFusedLinearCrossEntropyLoss, Triton, CUDA), "cce"
+    kept; with compile, each chunk's softmax and gradient run as one compiled function,
+    compiled_chunk), "liger" (liger-kernel's LigerFusedLinearCrossEntropyLoss, Triton, CUDA), "cce"
     (cut-cross-entropy's linear_cross_entropy, Triton, CUDA), or "full" (the model's real head and
     F.cross_entropy on all logits: the reference, and the only choice for a head that is unknown).
     s (Cohere's logit_scale, 1/Granite's logits_scaling) and c (Gemma 2/3's
