@@ -52,7 +52,7 @@ def eager(llama_split, tmp_path_factory) -> list[float]:
 
 
 def test_compile_is_on_by_default_only_on_cuda_for_long_runs():
-    n = speed.COMPILE_MIN_STEPS
+    n = speed.COMPILE_MIN_TOKENS
     assert speed.use_compile(None, CUDA, n) and not speed.use_compile(None, CUDA, n - 1)
     assert not speed.use_compile(None, CPU, 10 * n)  # inductor's C++ build costs more than it saves on the CPU
     assert speed.use_compile(True, CPU, 1) and not speed.use_compile(False, CUDA, 10 * n)  # --compile / --no-compile win

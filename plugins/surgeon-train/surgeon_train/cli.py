@@ -44,7 +44,7 @@ def train(
     grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower); default: only when one row does not fit otherwise.", show_default=False)] = None,
     loss: Annotated[str, typer.Option("--loss", help="Loss without full logits: auto (= chunked, the torch loss; measured fastest on CUDA too), chunked, liger, cce (liger-kernel's / cut-cross-entropy's, CUDA); full materialises the logits.")] = "auto",
     kernels: Annotated[str, typer.Option("--kernels", help="auto (= none), liger (liger-kernel's RMSNorm/SwiGLU/RoPE, CUDA), none.")] = "auto",
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile each transformer block (a one-time warm-up of ~10-20 s, then faster steps); default: on CUDA for runs of at least 100 steps, where the warm-up is paid back; off on the CPU.", show_default=False)] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile each transformer block (a one-time warm-up of ~10-20 s, then faster steps); default: on CUDA for runs of at least 800k tokens a process (steps × batch-size × grad-accum × seq-len: 100 steps of 8 × 1024), where the warm-up is paid back; off on the CPU.", show_default=False)] = None,
     no_document_mask: Annotated[bool, typer.Option("--no-document-mask", help="Let packed examples attend to the ones before them in the row.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and of dropout.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's local GPU).")] = "auto",

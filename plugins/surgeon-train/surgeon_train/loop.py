@@ -12,7 +12,7 @@ nanoGPT's train.py and transformers' Trainer where they agree:
   * The logits are never materialised: the loss runs on the final hidden states of the labelled
     positions only, through a chunked torch loss (or liger-kernel / cut-cross-entropy where asked:
     surgeon_train.loss); on CUDA the transformer blocks are compiled for runs of
-    ≥ speed.COMPILE_MIN_STEPS steps, liger's RMSNorm/SwiGLU/RoPE kernels where asked (surgeon_train.speed).
+    ≥ speed.COMPILE_MIN_TOKENS tokens, liger's RMSNorm/SwiGLU/RoPE kernels where asked (surgeon_train.speed).
   * --batch-size rows (× --grad-accum) per step and process run in micro-batches that fit the
     memory that is free, with activation checkpointing only when one row does not fit otherwise
     (surgeon_train.memory, surgeon_train.step); the chosen micro-batch is on the progress bar.
@@ -68,7 +68,7 @@ class TrainOptions:
     grad_checkpointing: bool | None = None  # None: only when one row does not fit otherwise
     loss: str = "auto"  # auto, chunked, liger, cce, full (surgeon_train.loss)
     kernels: str = "auto"  # auto (none), liger, none (surgeon_train.speed)
-    compile: bool | None = None  # torch.compile the transformer blocks; None: on CUDA for ≥ speed.COMPILE_MIN_STEPS steps
+    compile: bool | None = None  # torch.compile the transformer blocks; None: on CUDA for ≥ speed.COMPILE_MIN_TOKENS tokens
     compile_backend: str = "inductor"  # torch.compile's backend (tests: aot_eager, the same path without code generation)
     compile_loss: bool = False  # with compile: the chunked loss's per-chunk softmax and gradient compiled too (loss.compiled_chunk)
     document_mask: bool = True  # packed examples attend only within themselves
@@ -250,7 +250,8 @@ def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: 
         mine = opts.batch_size * opts.grad_accum  # rows per step on this rank
         callback("phase", {"name": "measuring memory for the micro-batch"})
         fit = runner.fit(mine, opts.grad_checkpointing, opts.micro_batch)
-        compiled = speed.use_compile(opts.compile, d.device, total_steps(opts, len(data), d.world))
+        tokens = total_steps(opts, len(data), d.world) * mine * data.seq_len  # this process trains
+        compiled = speed.use_compile(opts.compile, d.device, tokens)
         if compiled:
             runner.compile(opts.compile_backend, opts.compile_loss)
         setup = {"loss": runner.loss, "kernels": kernels, "compile": compiled, "compile_loss": bool(runner.capture and runner.capture.fused),

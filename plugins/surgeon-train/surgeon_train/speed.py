@@ -1,11 +1,12 @@
 """Speed on CUDA: torch.compile of the transformer blocks, and liger-kernel's RMSNorm / SwiGLU / RoPE kernels.
 
-    surgeon train SPLIT --data d.jsonl                       # CUDA: compiled blocks when --steps ≥ COMPILE_MIN_STEPS
+    surgeon train SPLIT --data d.jsonl --steps 200           # CUDA: compiled blocks (≥ COMPILE_MIN_TOKENS tokens)
     surgeon train SPLIT --data d.jsonl --no-compile          # eager
     surgeon train SPLIT --data d.jsonl --kernels liger       # liger's Triton kernels instead (eager)
 
---compile (the default on CUDA for runs of at least COMPILE_MIN_STEPS optimizer steps, where the
-one-time compile is paid back; never on the CPU, where inductor's C++ build costs more than it
+--compile (the default on CUDA for runs that train at least COMPILE_MIN_TOKENS tokens per process,
+steps × batch × grad-accum × seq-len, where the one-time compile is paid back: it costs a fixed
+time, and saves a time per token; never on the CPU, where inductor's C++ build costs more than it
 saves) compiles every transformer block (transformers' `_no_split_modules` classes) in place with
 torch.compile, the "regional" compilation PyTorch recommends for repeated blocks: one compiled graph
 serves every layer. The graph is compiled with dynamic=False: rows are packed to --seq-len and the
@@ -37,7 +38,7 @@ from torch import nn
 from surgeon.errors import UsageError
 
 KERNELS = ("auto", "liger", "none")
-COMPILE_MIN_STEPS = 100  # --compile's default on CUDA: on from this many optimizer steps (its warm-up paid back)
+COMPILE_MIN_TOKENS = 800_000  # --compile's default on CUDA: on from this many tokens a process (100 steps of 8 × 1024)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager/eager: the same code path without code generation (tests)
 
 
@@ -112,11 +113,11 @@ def eager():
     return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
-def use_compile(asked: bool | None, device: torch.device, steps: int) -> bool:
-    """--compile / --no-compile as given; by default on CUDA for runs of ≥ COMPILE_MIN_STEPS steps."""
+def use_compile(asked: bool | None, device: torch.device, tokens: int) -> bool:
+    """--compile / --no-compile as given; by default on CUDA for runs of ≥ COMPILE_MIN_TOKENS tokens a process."""
     if asked is not None:
         return asked
-    return device.type == "cuda" and steps >= COMPILE_MIN_STEPS
+    return device.type == "cuda" and tokens >= COMPILE_MIN_TOKENS
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
