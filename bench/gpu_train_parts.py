@@ -245,7 +245,8 @@ def run_part(p: dict, a, work: Path) -> dict:
         if kind.startswith("peft"):
             extra = peft(base, sp, rows, a, device, p["steps"], "split" if kind == "peft-split" else "default", on_step, mark)
         else:
-            extra = surgeon(sp, rows, a, device, p["steps"], variants(available("liger"))[kind], on_step, mark, work)
+            over = variants(available("liger"))[kind] | ({"compile": True} if impl.startswith("profile-") else {})  # a long run's default
+            extra = surgeon(sp, rows, a, device, p["steps"], over, on_step, mark, work)
     except Stop:
         stopped = True
     finally:

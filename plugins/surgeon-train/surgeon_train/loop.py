@@ -70,7 +70,7 @@ class TrainOptions:
     kernels: str = "auto"  # auto (none), liger, none (surgeon_train.speed)
     compile: bool | None = None  # torch.compile the transformer blocks; None: on CUDA for ≥ speed.COMPILE_MIN_TOKENS tokens
     compile_backend: str = "inductor"  # torch.compile's backend (tests: aot_eager, the same path without code generation)
-    compile_loss: bool = False  # with compile: the chunked loss's per-chunk softmax and gradient compiled too (loss.compiled_chunk)
+    compile_loss: bool = True  # with compile: the chunked loss's per-chunk softmax and gradient compiled too (loss.compiled_chunk)
     document_mask: bool = True  # packed examples attend only within themselves
     data_split: str = "train"  # split of a `datasets` source
     columns: dict | None = None  # record field -> column of the source ({"prompt": "question"})
