@@ -108,7 +108,7 @@ def drive(a) -> dict:
     env = os.environ | {"PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"),
                         "TRITON_CACHE_DIR": str(work / "triton-cache")}
     end = time.time() + a.budget
-    todo = [p["id"] for p in _plan(a.tiny)]
+    todo = [p["id"] for p in _plan(a.tiny) if not a.only or p["id"] in a.only.split(",")]
     with open(a.out / "log.txt", "a") as log:
         while todo and time.time() < end:
             cmd = [sys.executable, __file__, "--worker", "--parts", ",".join(todo), "--work", str(work), "--results", str(results),
@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s (the warm-up)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of surgeon's compiled parts (--tiny: aot_eager)")
+    ap.add_argument("--only", default="", help="run only these parts (comma-separated ids, e.g. 1b:peft,1b:surgeon), in the plan's order")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--parts", default="")
     ap.add_argument("--work", default="")
