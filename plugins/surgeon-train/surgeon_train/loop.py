@@ -10,9 +10,9 @@ nanoGPT's train.py and transformers' Trainer where they agree:
   * bf16 autocast on CUDA with the frozen base loaded in bf16 (the factors stay float32, as PEFT's
     autocast_adapter_dtype does); float32 everywhere on CPU.
   * The logits are never materialised: the loss runs on the final hidden states of the labelled
-    positions only, through liger-kernel / cut-cross-entropy on CUDA or a chunked torch loss
-    (surgeon_train.loss); liger's RMSNorm/SwiGLU/RoPE kernels and torch.compile where asked
-    (surgeon_train.speed).
+    positions only, through a chunked torch loss (or liger-kernel / cut-cross-entropy where asked:
+    surgeon_train.loss); on CUDA the transformer blocks are compiled for runs of
+    ≥ speed.COMPILE_MIN_TOKENS tokens, liger's RMSNorm/SwiGLU/RoPE kernels where asked (surgeon_train.speed).
   * --batch-size rows (× --grad-accum) per step and process run in micro-batches that fit the
     memory that is free, with activation checkpointing only when one row does not fit otherwise
     (surgeon_train.memory, surgeon_train.step); the chosen micro-batch is on the progress bar.
@@ -67,8 +67,10 @@ class TrainOptions:
     max_grad_norm: float = 1.0  # 0: no clipping
     grad_checkpointing: bool | None = None  # None: only when one row does not fit otherwise
     loss: str = "auto"  # auto, chunked, liger, cce, full (surgeon_train.loss)
-    kernels: str = "auto"  # auto, liger, none (surgeon_train.speed)
-    compile: bool = False  # torch.compile the transformer blocks
+    kernels: str = "auto"  # auto (none), liger, none (surgeon_train.speed)
+    compile: bool | None = None  # torch.compile the transformer blocks; None: on CUDA for ≥ speed.COMPILE_MIN_TOKENS tokens
+    compile_backend: str = "inductor"  # torch.compile's backend (tests: aot_eager, the same path without code generation)
+    compile_loss: bool = True  # with compile: the chunked loss's per-chunk softmax and gradient compiled too (loss.compiled_chunk)
     document_mask: bool = True  # packed examples attend only within themselves
     data_split: str = "train"  # split of a `datasets` source
     columns: dict | None = None  # record field -> column of the source ({"prompt": "question"})
@@ -104,6 +106,8 @@ def _check(o: TrainOptions) -> None:
         bad.append(f"--dtype {o.dtype!r}: choose auto, float32, bfloat16 or float16")
     if o.data_format is not None and o.data_format not in FORMATS:
         bad.append(f"--format {o.data_format!r}: choose {', '.join(FORMATS)}")
+    if o.compile_backend not in speed.COMPILE_BACKENDS:
+        bad.append(f"compile backend {o.compile_backend!r}: choose {', '.join(speed.COMPILE_BACKENDS)}")
     if o.kernels not in speed.KERNELS:
         bad.append(f"--kernels {o.kernels!r}: choose {', '.join(speed.KERNELS)}")
     if bad:
@@ -154,6 +158,15 @@ def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.
     d = d or dist.Dist(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
+    with speed.eager():  # compiled blocks: no new graphs (no grad, another batch) for one pass
+        acc = _eval_sums(model, data, batch_size, d, loss)
+    dist.sum_(acc, d)
+    model.train(was_training)
+    return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
+
+
+def _eval_sums(model: torch.nn.Module, data: Packed, batch_size: int, d: dist.Dist, loss: str) -> torch.Tensor:
+    """[Σ cross-entropy, Σ loss-carrying tokens] over this rank's rows."""
     impl, capture = resolve(loss, d.device), None
     if impl != "full":
         try:
@@ -168,9 +181,7 @@ def evaluate(model: torch.nn.Module, data: Packed, batch_size: int = 8, d: dist.
         rows = mine[i : i + batch_size]
         acc[0] += forward_ce(model, capture, impl, data, rows, d.device, docs).double()
         acc[1] += (data.labels[rows, 1:] != IGNORE).sum()
-    dist.sum_(acc, d)
-    model.train(was_training)
-    return (acc[0] / acc[1].clamp(min=1)).item(), int(acc[1].item())
+    return acc
 
 
 @reads("split_dir")
@@ -239,9 +250,12 @@ def _train(sm, named, run: RunDir, data: Packed, opts: TrainOptions, eval_data: 
         mine = opts.batch_size * opts.grad_accum  # rows per step on this rank
         callback("phase", {"name": "measuring memory for the micro-batch"})
         fit = runner.fit(mine, opts.grad_checkpointing, opts.micro_batch)
-        if opts.compile:
-            speed.compile_blocks(sm.model)
-        setup = {"loss": runner.loss, "kernels": kernels, "compile": opts.compile, "document_mask": runner.document_mask, "memory": fit.as_dict()}
+        tokens = total_steps(opts, len(data), d.world) * mine * data.seq_len  # this process trains
+        compiled = speed.use_compile(opts.compile, d.device, tokens)
+        if compiled:
+            runner.compile(opts.compile_backend, opts.compile_loss)
+        setup = {"loss": runner.loss, "kernels": kernels, "compile": compiled, "compile_loss": bool(runner.capture and runner.capture.fused),
+                 "document_mask": runner.document_mask, "memory": fit.as_dict()}
         from surgeon_train import __version__
 
         summary = {"surgeon_train_version": __version__, "split": str(Path(split_dir).resolve()), **(meta or {})}
@@ -264,10 +278,15 @@ def few_steps_warning(opts: TrainOptions, total: int, rows: int, world: int) -> 
             f"only {total} optimizer step{'s' if total > 1 else ''}; pass --steps N (the data repeats) or --epochs, or lower --batch-size or --seq-len.")
 
 
+def total_steps(opts: TrainOptions, rows: int, world: int) -> int:
+    """Optimizer steps of the run: --steps, else --epochs (default 1) over `rows` packed rows."""
+    return opts.steps or max(1, math.ceil((opts.epochs or 1.0) * rows / (opts.batch_size * opts.grad_accum * world)))
+
+
 def _run(sm, named, runner: Runner, data: Packed, run: RunDir, opts: TrainOptions, d: dist.Dist, callback: Callback) -> dict:
     params = [p for _, p in named]
     R = opts.batch_size * opts.grad_accum * d.world  # rows per optimizer step, all ranks
-    total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * len(data) / R))
+    total = total_steps(opts, len(data), d.world)
     warmup = opts.warmup_steps if opts.warmup_steps is not None else round(0.05 * total)
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=d.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, warmup, opts.min_lr_ratio))

@@ -1,6 +1,6 @@
 """The training loss without the full logits: Σ cross-entropy over the labelled positions only.
 
-    loss = LossFn.resolve("auto", device)      # liger / cce on CUDA when installed, else chunked torch
+    impl = resolve("auto", device)             # "chunked": the torch loss below, on CUDA and the CPU
     with HeadCapture(model) as cap:            # the output head is swapped out: no (b, L, V) logits
         model(input_ids=x, position_ids=p, use_cache=False)
         ce_sum = cap.ce_sum(labels, loss)      # (,) float32, Σ over positions whose next token has a label
@@ -12,7 +12,8 @@ hooks (moe's routers) and every post-processing of the logits see a normal call.
   * z = s·h Wᵀ + b, optionally z ← c·tanh(z / c), and Σ (logsumexp(z) − z[target]) is computed
     by one of: "chunked" (this file: rows in chunks of ≈128 MiB of float32 logits, the gradient
     with respect to h is formed chunk by chunk in the forward pass, as liger does, so no chunk is
-    kept), "liger" (liger-kernel's LigerFusedLinearCrossEntropyLoss, Triton, CUDA), "cce"
+    kept; with compile, each chunk's softmax and gradient run as one compiled function,
+    compiled_chunk), "liger" (liger-kernel's LigerFusedLinearCrossEntropyLoss, Triton, CUDA), "cce"
     (cut-cross-entropy's linear_cross_entropy, Triton, CUDA), or "full" (the model's real head and
     F.cross_entropy on all logits: the reference, and the only choice for a head that is unknown).
     s (Cohere's logit_scale, 1/Granite's logits_scaling) and c (Gemma 2/3's
@@ -47,40 +48,46 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), shifted_labels(labels).flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+def chunk_loss_grad(hc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tc: torch.Tensor, softcap: float | None):
+    """One chunk under a frozen head: (Σ CE, ∂/∂hc (c, d)). Written for torch.compile to fuse (the
+    one-hot as a comparison, nothing in place): after the matmul the chunk's logits are read about
+    twice instead of about eight times (compiled_chunk)."""
+    z = F.linear(hc, w).float()  # (c, V)
+    if b is not None:
+        z = z + b.float()
+    th = None
+    if softcap:
+        th = torch.tanh(z / softcap)  # (c, V)
+        z = th * softcap
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    loss = (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+    hot = torch.arange(z.shape[1], device=z.device)[None, :] == tc[:, None]  # (c, V)
+    g = torch.exp(z - lse[:, None]) - hot.float()  # ∂/∂z of the summed loss
+    if th is not None:
+        g = g * (1.0 - th * th)
+    return loss, (g.to(w.dtype) @ w).to(hc.dtype)
+
+
+def compiled_chunk(backend: str = "inductor"):
+    """chunk_loss_grad through torch.compile (the rows become dynamic at the first other chunk size: two graphs)."""
+    return torch.compile(chunk_loss_grad, backend=backend)
+
+
 class _ChunkedCE(torch.autograd.Function):
     """Σ_i [logsumexp(z_i) − z_i[t_i]], z = softcap(h Wᵀ + b), in row chunks; gradients formed in
     the forward pass chunk by chunk (the logits of one chunk at a time, never all of them)."""
 
     @staticmethod
-    def forward(ctx, h, w, b, t, softcap: float | None, chunk: int):  # h (n, d), w (V, d), b (V,) | None, t (n,)
+    def forward(ctx, h, w, b, t, softcap: float | None, chunk: int, fused=None):  # h (n, d), w (V, d), b (V,) | None, t (n,)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh = torch.empty_like(h) if need_h else None  # (n, d)
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, d)
-        gb = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None  # (V,)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            hc, tc = h[i : i + chunk], t[i : i + chunk]  # (c, d), (c,)
-            z = F.linear(hc, w).float()  # (c, V)
-            if b is not None:
-                z += b.float()
-            th = None
-            if softcap:
-                th = torch.tanh(z / softcap)  # (c, V)
-                z = th * softcap
-            lse = torch.logsumexp(z, dim=-1)  # (c,)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            g = z.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place of z
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0  # ∂/∂z of the summed loss
-            if th is not None:
-                g *= 1.0 - th.square()
-            if need_h:
-                gh[i : i + chunk] = (g.to(w.dtype) @ w).to(h.dtype)  # (c, d)
-            if need_w:
-                gw += g.T @ hc.float()  # (V, d)
-            if need_b:
-                gb += g.sum(0)
+        if fused is not None and need_h and not (need_w or need_b):  # the usual case: a frozen head
+            gh, gw, gb = torch.empty_like(h), None, None  # (n, d)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, h.shape[0], chunk):
+                loss, gh[i : i + chunk] = fused(h[i : i + chunk], w, b, t[i : i + chunk], softcap)
+                total += loss
+        else:
+            total, gh, gw, gb = _chunks(h, w, b, t, softcap, chunk, need_h, need_w, need_b)
         ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
         ctx.have = (need_h, need_w, need_b)
         ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
@@ -91,14 +98,47 @@ class _ChunkedCE(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         out = [next(saved) * go if have else None for have in ctx.have]
         out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
-        return (*out, None, None, None)
+        return (*out, None, None, None, None)
+
+
+def _chunks(h, w, b, t, softcap, chunk, need_h, need_w, need_b):
+    """The eager loop: Σ CE and the gradients asked for, in place on each chunk's logits."""
+    gh = torch.empty_like(h) if need_h else None  # (n, d)
+    gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, d)
+    gb = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None  # (V,)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for i in range(0, h.shape[0], chunk):
+        hc, tc = h[i : i + chunk], t[i : i + chunk]  # (c, d), (c,)
+        z = F.linear(hc, w).float()  # (c, V)
+        if b is not None:
+            z += b.float()
+        th = None
+        if softcap:
+            th = torch.tanh(z / softcap)  # (c, V)
+            z = th * softcap
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+        if not (need_h or need_w or need_b):
+            continue
+        g = z.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place of z
+        g[torch.arange(len(tc), device=g.device), tc] -= 1.0  # ∂/∂z of the summed loss
+        if th is not None:
+            g *= 1.0 - th.square()
+        if need_h:
+            gh[i : i + chunk] = (g.to(w.dtype) @ w).to(h.dtype)  # (c, d)
+        if need_w:
+            gw += g.T @ hc.float()  # (V, d)
+        if need_b:
+            gb += g.sum(0)
+    return total, gh, gw, gb
 
 
 def chunked_ce_sum(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor, softcap: float | None = None,
-                   chunk: int | None = None) -> torch.Tensor:
-    """Σ cross-entropy of rows h (n, d) against targets t (n,) under the head (w (V, d), b (V,))."""
+                   chunk: int | None = None, fused=None) -> torch.Tensor:
+    """Σ cross-entropy of rows h (n, d) against targets t (n,) under the head (w (V, d), b (V,));
+    fused: compiled_chunk()'s function, used when only h needs a gradient."""
     chunk = chunk or max(1, CHUNK_BYTES // (4 * w.shape[0]))
-    return _ChunkedCE.apply(h, w, b, t, softcap, chunk)
+    return _ChunkedCE.apply(h, w, b, t, softcap, chunk, fused)
 
 
 def _liger(h, w, b, t, softcap):
@@ -127,9 +167,7 @@ def resolve(name: str, device: torch.device) -> str:
     """The loss implementation for --loss NAME on DEVICE ("auto": the fastest one installed)."""
     if name not in LOSSES:
         raise UsageError(f"--loss {name!r}: choose one of {', '.join(LOSSES)}.")
-    if name == "auto":
-        if device.type == "cuda":
-            return next((n for n in ("liger", "cce") if available(n)), "chunked")
+    if name == "auto":  # measured fastest on an H100 against liger's fused loss (bench/RESULTS.md)
         return "chunked"
     if name in _MODULE and device.type != "cuda":
         raise UsageError(f"--loss {name} runs Triton kernels on CUDA only; on {device.type} use --loss chunked (the default there).")
@@ -189,6 +227,7 @@ class HeadCapture:
         self.parent = model.get_submodule(parent) if parent else model
         self.original = getattr(self.parent, self.child)
         self.keep = _Keep()
+        self.fused = None  # compiled_chunk()'s function for the chunked loss (speed: --compile)
 
     def __enter__(self) -> HeadCapture:
         setattr(self.parent, self.child, self.keep)
@@ -210,7 +249,8 @@ class HeadCapture:
             return h.sum().float() * 0.0
         if self.head.scale != 1.0:
             hs = hs * self.head.scale
-        return _IMPL[impl](hs, self.head.weight, self.head.bias, ts, self.head.softcap).float()
+        kw = {"fused": self.fused} if impl == "chunked" and self.fused is not None else {}
+        return _IMPL[impl](hs, self.head.weight, self.head.bias, ts, self.head.softcap, **kw).float()
 
     @torch.no_grad()
     def verify(self, ids: torch.Tensor, autocast) -> None:

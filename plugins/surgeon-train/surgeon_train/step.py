@@ -21,7 +21,8 @@ import torch
 from surgeon.errors import UsageError
 from surgeon_train import dist, memory
 from surgeon_train.data import Packed
-from surgeon_train.loss import CHUNK_BYTES, HeadCapture, resolve, token_ce_sum
+from surgeon_train import speed
+from surgeon_train.loss import CHUNK_BYTES, HeadCapture, compiled_chunk, resolve, token_ce_sum
 from surgeon_train.speed import blocks
 
 
@@ -65,6 +66,7 @@ class Runner:
             self.capture.verify(data.input_ids[:1, : min(16, data.seq_len)].to(d.device), autocast(d.device))
         self.document_mask = bool(document_mask and data.position_ids is not None and packing_supported(model))
         self.micro, self.checkpointing, self.plan, self.events = 1, False, None, []
+        self.compiled = False
 
     def ce_sum(self, rows: torch.Tensor) -> torch.Tensor:
         """Σ cross-entropy of `rows` (indices into the data), with the graph for backward."""
@@ -96,19 +98,37 @@ class Runner:
         return 3 * CHUNK_BYTES if self.loss in ("chunked", "full") else 512 * 2**20
 
     # --- the step -------------------------------------------------------------------------------
+    def compile(self, backend: str, loss_too: bool) -> None:
+        """torch.compile the blocks (and the chunked loss's chunk when loss_too); a compile error in a
+        step turns it off again and redoes the step eagerly (step)."""
+        speed.compile_blocks(self.model, backend)
+        if loss_too and self.capture is not None and self.loss == "chunked":
+            self.capture.fused = compiled_chunk(backend)
+        self.compiled = True
+
     def step(self, rows: torch.Tensor, n_tok: int, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """Forward + backward over this rank's rows of one step; returns [Σ ce, Σ extra-loss share]."""
         while True:
             try:
                 return self._step(rows, n_tok)
             except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not memory.is_oom(e):
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+                fix = self._eager if self.compiled and speed.is_compile_error(e) else self._shrink if memory.is_oom(e) else None
+                if fix is None:
                     raise
-                what = str(e).strip().splitlines()[0][:200]
+                what = " ".join(lines[: 2 if fix == self._eager else 1])[:300]  # a backend's error: "backend='x' raised:" + its line
             for p in params:
                 p.grad = None
             self._free()
-            self._shrink(what)
+            fix(what)
+
+    def _eager(self, what: str) -> None:
+        """torch.compile failed on this model: the run goes on without it (the step is redone)."""
+        speed.uncompile_blocks(self.model)
+        if self.capture is not None:
+            self.capture.fused = None
+        self.compiled = False
+        self.events.append({"event": "compile_failed", "error": what, "compile": False})
 
     def _step(self, rows: torch.Tensor, n_tok: int) -> torch.Tensor:
         parts = memory.micro_batches(rows, self.micro)
