@@ -149,15 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.kasa_only:
         return kasa_only(args)
     from bench.eval.folders import budget_plan
-    from bench.eval.runner import run, stored
+    from bench.eval.runner import results_log, run, stored
 
-    args.results.mkdir(parents=True, exist_ok=True)
-    logf = (args.results / "_log.txt").open("a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = results_log(args.results)
 
     settings = stored(args.results / "_settings.json", lambda: settings_of(args), log, "protocol")
     plan = stored(args.results / "_plan.json", lambda: budget_plan(settings, args.model, args.device), log, "budget plan")

@@ -22,7 +22,7 @@ from bench.eval import grid as G
 from bench.eval.folders import budget_plan
 from bench.eval.jobs2 import has_calibrate
 from bench.eval.report2 import write
-from bench.eval.runner import load_results, stored
+from bench.eval.runner import load_results, results_log, stored
 from bench.eval.runner import run as run_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,13 +123,7 @@ def run(args, settings: dict, done: dict) -> dict:
     model = args.model or (TINY_MODEL if args.tiny else None)
     if model is None:
         raise SystemExit("run needs --model DIR (the converted SmolLM2 folder) or --tiny")
-    args.results.mkdir(parents=True, exist_ok=True)
-    logf = (args.results / "_log.txt").open("a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = results_log(args.results)
 
     t0 = time.time()
     print_plan(settings, done | load_results(args.results), args.budget, max(1, args.workers), log)

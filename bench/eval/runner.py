@@ -114,6 +114,19 @@ class Inline:
         pass
 
 
+def results_log(results: Path):
+    """log(msg): printed and appended to RESULTS/_log.txt (flushed per line: a killed call keeps its log)."""
+    results.mkdir(parents=True, exist_ok=True)
+    logf = (results / "_log.txt").open("a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    return log
+
+
 def stored(path: Path, make, log, what: str):
     """The JSON at `path` if it is there (a resumed run keeps its protocol), else make it and store it."""
     if path.exists():
