@@ -18,9 +18,13 @@ from __future__ import annotations
 import torch
 
 from surgeon.linalg import Triplets, calibrated, output_share
-from surgeon.model.calibration import BlockCovariances, CalibrationData, load_calibration_data
+from surgeon.model.calibration import (
+    BlockCovariances,
+    load_calibration_data,
+)
 
 MAX_LEN = 512  # tokens per calibration sample (one record = one sample, cut to this)
+NO_TOKENS = "no calibration token was routed to this expert; split uncalibrated"
 
 
 def attach(job, mode: str) -> None:
@@ -41,19 +45,24 @@ class Calibrator:
         self.job = job
         self._cov: BlockCovariances | None = None
         self.modules = {name: t.module for name, t in job.targets.items()}  # keyed as the runner asks: the checkpoint tensor
+        self.todo: set[str] | None = None  # the tensors this run still solves (a resumed run: fewer)
 
     @property
     def cov(self) -> BlockCovariances:
+        """The collector, for the targets still to solve only: a resumed run holds no covariance of a
+        weight it finished before (a sum over the same inputs: the same bytes either way)."""
         if self._cov is None:
             job = self.job
             kw = {"peft": True} if job.opts.calibrate_peft else {}
-            self._cov = BlockCovariances(job.model_cfg, job.ckpt, {t.module: t.tensor for t in job.targets.values()}, job.calib_data,
-                                         job.backend.device, **kw)
+            left = {t.module: t.tensor for n, t in job.targets.items() if self.todo is None or n in self.todo}
+            self._cov = BlockCovariances(job.model_cfg, job.ckpt, left, job.calib_data, job.backend.device, **kw)
         return self._cov
 
     def order(self, todo: list[str]) -> list[str]:
         """todo with its targeted tensors in the collector's block order (checkpoint order within a
         block; targets the collector skips after them), every other tensor where it was."""
+        if self._cov is None:
+            self.todo = set(todo)
         rank = {m: i for i, m in enumerate(m for block in self.cov.blocks() for m in block)}
         slots = [i for i, n in enumerate(todo) if n in self.modules]
         targeted = sorted((todo[i] for i in slots), key=lambda n: rank.get(self.modules[n], len(rank)))  # stable
@@ -67,13 +76,16 @@ class Calibrator:
         module = self.modules.get(tensor)
         if module is None:
             return None
-        if module in self.cov.skipped:
-            return self.cov.skipped[module]
-        return self.cov.covariance(module), self.cov.tokens(module)
+        if not self.cov.available(module):  # runs the blocks up to its own: some reasons are known only then
+            return self.cov.skipped.get(module, "no calibration covariance")
+        tokens = self.cov.tokens(module)
+        if tokens == 0:  # an MoE expert no calibration token was routed to
+            return NO_TOKENS
+        return self.cov.covariance(module), tokens
 
     def release(self, tensor: str) -> None:
         module = self.modules.get(tensor)
-        if module is not None and self._cov is not None and module not in self._cov.skipped:
+        if module is not None and self._cov is not None:
             self._cov.release(module)
 
 

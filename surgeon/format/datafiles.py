@@ -90,8 +90,8 @@ def load_records(source, split: str = "train", columns: dict[str, str] | None = 
         return load_jsonl(path, columns, fmt)
     if path.suffix in TEXT_SUFFIXES and path.is_file():
         return load_text(path)
-    if path.suffix in BUILDERS and not path.is_file():
-        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet or CSV file, or a dataset id.")
+    if path.suffix in (*BUILDERS, *TEXT_SUFFIXES) and not path.is_file():
+        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet, CSV or text file, or a dataset id.")
     ds = _load_dataset(str(source), path, split, extra, option)
     missing = [c for c in (columns or {}).values() if c not in ds.column_names]
     if missing:

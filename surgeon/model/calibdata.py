@@ -50,8 +50,8 @@ def load_calibration_data(data: str, tokenizer_dir: Path, max_tokens: int = 6553
         raise UsageError(f"--calibrate {data}: {e}") from None
     tok = _tokenizer(Path(tokenizer_dir))
     samples, total = [], 0
-    for _, rec in records:
-        ids = _ids(tok, rec)[: min(max_len, max_tokens - total)]
+    for where, rec in records:
+        ids = _ids(tok, rec, f"--calibrate {data}, record {where} (its line or row)")[: min(max_len, max_tokens - total)]
         if ids:
             samples.append(torch.tensor(ids, dtype=torch.long))
             total += len(ids)
@@ -80,13 +80,19 @@ def _plain(enc) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _ids(tok, rec: dict) -> list[int]:
-    """One record's token ids: chat and prompt/completion records through the chat template if any."""
+def _ids(tok, rec: dict, where: str) -> list[int]:
+    """One record's token ids: chat and prompt/completion records through the chat template if any
+    (a template that refuses the record, e.g. a system turn Gemma's does not take, is one UsageError)."""
     if "text" in rec:
         return _plain(tok(rec["text"], add_special_tokens=True))
     turns = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
     if getattr(tok, "chat_template", None):
-        return _plain(tok.apply_chat_template(turns, tokenize=True, return_dict=True))
+        try:
+            return _plain(tok.apply_chat_template(turns, tokenize=True, return_dict=True))
+        except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and what a template trips on
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"{where}: the tokenizer's chat template refused it ({first}); drop or merge that turn, "
+                             "or give the text as {\"text\": ...} records.") from None
     return _plain(tok("\n".join(t["content"] for t in turns), add_special_tokens=True))
 
 

@@ -178,6 +178,8 @@ class BlockCovariances:
         self._hidden = outs if i < max(self._by_block) else []
         for m in mine:
             self._collect(m, coll, watch)
+        if self.device.type == "cuda":  # the sums are queued on this stream; the solve threads read them on theirs
+            torch.cuda.current_stream(self.device).synchronize()
         self._next = i + 1
 
     def _run_block(self, i: int, block: nn.Module, coll: Collector, mine: list[str]):
