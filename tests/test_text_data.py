@@ -49,3 +49,17 @@ def test_calibration_reads_a_text_file(smollm2, tmp_path):
     f.write_text("The river runs to the sea.\n\nWater boils at one hundred degrees Celsius at sea level.\n", encoding="utf-8")
     d = load_calibration_data(str(f), smollm2)
     assert len(d.input_ids) == 2 and d.tokens == sum(len(x) for x in d.input_ids) > 10
+
+
+def test_calibration_reads_a_file_only_as_far_as_its_token_budget(smollm2, tmp_path):
+    """A big JSONL (or text) is not read whole for a few hundred tokens: a line past the budget that is
+    not JSON is never reached (it was, and failed the run, when every record was loaded first)."""
+    from surgeon.model.calibration import load_calibration_data
+
+    f = tmp_path / "big.jsonl"
+    f.write_text("".join('{"text": "The river runs to the sea through the valley."}\n' for _ in range(50)) + "not json\n", encoding="utf-8")
+    d = load_calibration_data(str(f), smollm2, max_tokens=64)
+    assert d.tokens == 64
+    t = tmp_path / "big.txt"
+    t.write_text("A paragraph of plain text.\n\n" * 50 + "caf\xe9".encode("latin-1").decode("latin-1"), encoding="latin-1")
+    assert load_calibration_data(str(t), smollm2, max_tokens=32).tokens == 32  # the undecodable tail is never read

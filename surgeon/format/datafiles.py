@@ -16,6 +16,7 @@ need it; without it, one DataError naming the extra to install (`extra`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from surgeon.format.records import FORMAT_HINT, DataError, normalize
@@ -25,15 +26,16 @@ FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "o
 TRAIN_EXTRA = "pip install 'surgeon-train[datasets]'"
 
 
-def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; raises DataError naming the file and line.
-    columns maps record fields to the file's keys ({"prompt": "question", ...}); fmt forces a format
-    (surgeon.format.records.FORMATS) instead of detecting it per record."""
+def iter_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line, read one line at a time (a caller that needs
+    only the first records reads only those); raises DataError naming the file and line, or saying
+    that the file holds none. columns maps record fields to the file's keys ({"prompt": "question",
+    ...}); fmt forces a format (surgeon.format.records.FORMATS) instead of detecting it per record."""
     path = Path(path)
     rename = {col: field for field, col in (columns or {}).items()}
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL file with {FORMAT_HINT}.")
-    records = []
+    n = 0
     try:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -46,37 +48,66 @@ def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | Non
                     raise DataError(f"{path}, line {lineno}: not valid JSON ({why}); expected {FORMAT_HINT}.") from None
                 if rename and isinstance(obj, dict):
                     obj = {rename.get(k, k): v for k, v in obj.items()}
-                records.append((lineno, normalize(obj, f"{path}, line {lineno}", fmt)))
+                n += 1
+                yield lineno, normalize(obj, f"{path}, line {lineno}", fmt)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL.") from None
-    if not records:
+    if not n:
         raise DataError(f"{path} holds no examples (it is empty or blank); expected {FORMAT_HINT}.")
-    return records
+
+
+def load_jsonl(path: Path, columns: dict[str, str] | None = None, fmt: str | None = None) -> list[tuple[int, dict]]:
+    """Every record of iter_jsonl, as a list."""
+    return list(iter_jsonl(path, columns, fmt))
 
 
 TEXT_SUFFIXES = (".txt", ".md")
 TEXT_CHARS = 2000  # a plain text's record: a paragraph, or up to this many characters of one at line breaks
 
 
-def load_text(path: Path, chars: int = TEXT_CHARS) -> list[tuple[int, dict]]:
-    """(first line number, {"text": ...}) records of a UTF-8 text file: its paragraphs (separated by blank
-    lines), a long one cut at line breaks into pieces of at most `chars` characters (a line longer than
-    that stays whole), so a text with few blank lines is not cut to its first tokens per paragraph."""
+def iter_text(path: Path, chars: int = TEXT_CHARS) -> Iterator[tuple[int, dict]]:
+    """(first line number, {"text": ...}) records of a UTF-8 text file, read one line at a time: its
+    paragraphs (separated by blank lines), a long one cut at line breaks into pieces of at most
+    `chars` characters (a line longer than that stays whole), so a text with few blank lines is not
+    cut to its first tokens per paragraph."""
+    start, para, n = 0, [], 0
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with Path(path).open(encoding="utf-8") as f:
+            for lineno, raw in enumerate(_lines(f), 1):
+                line = raw.rstrip("\r\n")
+                full = para and sum(len(x) + 1 for x in para) + len(line) > chars
+                if para and (not line.strip() or full):
+                    n += 1
+                    yield start, {"text": "\n".join(para)}
+                    start, para = 0, []
+                if line.strip():
+                    start, para = (start or lineno), [*para, line]
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from None
-    records, start, para = [], 0, []
-    for lineno, line in enumerate([*lines, ""], 1):
-        full = para and sum(len(x) + 1 for x in para) + len(line) > chars
-        if para and (not line.strip() or full):
-            records.append((start, {"text": "\n".join(para)}))
-            start, para = 0, []
-        if line.strip():
-            start, para = (start or lineno), [*para, line]
-    if not records:
+    if not n:
         raise DataError(f"{path} holds no text (it is empty or blank).")
-    return records
+
+
+def _lines(f) -> Iterator[str]:
+    """The file's lines, then one blank line (it ends the last paragraph)."""
+    yield from f
+    yield ""
+
+
+def load_text(path: Path, chars: int = TEXT_CHARS) -> list[tuple[int, dict]]:
+    """Every record of iter_text, as a list."""
+    return list(iter_text(path, chars))
+
+
+def iter_records(source, extra: str = TRAIN_EXTRA, option: str = "--data") -> Iterator[tuple[int, dict]]:
+    """load_records' records one at a time: a local JSONL or text file is read only as far as the caller
+    goes (--calibrate stops at its token budget); a `datasets` source is loaded whole, as load_records does."""
+    path = Path(source)
+    if path.suffix == ".jsonl" and path.is_file():
+        return iter_jsonl(path)
+    if path.suffix in TEXT_SUFFIXES and path.is_file():
+        return iter_text(path)
+    return iter(load_records(source, extra=extra, option=option))
 
 
 def load_records(source, split: str = "train", columns: dict[str, str] | None = None, fmt: str | None = None,

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer
 
 from surgeon.errors import UsageError
-from surgeon.format.datafiles import load_records
+from surgeon.format.datafiles import iter_records
 from surgeon.format.records import DataError
 
 DEFAULT = Path(__file__).with_name("calibration_default.jsonl")
@@ -45,18 +45,18 @@ def load_calibration_data(data: str, tokenizer_dir: Path, max_tokens: int = 6553
         raise UsageError(f"--calibrate-tokens must be at least 1 (got {max_tokens}, sample length {max_len}).")
     source = DEFAULT if data == "default" else data
     try:
-        records = load_records(source, extra=EXTRA, option="--calibrate")
+        records = iter_records(source, extra=EXTRA, option="--calibrate")  # a local file: read only as far as the budget goes
+        tok = _tokenizer(Path(tokenizer_dir))
+        samples, total = [], 0
+        for where, rec in records:
+            ids = _ids(tok, rec, f"--calibrate {data}, record {where} (its line or row)")[: min(max_len, max_tokens - total)]
+            if ids:
+                samples.append(torch.tensor(ids, dtype=torch.long))
+                total += len(ids)
+            if total >= max_tokens:
+                break
     except DataError as e:
         raise UsageError(f"--calibrate {data}: {e}") from None
-    tok = _tokenizer(Path(tokenizer_dir))
-    samples, total = [], 0
-    for where, rec in records:
-        ids = _ids(tok, rec, f"--calibrate {data}, record {where} (its line or row)")[: min(max_len, max_tokens - total)]
-        if ids:
-            samples.append(torch.tensor(ids, dtype=torch.long))
-            total += len(ids)
-        if total >= max_tokens:
-            break
     if not samples:
         raise UsageError(f"--calibrate {data}: no record gives any token; give text data.")
     return CalibrationData(samples, _hash(samples), total, data)
