@@ -196,45 +196,8 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         for fname, f in res.factors.items():
             if not bool(torch.isfinite(f).all()):
                 raise NumericsError(f"{target.tensor}: its factor {fname} holds non-finite values; lower --alpha or --rank for this module.")
-    # What a reader of the files reconstructs is cast residual + s·(stored factors). The method
-    # formed the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
-    # ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it.
-    # Quantized: deq(codes) + s·BA, measured in quant.quantized_split.
-    # A truncating method (KaSA) drops part of W on purpose: its error is measured against the
-    # ORIGINAL W, with the initial factors, so the summary shows what the truncation removed.
-    total = trip.energy  # = ‖W‖_F²
-    norm = max(total**0.5, 1e-300)
-    cast_err = float(torch.linalg.matrix_norm(res.residual - residual.double())) / norm if job.qspec is None else None
-    if job.qspec is not None:
-        err = qstats["quant_error"]
-    elif method.truncates:
-        init = {k: v.to(w64.device) for k, v in res.factors.items()}
-        err = float(torch.linalg.matrix_norm(w64 - residual.double() - method.delta(init, cfg))) / norm  # (out, in)
-    else:
-        err = cast_err
-    layer = {
-        "module": target.module,
-        "tensor": target.tensor,
-        "shape": [target.out_features, target.in_features],
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "scale": cfg.scale,
-        "transposed": target.transposed,
-        "solver": trip.solver,
-        "subspace_bound": trip.subspace_bound,
-        "orth_error": trip.orth_error,
-        "reconstruction_error": err,
-        **({"target_error": cast_err} if method.truncates and cast_err is not None else {}),
-        "factor_energy": float(trip.S.square().sum()) / total if total > 0 else 0.0,
-        "sigma_max": float(trip.spectrum[0]) if opts.spectra else None,
-        "sigma_min": float(trip.spectrum[-1]) if opts.spectra else None,
-        "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
-        "seconds": round(time.perf_counter() - t0, 4),  # run-dependent: goes to the run log, not the manifest
-        **res.stats,
-        **qstats,
-        **({"fused": {"param": target.place.param, "expert": target.place.expert, "part": target.place.part,
-                      "parts": target.place.parts}} if target.place is not None and target.place.fused else {}),
-    }
+    err, cast_err = _errors(w64, res, residual, trip, method, cfg, qstats, job.qspec is not None)
+    layer = _layer_record(target, cfg, trip, res, qstats, err, cast_err, method, opts.spectra, t0)
     if crec is not None:
         layer["calibration"] = calibrate.layer_record(crec, w64, res, calib[0])
     elif isinstance(calib, str):  # the collector has no covariance for it: decomposed as without --calibrate
@@ -252,3 +215,50 @@ def split_one(target, stored: torch.Tensor, job, out_dtype: str, clock: StageClo
         if w64.is_cuda:
             return layer, {k: ({n: HostCopy(t) for n, t in v.items()} if isinstance(v, dict) else HostCopy(v)) for k, v in outs.items()}
         return layer, outs
+
+
+def _errors(w64, res, residual, trip, method, cfg, qstats: dict, quantized: bool) -> tuple[float, float | None]:
+    """(reconstruction error, cast error), relative to ‖W‖_F.
+
+    What a reader of the files reconstructs is cast residual + s·(stored factors). The method formed
+    the float64 residual from the stored (rounded) factors, W = res64 + s·BA exactly, so
+    ‖W − (cast(res) + s·BA)‖ = ‖res64 − cast(res)‖: no product needed to measure it. Quantized:
+    deq(codes) + s·BA, measured in quant.quantized_split. A truncating method (KaSA) drops part of W
+    on purpose: its error is measured against the ORIGINAL W, with the initial factors, so the
+    summary shows what the truncation removed."""
+    norm = max(trip.energy**0.5, 1e-300)  # energy = ‖W‖_F²
+    cast_err = None if quantized else float(torch.linalg.matrix_norm(res.residual - residual.double())) / norm
+    if quantized:
+        return qstats["quant_error"], cast_err
+    if method.truncates:
+        init = {k: v.to(w64.device) for k, v in res.factors.items()}
+        return float(torch.linalg.matrix_norm(w64 - residual.double() - method.delta(init, cfg))) / norm, cast_err  # (out, in)
+    return cast_err, cast_err
+
+
+def _layer_record(target, cfg, trip, res, qstats: dict, err: float, cast_err: float | None, method, spectra: bool, t0: float) -> dict:
+    """The manifest's record of one split layer."""
+    total = trip.energy
+    return {
+        "module": target.module,
+        "tensor": target.tensor,
+        "shape": [target.out_features, target.in_features],
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "scale": cfg.scale,
+        "transposed": target.transposed,
+        "solver": trip.solver,
+        "subspace_bound": trip.subspace_bound,
+        "orth_error": trip.orth_error,
+        "reconstruction_error": err,
+        **({"target_error": cast_err} if method.truncates and cast_err is not None else {}),
+        "factor_energy": float(trip.S.square().sum()) / total if total > 0 else 0.0,
+        "sigma_max": float(trip.spectrum[0]) if spectra else None,
+        "sigma_min": float(trip.spectrum[-1]) if spectra else None,
+        "factor_sigma": [float(trip.S[0]), float(trip.S[-1])],
+        "seconds": round(time.perf_counter() - t0, 4),  # run-dependent: goes to the run log, not the manifest
+        **res.stats,
+        **qstats,
+        **({"fused": {"param": target.place.param, "expert": target.place.expert, "part": target.place.part,
+                      "parts": target.place.parts}} if target.place is not None and target.place.fused else {}),
+    }
