@@ -133,15 +133,15 @@ def import_seconds(stderr: str) -> float:
     return round(total / 1e6, 2)
 
 
-def timed_split(root: Path, model: Path, out: Path, method: str, extra: list[str], env: dict) -> dict:
+def timed_split(root: Path, model: Path, out: Path, method: str, extra: list[str], env: dict, device: str = "cuda") -> dict:
     """The whole CLI, cold, with where its wall time went: imports (-X importtime), before the split
     began (interpreter, imports, arguments), the split's own setup / pipeline / finish (its run log),
     and after the run log (content listing, rename, fsyncs, exit)."""
     if out.exists():  # a fresh output each time: replacing one first reads it whole (surgeon checks what it deletes)
         shutil.rmtree(out)
     drop_caches()
-    cmd = [sys.executable, "-X", "importtime", "-m", "surgeon", "split", str(model), "--method", method, "--rank", "64", "--target", "all-linear",
-           "--device", "cuda", "--out", str(out), "--overwrite", "--quiet", *extra]
+    cmd = [sys.executable, "-X", "importtime", "-m", "surgeon", "split", str(model), "--method", method, "--rank", "64",
+           *([] if "--target" in extra else ["--target", "all-linear"]), "--device", device, "--out", str(out), "--overwrite", "--quiet", *extra]
     t0, w0 = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, cwd=root, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, **env, "PYTHONPATH": f"{root}:{root}/plugins/surgeon-train:{os.environ.get('PYTHONPATH', '')}"})
@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=64 << 20)
     ap.add_argument("--methods", default="", help="comma-separated: time these splits too (needs CUDA)")
+    ap.add_argument("--device", default="cuda", help="the splits' --device (cpu: the same breakdown on a machine without a GPU)")
+    ap.add_argument("--split-args", default="", help="extra arguments for each split, e.g. '--target q_proj'")
     ap.add_argument("--root", action="append", default=[], help="surgeon tree to time, DIR[,NAME=VALUE...] (repeatable; default: this one)")
     args = ap.parse_args()
     files = sorted(args.model.glob("*.safetensors"))
@@ -183,7 +185,8 @@ def main() -> None:
                 continue
             root, *envs = spec.split(",")
             key = f"{Path(root).name} {m} {' '.join(envs)}".strip()
-            r = timed_split(Path(root).resolve(), args.model, args.scratch / "out", m, [], dict(e.split("=", 1) for e in envs))
+            r = timed_split(Path(root).resolve(), args.model, args.scratch / "out", m, args.split_args.split(),
+                            dict(e.split("=", 1) for e in envs), args.device)
             r["pipeline_over_floor"] = round(r["pipeline_s"] / floor, 2)
             r["wall_over_floor"] = round(r["wall_s"] / floor, 2)
             res["splits"][key] = r

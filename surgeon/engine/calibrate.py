@@ -15,13 +15,14 @@ writes the same bytes as an uninterrupted one. The math is surgeon.linalg.calibr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from surgeon.linalg import Triplets, calibrated, output_share
-from surgeon.model.calibration import (
-    BlockCovariances,
-    load_calibration_data,
-)
+
+if TYPE_CHECKING:  # imported on use: the block runner pulls in transformers' modeling code, which a plain split never needs
+    from surgeon.model.calibration import BlockCovariances
 
 MAX_LEN = 512  # tokens per calibration sample (one record = one sample, cut to this)
 NO_TOKENS = "no calibration token was routed to this expert; split uncalibrated"
@@ -30,6 +31,8 @@ NO_TOKENS = "no calibration token was routed to this expert; split uncalibrated"
 def attach(job, mode: str) -> None:
     """Read and tokenize --calibrate DATA with the model's tokenizer (before any output folder
     exists), put what a resumed run must match into the plan, and give the job its Calibrator."""
+    from surgeon.model.calibration import load_calibration_data
+
     opts = job.opts
     job.calib_mode = mode
     job.calib_data = load_calibration_data(opts.calibrate, job.src.root, max_tokens=opts.calibrate_tokens, max_len=MAX_LEN)
@@ -52,6 +55,8 @@ class Calibrator:
         """The collector, for the targets still to solve only: a resumed run holds no covariance of a
         weight it finished before (a sum over the same inputs: the same bytes either way)."""
         if self._cov is None:
+            from surgeon.model.calibration import BlockCovariances
+
             job = self.job
             kw = {"peft": True} if job.opts.calibrate_peft else {}
             left = {t.module: t.tensor for n, t in job.targets.items() if self.todo is None or n in self.todo}
