@@ -3,6 +3,9 @@ one: wall time, peak host RSS and peak GPU memory of each, in child processes.
 
     python bench/bench_gpu_7b_calibrate.py --dir /tmp/b7               # needs CUDA, ~30 GB of disk
     python bench/bench_gpu_7b_calibrate.py --dir /tmp/b7t --tiny       # CPU: same steps, tiny shapes
+    python bench/bench_gpu_7b_calibrate.py --dir /tmp/b7c --cpu --layers 1 --tokens 2048
+        # CPU, 7B shapes, one block: host memory only (hidden states and the block sit in host memory
+        # here, so calibrated minus plain bounds what a GPU run adds to host memory from above)
 
 1. The checkpoint of bench/bench_gpu_7b.py (its `build`: Llama-2-7B's names and shapes, bf16,
    random weights with a trained-like spectrum); --tiny: 2 blocks of hidden 256, built on the CPU.
@@ -79,12 +82,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/b7")
     ap.add_argument("--tiny", action="store_true", help="2 small blocks on the CPU: checks the script, measures nothing")
+    ap.add_argument("--cpu", action="store_true", help="7B shapes on the CPU (with --layers): measures host memory")
+    ap.add_argument("--layers", type=int, default=0, help="blocks of the built checkpoint (default: all 32; --tiny: 2)")
     ap.add_argument("--tokens", type=int, default=65536, help="--calibrate-tokens")
     ap.add_argument("--split-args", default="", help="extra arguments for both splits, e.g. '--workers 2'")
     a = ap.parse_args()
-    device = "cpu" if a.tiny else "cuda"
+    device = "cpu" if a.tiny or a.cpu else "cuda"
     if a.tiny:
         tiny_shapes()
+    b7.L = a.layers or b7.L
     d = Path(a.dir)
     t0 = time.perf_counter()
     src = b7.build(d / "model", b7.L, device=device)

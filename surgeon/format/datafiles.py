@@ -15,6 +15,8 @@ need it; without it, one DataError naming the extra to install (`extra`).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,29 +102,48 @@ def load_text(path: Path, chars: int = TEXT_CHARS) -> list[tuple[int, dict]]:
 
 
 def iter_records(source, extra: str = TRAIN_EXTRA, option: str = "--data") -> Iterator[tuple[int, dict]]:
-    """load_records' records one at a time: a local JSONL or text file is read only as far as the caller
-    goes (--calibrate stops at its token budget); a `datasets` source is loaded whole, as load_records does."""
+    """load_records' records one at a time, read only as far as the caller goes (--calibrate stops at
+    its token budget): a local JSONL or text file line by line, a dataset saved with save_to_disk from
+    its memory-mapped Arrow files, and any other `datasets` source (JSON/parquet/CSV files, Hub ids)
+    with streaming=True, so neither a whole file nor a whole Hub dataset is copied first."""
     path = Path(source)
     if path.suffix == ".jsonl" and path.is_file():
         return iter_jsonl(path)
     if path.suffix in TEXT_SUFFIXES and path.is_file():
         return iter_text(path)
-    return iter(load_records(source, extra=extra, option=option))
+    _not_a_model(path, source, option)
+    _exists(path)
+    return _iter_dataset(str(source), path, extra, option)
+
+
+def _iter_dataset(source: str, path: Path, extra: str, option: str) -> Iterator[tuple[int, dict]]:
+    try:
+        rows = iter(_load_dataset(source, path, "train", extra, option, streaming=True))
+    except StopIteration:  # datasets' streaming JSON builder on an empty file (it peeks at the first table)
+        rows = iter(())
+    keep, n = None, 0
+    while True:
+        with _reading(source, option):  # around each read only: no context stays open while the caller holds the generator
+            row = next(rows, None)
+        if row is None:
+            break
+        n += 1
+        keep = keep or [k for k in row if k in FIELDS] or list(row)
+        yield n, normalize({k: row[k] for k in keep}, f"{source}, row {n}")
+    if not n:
+        raise DataError(f"{source} (split 'train') holds no rows.")
 
 
 def load_records(source, split: str = "train", columns: dict[str, str] | None = None, fmt: str | None = None,
                  extra: str = TRAIN_EXTRA, option: str = "--data") -> list[tuple[int, dict]]:
     """(number, record) pairs from a JSONL path, a datasets-readable file or folder, or a Hub id."""
     path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        raise DataError(f"{option} {source} is a model folder (config.json and weights), not text data; give a JSONL file "
-                        "with one example a line, a data folder or a dataset id.")
+    _not_a_model(path, source, option)
     if path.suffix == ".jsonl" and path.is_file():
         return load_jsonl(path, columns, fmt)
     if path.suffix in TEXT_SUFFIXES and path.is_file():
         return load_text(path)
-    if path.suffix in (*BUILDERS, *TEXT_SUFFIXES) and not path.is_file():
-        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet, CSV or text file, or a dataset id.")
+    _exists(path)
     ds = _load_dataset(str(source), path, split, extra, option)
     missing = [c for c in (columns or {}).values() if c not in ds.column_names]
     if missing:
@@ -137,21 +158,48 @@ def load_records(source, split: str = "train", columns: dict[str, str] | None = 
     return records
 
 
-def _load_dataset(source: str, path: Path, split: str, extra: str, option: str):
+def _not_a_model(path: Path, source, option: str) -> None:
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise DataError(f"{option} {source} is a model folder (config.json and weights), not text data; give a JSONL file "
+                        "with one example a line, a data folder or a dataset id.")
+
+
+def _exists(path: Path) -> None:
+    if path.suffix in (*BUILDERS, *TEXT_SUFFIXES) and not path.is_file():
+        raise DataError(f"data file {path} does not exist (or is not a file); give a JSONL, JSON, parquet, CSV or text file, or a dataset id.")
+
+
+def _load_dataset(source: str, path: Path, split: str, extra: str, option: str, streaming: bool = False):
+    """A datasets Dataset (or, streaming, an iterable of rows: a saved dataset is memory-mapped, so its
+    Dataset is returned as it is)."""
+    datasets = _datasets(source, extra)
+    with _reading(source, option):
+        if path.is_file():
+            return datasets.load_dataset(BUILDERS.get(path.suffix, "json"), data_files=str(path), split="train", streaming=streaming)
+        if path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+
+
+def _datasets(source: str, extra: str):
     try:
         import datasets
     except ImportError:
         raise DataError(f"reading {source} needs the `datasets` library: {extra} (JSONL files need nothing more).") from None
     datasets.disable_progress_bars()
+    return datasets
+
+
+@contextlib.contextmanager
+def _reading(source: str, option: str):
+    """datasets' errors while opening or (streaming) reading a source, as one DataError line."""
+    import datasets
+
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its builders log a failure, then raise it: one line is ours
     try:
-        if path.is_file():
-            return datasets.load_dataset(BUILDERS.get(path.suffix, "json"), data_files=str(path), split="train")
-        if path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        return datasets.load_dataset(source, split=split)
+        yield
     except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e  # what the builder met
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__

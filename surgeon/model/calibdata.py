@@ -5,7 +5,8 @@
     data.input_ids[0], data.tokens, data.sha256
 
 DATA takes what `surgeon train --data` takes (surgeon.format.datafiles: JSONL read here; .json/.parquet/
-.csv files, folders and Hub ids through the optional `datasets` library), in any record format of
+.csv files, folders and Hub ids through the optional `datasets` library, streamed: read only as far as
+the token budget), in any record format of
 surgeon.format.records. Chat records ({"messages"}) and prompt/completion pairs go through the
 tokenizer's chat template when it has one (as `surgeon train` renders them); text records are
 tokenized as they are. Each record becomes one sample cut to `max_len` tokens; samples are taken in
