@@ -184,6 +184,9 @@ def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
     fits = "fits" if p["fits"] else "[bold red]does NOT fit[/]"
     con.print(f"output {p['output_bytes'] / 1e6:,.1f} MB; free at {out}: {p['free_bytes_at_out'] / 1e9:,.1f} GB ({fits})"
               + ("; [yellow]--out exists[/] (pass --overwrite to replace it)" if p["out_exists"] else ""))
+    if c := p["calibration"]:
+        con.print(f"calibration: {c['tokens']:,} tokens in {c['samples']:,} samples ({c['mode']}), ~{c['estimated_seconds']:.0f} s of the estimate, "
+                  f"at most {c['device_bytes_at_most'] / 1e9:,.2f} GB more on {p['device']}")
     con.print(f"estimated time on {p['device']}: {p['estimated_seconds']:.0f} s")
 
 

@@ -10,11 +10,18 @@ solve, a byte cost per byte moved), timed on one small solve here. The estimate 
 alternation as one more solve, plus the timed quantize + dequantize per element. It ignores the page
 cache and the disk (a cold read of a large checkpoint from a slow disk takes longer); measured on the
 2-core CPU machine with SmolLM2-135M it was within 2x of the split's time, on a machine busy with other
-work too.
+work too. With --calibrate, the data is read and tokenized as the split does (so a bad DATA fails
+here too), and the estimate adds the calibration: the forward of its tokens through every block
+(2·tokens·parameters at a GEMM rate timed here), the covariance sums (2·tokens·in² per target) and
+the extra work per target (Cholesky, inverse and its check ≈ 3·in³, W·T 2·out·in², at a float64 GEMM
+rate); "calibration" reports them with an upper bound of the device memory the calibration adds
+(hidden states in and out of a block, one block's weights, one block's covariances, no sharing of
+q/k/v or gate/up inputs counted).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -76,6 +83,43 @@ def _rates(backend, shape: tuple[int, int], rank: int, which: str, qspec, solver
     return units, per_elem
 
 
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # a name's block: its path up to the first numbered part
+
+
+def _gemm_rate(device, dtype) -> float:
+    """FLOP/s of one 1024³ matrix product here, in `dtype`."""
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    return 2 * 1024**3 / _fastest(lambda: a @ a, device)
+
+
+def _blocks(names) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in names:
+        if m := _BLOCK.match(n):
+            out.setdefault(m.group(1), []).append(n)
+    return out
+
+
+def _calibration(job, backend) -> dict:
+    """--calibrate's share of the time and its device memory (module docstring), for the dry run."""
+    data, dev = job.calib_data, backend.device
+    tok = data.tokens
+    compute = torch.float32 if dev.type == "cpu" else torch.bfloat16  # blockrun: half weights run in float32 on the CPU
+    by_block = _blocks(n for n, i in job.ckpt.tensors.items() if len(i.shape) == 2)
+    params = sum(job.ckpt.tensors[n].shape[0] * job.ckpt.tensors[n].shape[1] for names in by_block.values() for n in names)
+    dims = [(t.out_features, t.in_features) for t in job.targets.values()]
+    f64 = sum(2 * tok * n * n + 3 * n**3 + 2 * m * n * n for m, n in dims)
+    seconds = 2 * tok * params / _gemm_rate(dev, compute) + f64 / _gemm_rate(dev, torch.float64)
+    hidden = job.model_cfg.get("hidden_size") or job.model_cfg.get("text_config", {}).get("hidden_size") or 0
+    width = torch.tensor([], dtype=compute).element_size()
+    block = max((sum(job.ckpt.tensors[n].shape[0] * job.ckpt.tensors[n].shape[1] for n in names) for names in by_block.values()), default=0)
+    targets = _blocks(job.targets)  # keyed by checkpoint tensor
+    covs = max((sum(job.targets[n].in_features ** 2 for n in names) for names in targets.values()), default=0)
+    return {"source": data.source, "tokens": tok, "samples": len(data.input_ids), "mode": job.calib_mode,
+            "estimated_seconds": round(seconds, 1),
+            "device_bytes_at_most": 2 * tok * hidden * width + block * width + 8 * covs}
+
+
 def dry_run(model: str, out: Path, opts) -> dict:
     """The plan of `split(model, out, opts)` as one JSON-ready object (pipeline.plan_split, then sizes and time)."""
     from surgeon.commands.split import plan_split
@@ -107,6 +151,7 @@ def dry_run(model: str, out: Path, opts) -> dict:
     rate, per_elem = _rates(backend, _calibration_shape(targets), opts.rank, method.which, qspec, opts.solver, spectrum)
     workers = opts.workers or (2 if backend.device.type == "cpu" else 1)  # split's solve threads; quantization runs in them
     quant_s = per_elem * (2 + solves) * sum(t.out_features * t.in_features for t in targets.values()) / workers  # plain Q(W), Q per solve, spare
+    calib = _calibration(job, backend) if job.calib_data is not None else None
     total = sum(f["bytes"] for f in files)
     free = _free_bytes(out)
     return {
@@ -115,5 +160,6 @@ def dry_run(model: str, out: Path, opts) -> dict:
         "quantize": qspec.record() if qspec else None, "targets": rows, "layers": len(rows), "trainable_parameters": trainable,
         "source_bytes": sum(i.nbytes for i in job.ckpt.tensors.values()), "files": files, "output_bytes": total,
         "free_bytes_at_out": free, "fits": total < free, "device": str(backend.device),
-        "estimated_seconds": round(units / rate + quant_s, 1),
+        "estimated_seconds": round(units / rate + quant_s + (calib["estimated_seconds"] if calib else 0), 1),
+        "calibration": calib,
     }

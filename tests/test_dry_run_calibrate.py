@@ -1,0 +1,39 @@
+"""`surgeon split --dry-run --calibrate DATA` reads and tokenizes DATA as the split would and adds the
+calibration to the plan: its tokens and samples, its share of the time estimate, and an upper bound of
+the device memory it adds (hidden states in and out of a block, one block, one block's covariances)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from surgeon.cli import build_app
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-llama"
+HIDDEN = json.loads((TINY / "config.json").read_text())["hidden_size"]
+
+
+def dry(tmp_path, *extra):
+    r = CliRunner().invoke(build_app(), ["split", str(TINY), "--method", "kasa", "-r", "4", "--dry-run", "--json",
+                                         "--out", str(tmp_path / "o"), *extra], catch_exceptions=False)
+    return r, (json.loads(r.stdout) if r.exit_code == 0 else None)
+
+
+def test_the_plan_counts_the_calibration(tmp_path):
+    _, plain = dry(tmp_path)
+    assert plain["calibration"] is None
+    _, small = dry(tmp_path, "--calibrate", "default", "--calibrate-tokens", "2000")
+    _, big = dry(tmp_path, "--calibrate", "default", "--calibrate-tokens", "6000")
+    c = small["calibration"]
+    assert c["tokens"] == 2000 and c["mode"] == "kpm" and c["source"] == "default" and c["samples"] >= 4  # records of ≤ 512 tokens
+    assert c["estimated_seconds"] >= 0 and small["estimated_seconds"] >= c["estimated_seconds"]
+    # hidden states in and out of a block, float32 on the CPU: 2 · tokens · hidden · 4 bytes, the rest unchanged
+    assert big["calibration"]["device_bytes_at_most"] - c["device_bytes_at_most"] == 2 * 4000 * HIDDEN * 4
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_calibration_data_fails_the_dry_run_in_one_line(tmp_path):
+    r, _ = dry(tmp_path, "--calibrate", str(tmp_path / "missing.txt"))
+    assert r.exit_code == 2 and "missing.txt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
