@@ -62,7 +62,8 @@ def timed(src: Path, out: Path, device: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "surgeon", "split", str(src), "--method", "kasa", "--rank", "8", "--target", "all-linear",
            "--device", device, "--out", str(out), "--overwrite", "--quiet", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins" / "surgeon-train")])})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "plugins" / "surgeon-train"), os.environ.get("PYTHONPATH", "")])})  # keeps carried wheels
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:

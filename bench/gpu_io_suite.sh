@@ -2,7 +2,7 @@
 # One GPU call for issue 29 (the 7B split against the disk's floor), from a folder holding
 #   new/ (this tree), base/ (the tree to compare with) and wheels/ (surgeon's core dependencies the
 #   machine lacks: filelock 4.3, huggingface_hub 2.4, httpx2, httpcore2, truststore, typer, click):
-#   cd .gpu29 && bash new/bench/gpu_io_suite.sh [methods] [roots...]     # results under $OUT
+#   cd .gpu29 && [CALIB_TOKENS=65536] bash new/bench/gpu_io_suite.sh [methods] [roots...]     # results under $OUT
 # Builds the Llama-2-7B-shaped checkpoint (bench_gpu_7b.build), then bench_io_floor.py: floors
 # (cold read, write + fsync, both at once) and the cold CLI splits of every tree, each with its digest.
 set -u
@@ -23,3 +23,9 @@ import bench_gpu_7b as b; b.build(Path('/tmp/b7/model'), 32); print('build_s', r
 args=(); for r in "${ROOTS[@]}"; do args+=(--root "$r"); done
 timeout 420 python3 bench/bench_io_floor.py --model /tmp/b7/model --scratch /tmp/b7 --methods "$METHODS" "${args[@]}" >"$OUT/floor.log" 2>&1
 echo "floor rc=$?"; grep -v '^ ' "$OUT/floor.log" | grep -v '^[{}]' | cut -c1-900
+# Issue 24 in the same call (CALIB_TOKENS=N): the calibrated KaSA split of the same checkpoint beside the
+# plain one (bench_gpu_7b_calibrate.py adds a tokenizer to /tmp/b7/model, so it runs after the digests above).
+if [ -n "${CALIB_TOKENS:-}" ]; then
+  timeout "${CALIB_TIMEOUT:-240}" python3 bench/bench_gpu_7b_calibrate.py --dir /tmp/b7 --tokens "$CALIB_TOKENS" >"$OUT/calib.json" 2>"$OUT/calib.err"
+  echo "calib rc=$?"; grep -v '^  *"[a-z_]*_busy\|wait_' "$OUT/calib.json" | head -70; tail -3 "$OUT/calib.err"
+fi
