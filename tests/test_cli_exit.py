@@ -77,3 +77,17 @@ def test_slow_exit_on_request(exits, monkeypatch):
     monkeypatch.setenv("SURGEON_SLOW_EXIT", "1")
     cli.leave(0)
     assert exits == []
+
+
+def test_a_stream_that_fails_to_flush_takes_the_ordinary_exit(exits, monkeypatch):
+    class Full:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.sys, "stdout", Full())
+    cli.leave(0)
+    assert exits == ["atexit"]  # not os._exit(0): the interpreter's exit reports the lost output and fails
+

@@ -1,5 +1,5 @@
 """`surgeon split --dry-run --calibrate DATA` reads and tokenizes DATA as the split would and adds the
-calibration to the plan: its tokens and samples, its share of the time estimate, and an upper bound of
+calibration to the plan: its tokens and samples, its share of the time estimate, and an estimate of
 the device memory it adds (hidden states in and out of a block, one block, one block's covariances)."""
 
 from __future__ import annotations
@@ -30,10 +30,26 @@ def test_the_plan_counts_the_calibration(tmp_path):
     assert c["tokens"] == 2000 and c["mode"] == "kpm" and c["source"] == "default" and c["samples"] >= 4  # records of ≤ 512 tokens
     assert c["estimated_seconds"] >= 0 and small["estimated_seconds"] >= c["estimated_seconds"]
     # hidden states in and out of a block, float32 on the CPU: 2 · tokens · hidden · 4 bytes, the rest unchanged
-    assert big["calibration"]["device_bytes_at_most"] - c["device_bytes_at_most"] == 2 * 4000 * HIDDEN * 4
+    assert big["calibration"]["device_bytes_estimate"] - c["device_bytes_estimate"] == 2 * 4000 * HIDDEN * 4
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_calibration_data_fails_the_dry_run_in_one_line(tmp_path):
     r, _ = dry(tmp_path, "--calibrate", str(tmp_path / "missing.txt"))
     assert r.exit_code == 2 and "missing.txt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_compute_dtype_is_the_block_runners():
+    """Half weights run in float32 on the CPU and as they are on a GPU; float32 stays float32 (no device needed)."""
+    import torch
+    from types import SimpleNamespace
+
+    from surgeon.commands.plan import _compute_dtype
+
+    def job(dtype):
+        return SimpleNamespace(ckpt=SimpleNamespace(tensors={"model.layers.0.mlp.up_proj.weight": SimpleNamespace(dtype=dtype)}))
+
+    names = ["model.layers.0.mlp.up_proj.weight"]
+    assert _compute_dtype(job("BF16"), names, torch.device("cpu")) == torch.float32
+    assert _compute_dtype(job("BF16"), names, torch.device("cuda")) == torch.bfloat16
+    assert _compute_dtype(job("F32"), names, torch.device("cuda")) == torch.float32

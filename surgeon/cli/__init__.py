@@ -53,8 +53,9 @@ def leave(code) -> None:
     """End the process now that the command has returned: its files are written, fsynced and renamed
     and its locks released, so the interpreter's teardown of torch, transformers and PEFT (1.7 s on
     the CPU machine, bench/RESULTS.md) does nothing a user needs. atexit handlers still run and the
-    streams are flushed; a worker thread still alive, or an exit code that is not a number, leaves
-    through the ordinary way. SURGEON_SLOW_EXIT=1 always does."""
+    streams are flushed; a worker thread still alive, a stream that fails to flush (a full disk: the
+    ordinary exit reports it and exits 120) or an exit code that is not a number leaves the ordinary
+    way. SURGEON_SLOW_EXIT=1 always does."""
     if not (code is None or isinstance(code, int)) or os.environ.get("SURGEON_SLOW_EXIT") == "1":
         return
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
@@ -64,6 +65,6 @@ def leave(code) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
-            pass
+        except Exception:  # noqa: BLE001  (a full disk, a closed pipe: the interpreter's own exit reports it and fails)
+            return
     os._exit(code or 0)

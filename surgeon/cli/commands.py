@@ -186,7 +186,7 @@ def _dry_run(model: str, out: Path, opts, json_out: bool) -> None:
               + ("; [yellow]--out exists[/] (pass --overwrite to replace it)" if p["out_exists"] else ""))
     if c := p["calibration"]:
         con.print(f"calibration: {c['tokens']:,} tokens in {c['samples']:,} samples ({c['mode']}), ~{c['estimated_seconds']:.0f} s of the estimate, "
-                  f"at most {c['device_bytes_at_most'] / 1e9:,.2f} GB more on {p['device']}")
+                  f"about {c['device_bytes_estimate'] / 1e9:,.2f} GB more on {p['device']}")
     con.print(f"estimated time on {p['device']}: {p['estimated_seconds']:.0f} s")
 
 

@@ -13,10 +13,12 @@ cache and the disk (a cold read of a large checkpoint from a slow disk takes lon
 work too. With --calibrate, the data is read and tokenized as the split does (so a bad DATA fails
 here too), and the estimate adds the calibration: the forward of its tokens through every block
 (2·tokens·parameters at a GEMM rate timed here), the covariance sums (2·tokens·in² per target) and
-the extra work per target (Cholesky, inverse and its check ≈ 3·in³, W·T 2·out·in², at a float64 GEMM
-rate); "calibration" reports them with an upper bound of the device memory the calibration adds
-(hidden states in and out of a block, one block's weights, one block's covariances, no sharing of
-q/k/v or gate/up inputs counted).
+the extra work per target (Cholesky, inverse and its check ≈ 3·in³, whiten's L⁻¹ one more in³, W·T
+and the output share 6·out·in², at a float64 GEMM rate); "calibration" reports them with an estimate
+of the device memory the calibration adds: hidden states in and out of a block, one block's weights,
+one block's covariances (no sharing of q/k/v or gate/up inputs counted), the float64 buffers of the
+widest calibrated solve, one batch's inputs in float64 and its activations. A vision tower's blocks
+are counted as if calibration ran them (it runs the language model's only).
 """
 
 from __future__ import annotations
@@ -100,24 +102,39 @@ def _blocks(names) -> dict[str, list[str]]:
     return out
 
 
+def _compute_dtype(job, names, device) -> torch.dtype:
+    """The dtype the block runner computes in: the blocks' weight dtype (float32 for half weights on the CPU)."""
+    from surgeon.format.dtypes import DTYPES
+
+    kinds = [job.ckpt.tensors[n].dtype for n in names if job.ckpt.tensors[n].dtype in ("F32", "F16", "BF16", "F64")]
+    dt = DTYPES[max(set(kinds), key=kinds.count)][0] if kinds else torch.float32
+    return torch.float32 if device.type == "cpu" and dt in (torch.float16, torch.bfloat16) else dt
+
+
 def _calibration(job, backend) -> dict:
     """--calibrate's share of the time and its device memory (module docstring), for the dry run."""
-    data, dev = job.calib_data, backend.device
-    tok = data.tokens
-    compute = torch.float32 if dev.type == "cpu" else torch.bfloat16  # blockrun: half weights run in float32 on the CPU
-    by_block = _blocks(n for n, i in job.ckpt.tensors.items() if len(i.shape) == 2)
-    params = sum(job.ckpt.tensors[n].shape[0] * job.ckpt.tensors[n].shape[1] for names in by_block.values() for n in names)
-    dims = [(t.out_features, t.in_features) for t in job.targets.values()]
-    f64 = sum(2 * tok * n * n + 3 * n**3 + 2 * m * n * n for m, n in dims)
-    seconds = 2 * tok * params / _gemm_rate(dev, compute) + f64 / _gemm_rate(dev, torch.float64)
-    hidden = job.model_cfg.get("hidden_size") or job.model_cfg.get("text_config", {}).get("hidden_size") or 0
+    data, dev, tensors = job.calib_data, backend.device, job.ckpt.tensors
+    tok, whiten = data.tokens, job.calib_mode == "whiten"
+    by_block = _blocks(n for n, i in tensors.items() if len(i.shape) >= 2)  # 3-D: fused MoE experts
+    compute = _compute_dtype(job, [n for names in by_block.values() for n in names], dev)
     width = torch.tensor([], dtype=compute).element_size()
-    block = max((sum(job.ckpt.tensors[n].shape[0] * job.ckpt.tensors[n].shape[1] for n in names) for names in by_block.values()), default=0)
+    numel = {n: torch.Size(tensors[n].shape).numel() for names in by_block.values() for n in names}
+    dims = [(t.out_features, t.in_features) for t in job.targets.values()]
+    # float64 per target: covariance sums, Cholesky + inverse + its check, W·T, the output share (+ whiten's L⁻¹)
+    f64 = sum(2 * tok * n * n + (4 if whiten else 3) * n**3 + 6 * m * n * n for m, n in dims)
+    seconds = 2 * tok * sum(numel.values()) / _gemm_rate(dev, compute) + f64 / _gemm_rate(dev, torch.float64)
+    cfg = job.model_cfg.get("text_config") or job.model_cfg
+    hidden, inter = cfg.get("hidden_size") or 0, cfg.get("intermediate_size") or 0
+    block = max((sum(numel[n] for n in names) for names in by_block.values()), default=0)
     targets = _blocks(job.targets)  # keyed by checkpoint tensor
     covs = max((sum(job.targets[n].in_features ** 2 for n in names) for names in targets.values()), default=0)
+    wide = max(((n, m) for m, n in dims), default=(0, 0))  # the widest input: the largest (in, in) buffers
+    batch = 4096  # BlockCovariances' batch of tokens
+    solve = 8 * 3 * wide[0] ** 2  # the solve's float64 buffers above its inputs: 2.7 (in, in) measured (bench_calibrated_memory.py)
+    estimate = (2 * tok * hidden * width + block * width + 8 * covs + solve
+                + batch * wide[0] * 8 + 4 * batch * max(hidden, inter) * width)  # a batch's float64 rows, its activations
     return {"source": data.source, "tokens": tok, "samples": len(data.input_ids), "mode": job.calib_mode,
-            "estimated_seconds": round(seconds, 1),
-            "device_bytes_at_most": 2 * tok * hidden * width + block * width + 8 * covs}
+            "estimated_seconds": round(seconds, 1), "device_bytes_estimate": estimate}
 
 
 def dry_run(model: str, out: Path, opts) -> dict:

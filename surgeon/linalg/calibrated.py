@@ -69,31 +69,36 @@ def side(mode: str, method_which: str) -> str:
 
 
 def _inverse(c: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """(C⁻¹ or None, ‖C C⁻¹ − I‖_F) through the Cholesky factor; None when C is not PD."""
+    """(C⁻¹ or None, ‖C C⁻¹ − I‖_F) through the Cholesky factor; None when C is not PD. At most three
+    (in, in) buffers live at once (C, L then C⁻¹, C C⁻¹ − I formed in place): a 7B down_proj's is 0.97 GB."""
     l, info = torch.linalg.cholesky_ex(c)
     if int(info) != 0:
         return None, math.inf
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     inv = torch.cholesky_inverse(l)  # (in, in)
-    return inv, float(torch.linalg.matrix_norm(c @ inv - eye))
+    del l
+    r = c @ inv  # (in, in)
+    r.diagonal().sub_(1.0)  # C C⁻¹ − I, without an identity matrix
+    return inv, float(torch.linalg.matrix_norm(r))
 
 
 def regularise(c: torch.Tensor, peft: bool = False) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(C̃, C̃⁻¹, λ, inverse error): C itself when it inverts (ours), else C + λI by CorDA's doubling."""
+    """(C̃, C̃⁻¹, λ, inverse error): C itself when it inverts (ours), else C + λI by CorDA's doubling.
+    C̃ is C modified in place (its diagonal set to diag C + λ each try): the caller's C is not kept."""
     tol = PEFT_INV_TOL if peft else OURS_INV_TOL
     if not peft:
         inv, err = _inverse(c)
         if inv is not None and err < tol:
             return c, inv, 0.0, err
-    mean_diag = float(c.diagonal().mean())
+    diag = c.diagonal().clone()  # (in,)
+    mean_diag = float(diag.mean())
     if not (mean_diag > 0 and math.isfinite(mean_diag)):
         raise NumericsError("the calibration covariance is zero or not finite: the layer saw no usable input; give other --calibrate text.")
     lam = DAMP_START * mean_diag
     for _ in range(MAX_DOUBLINGS):
-        fixed = c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)  # (in, in)
-        inv, err = _inverse(fixed)
+        c.diagonal().copy_(diag + lam)  # C + λI: the off-diagonal entries as they were
+        inv, err = _inverse(c)
         if inv is not None and err < tol:
-            return fixed, inv, lam, err
+            return c, inv, lam, err
         lam *= 2
     raise NumericsError("the calibration covariance could not be regularised (CorDA's damping did not converge).")
 
@@ -114,7 +119,7 @@ def transform(cov: torch.Tensor, tokens: int, mode: str, peft: bool = False) -> 
     ASVD's diagonal scaling. T need not be symmetric: W = M T⁻¹ = U Σ (Vh T⁻¹)."""
     if tokens <= 0:
         raise UsageError("the calibration saw no tokens for this layer; give more --calibrate text.")
-    c = cov.to(torch.float64) / tokens  # (in, in) mean covariance
+    c = cov.to(torch.float64) / tokens  # (in, in) mean covariance: a new tensor, which regularise may change in place
     if mode == "asvd":
         m = c.diagonal().clamp_min(0).sqrt()  # (in,) RMS per input channel
         floor = float(m.max()) * 1e-6 if m.numel() else 0.0
@@ -125,7 +130,9 @@ def transform(cov: torch.Tensor, tokens: int, mode: str, peft: bool = False) -> 
     fixed, inv, lam, err = regularise(c, peft)
     rec = {"regularised": lam > 0, "damping": lam, "inverse_error": err}
     if mode == "whiten":  # T = L, C̃ = L Lᵀ: ‖X Δᵀ‖² = ‖Δ L‖² exactly
+        del inv
         l = torch.linalg.cholesky(fixed)  # (in, in) lower
+        del fixed
         eye = torch.eye(l.shape[0], dtype=l.dtype, device=l.device)
         return l, torch.linalg.solve_triangular(l, eye, upper=False), rec
     return fixed, inv, rec
