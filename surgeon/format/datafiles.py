@@ -16,7 +16,6 @@ need it; without it, one DataError naming the extra to install (`extra`).
 from __future__ import annotations
 
 import contextlib
-
 import json
 from collections.abc import Iterator
 from pathlib import Path
