@@ -79,7 +79,7 @@ def split(
     dtype: Annotated[str | None, typer.Option("--dtype", help="dtype of the written base (float32, bfloat16, float16). Default: the checkpoint's. Only float32 gives an exact split (a bfloat16 residual is rounded; `surgeon check` measures it); absorb of untrained factors is bit-exact either way.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option("--backend", help="Eigen/SVD backend: auto, torch or cupy.")] = "auto",
-    solver: Annotated[str, typer.Option("--solver", help="auto (on CUDA, for large weights without --spectra: subspace iteration; else float64 Gram-eigh; every result checked, float64 SVD fallback), gram-eigh, subspace or svd.")] = "auto",
+    solver: Annotated[str, typer.Option("--solver", help="auto (on CUDA, for large weights without --spectra: subspace iteration; else float64 Gram-eigh; every result checked; on the minor side QR + inverse iteration next; float64 SVD last), gram-eigh, subspace, qr-inverse or svd.")] = "auto",
     tol: Annotated[float, typer.Option("--tol", help="Accepted subspace error bound before falling back to a float64 SVD.")] = 1e-6,
     shard_size: ShardSize = "5GB",
     workers: Annotated[int, typer.Option("--workers", help="Matrices decomposed at once (threads; on CUDA one stream each). 0: 2 on CPU, 1 on CUDA.")] = 0,

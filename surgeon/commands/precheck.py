@@ -20,7 +20,7 @@ from surgeon.errors import UsageError
 from surgeon.options import parse_size
 
 METHODS = ("kasa", "milora", "moe", "nusa", "pissa")  # = surgeon.methods.names()
-SOLVERS = ("auto", "gram-eigh", "subspace", "svd")  # = surgeon.linalg.decompose.SOLVERS
+SOLVERS = ("auto", "gram-eigh", "subspace", "qr-inverse", "svd")  # = surgeon.linalg.decompose.SOLVERS
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64")  # = surgeon.format.dtypes.USER_DTYPES
 MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 

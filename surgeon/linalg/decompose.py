@@ -1,7 +1,7 @@
 """r principal or minor singular triplets of one weight, fast by default and checked every time.
 
     t = decompose(W, rank=64, which="principal", backend=get_backend("cuda"), spectrum=False)
-    t.solver   # "subspace", "gram-eigh" or "svd-f64": the route that produced the result
+    t.solver   # "subspace", "gram-eigh", "qr-inverse" or "svd-f64": the route that produced the result
 
 Two fast routes, both on the float64 Gram matrix of the short side. For W (m, n) with m >= n:
     G = Wᵀ W            # (n, n), eigenvalues λ = σ², eigenvectors V
@@ -22,8 +22,12 @@ dynamic range). So every result is checked a posteriori against W itself:
   * a Wedin sin-θ bound on the subspace: ‖Wᵀ U_r − V_r Σ_r‖_F / δ, where δ is the gap between the
     kept singular values and the rest of the spectrum (gram-eigh: from its eigenvalues; subspace:
     from the certified bound on σ_{r+1}, which holds for W itself, rounding included),
-and when either exceeds `tol` the next route is tried: subspace → gram-eigh → a float64 SVD (gesvd
-on CUDA, LAPACK on CPU), which is backward stable. Both Gram routes leave residuals of about
+and when either exceeds `tol` the next route is tried: subspace → gram-eigh → (minor side) qr-inverse
+→ a float64 SVD (gesvd on CUDA, LAPACK on CPU), which is backward stable. qr-inverse
+(surgeon.linalg.inverse) is one Householder QR and block inverse iteration on its triangular
+factor, started from gram-eigh's vectors: it never forms the Gram matrix's squares, so it keeps
+the SVD's accuracy on the spectra the Gram routes lose (calibrated weights W·C̃ span 6-11 decades)
+at the cost of a QR and a few triangular solves instead of a full SVD. Both Gram routes leave residuals of about
 eps·σ₁² in G, i.e. eps·σ₁²/σ_r in the check, whose floor is therefore about √r·eps·σ₁²/(σ_r·δ)
 on the minor side (the SVD's: √r·eps·σ₁/δ): for a 3-decade log spectrum at k = 4096 that floor is
 near 1e-6, so such weights may fall back although their subspace is right to ~1e-9.
@@ -38,6 +42,7 @@ import torch
 
 from surgeon.errors import NumericsError, UsageError
 from surgeon.linalg.backends import Backend
+from surgeon.linalg.inverse import minor_triplets
 from surgeon.linalg.subspace import subspace_pairs
 
 
@@ -47,7 +52,7 @@ class Triplets:
     S: torch.Tensor  # (r,) float64, descending
     Vh: torch.Tensor  # (r, n) float64, orthonormal rows
     spectrum: torch.Tensor  # (k,) float64, every singular value of W, descending, k = min(m, n); with spectrum=False only the r kept and their neighbour (r+1,)
-    solver: str  # the route: "subspace", "gram-eigh" or "svd-f64"
+    solver: str  # the route: "subspace", "gram-eigh", "qr-inverse" or "svd-f64"
     subspace_bound: float  # Wedin sin-θ bound of the returned subspace (inf when the gap is 0)
     orth_error: float  # ‖UᵀU − I‖_max of the side derived by multiplication (0 for the SVD)
     energy: float  # ‖W‖_F² = Σ σ² (trace of the Gram matrix)
@@ -177,6 +182,31 @@ def subspace(w64: torch.Tensor, rank: int, which: str, backend: Backend, tol: fl
     return _assemble(w64, tall, lam_r, q, gap, spec, float(g.diagonal().sum()), "subspace")
 
 
+def qr_inverse(w64: torch.Tensor, rank: int, tol: float, near: Triplets | None = None) -> Triplets | None:
+    """The minor side by surgeon.linalg.inverse, checked like the other routes (both sides against
+    W, Wedin's δ from the converged Ritz values), started from `near` (a Gram route's result on the
+    same weight), whose spectrum it keeps outside the block. None when the iteration declines."""
+    tall = w64.shape[0] >= w64.shape[1]
+    start = None if near is None else (near.Vh.mT if tall else near.U)  # (k, r): the short side
+    try:
+        m = minor_triplets(w64, rank, tol, start)
+    except (RuntimeError, NotImplementedError):  # a device or build without geqrf/ormqr: the SVD's turn
+        return None
+    if m is None:
+        return None
+    bound, _ = _check(w64, m.U, m.S, m.Vh, m.gap, None)
+    eye = torch.eye(rank, dtype=m.U.dtype, device=m.U.device)
+    orth = max(float((m.U.mT @ m.U - eye).abs().max()), float((m.Vh @ m.Vh.mT - eye).abs().max()))
+    block = _block_spectrum(m.S, m.sigma_next, "minor")  # (r+1,)
+    if near is not None and near.spectrum.numel() > rank + 1:  # every value: the Gram's, the block replaced
+        spec = near.spectrum.clone()
+        spec[-(rank + 1):] = block
+        spec[: -(rank + 1)].clamp_(min=m.sigma_next)  # Gram's values below the refined neighbour are its rounding
+    else:
+        spec = block
+    return Triplets(m.U, m.S, m.Vh, spec, "qr-inverse", bound, orth, float(w64.square().sum()))
+
+
 def singular_values(w64: torch.Tensor, backend: Backend, gram=None) -> torch.Tensor:
     """Every singular value of w64 (k,), descending, from the eigenvalues of its float64 Gram matrix
     (eigvalsh: the tridiagonal reduction and its values, ~0.9 of a full eigh). Absolute error
@@ -186,7 +216,7 @@ def singular_values(w64: torch.Tensor, backend: Backend, gram=None) -> torch.Ten
     return backend.eigvalsh(g).clamp_min(0).sqrt().flip(0)
 
 
-SOLVERS = ("auto", "gram-eigh", "subspace", "svd")
+SOLVERS = ("auto", "gram-eigh", "subspace", "qr-inverse", "svd")
 SUBSPACE_MIN_K = {"cuda": 1024}  # device type → smallest k where the subspace route beats one eigh (none on CPU: bench/RESULTS.md)
 
 
@@ -207,10 +237,11 @@ def _passes(t: Triplets | None, tol: float) -> bool:
 def decompose(w: torch.Tensor, rank: int, which: str, backend: Backend, tol: float = 1e-6, solver: str = "auto", spectrum: bool = True) -> Triplets:
     """The r `which` ("minor" or "principal") singular triplets of w (m, n), in float64.
 
-    solver: "auto" (the route of `auto_route`, checked; on failure gram-eigh, checked; then the
-    float64 SVD), "gram-eigh" or "subspace" (that route alone, no fallback: its check figures are
-    returned; "subspace" runs gram-eigh where it cannot run) or "svd". The route used is
-    Triplets.solver.
+    solver: "auto" (the route of `auto_route`, checked; on failure gram-eigh, checked; on the minor
+    side qr-inverse, checked; then the float64 SVD), "gram-eigh", "subspace" or "qr-inverse" (that
+    route alone, no fallback: its check figures are returned; "subspace" runs gram-eigh where it
+    cannot run, "qr-inverse" runs gram-eigh first and keeps it when it passes, on the principal side
+    or where the iteration declines) or "svd". The route used is Triplets.solver.
     spectrum: also return every singular value. False skips them: then Triplets.spectrum holds the
     block and its neighbour only, and auto may take the subspace route, which never computes them.
     """
@@ -235,6 +266,10 @@ def decompose(w: torch.Tensor, rank: int, which: str, backend: Backend, tol: flo
         if (t is not None and solver == "subspace") or _passes(t, tol):
             return t
     t = gram_eigh(w64, rank, which, backend, spectrum, gram)
+    if solver in ("auto", "qr-inverse") and which == "minor" and not _passes(t, tol):
+        q = qr_inverse(w64, rank, tol, t)
+        if (q is not None and solver == "qr-inverse") or _passes(q, tol):
+            return q
     if solver != "auto" or _passes(t, tol):
         return t
     f = svd_f64(w64, rank, which, backend)

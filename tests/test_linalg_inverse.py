@@ -1,0 +1,124 @@
+"""The qr-inverse route (Householder QR + two-sided block inverse iteration on R) against a float64
+SVD: spectra the Gram routes lose, both shapes, calibrated weights, starts that point elsewhere,
+and the cases where it must decline (rank-deficient, a cluster wider than its block)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from surgeon.linalg import calibrated, decompose, get_backend
+from surgeon.linalg.inverse import minor_triplets
+
+CPU = get_backend("cpu")
+F64 = torch.float64
+
+
+def make(m: int, n: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64))
+    return (u * sigma) @ v.T  # (m, n), singular values sigma
+
+
+def sin_theta(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle's sine between the column spaces of a and b (orthonormal columns)."""
+    return float(torch.linalg.matrix_norm(a - b @ (b.T @ a), ord=2))
+
+
+def minor_ref(w: torch.Tensor, r: int):
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, -r:], s[-r:], vh[-r:].T, s
+
+
+@pytest.mark.parametrize("shape", [(240, 120), (120, 240), (150, 150)])
+@pytest.mark.parametrize("decades", [6, 8])
+def test_matches_the_float64_svd_where_the_gram_route_fails(shape, decades):
+    k = min(shape)
+    w = make(*shape, torch.logspace(0, -decades, k, dtype=F64), seed=decades)
+    raw = decompose(w, 8, "minor", CPU, solver="gram-eigh", spectrum=False)
+    assert raw.subspace_bound > 1e-6 or raw.orth_error > 1e-6  # the Gram route's own check rejects it
+    t = decompose(w, 8, "minor", CPU, spectrum=False)
+    assert t.solver == "qr-inverse" and t.subspace_bound <= 1e-6 and t.orth_error < 1e-12
+    u0, s0, v0, s_all = minor_ref(w, 8)
+    # both sides to the SVD's own accuracy (eps·σ₁/gap), the values to eps·σ₁ absolute
+    gap = float(s_all[k - 9] - s_all[k - 8])
+    floor = 50 * k * 2.2e-16 * float(s_all[0]) / gap
+    assert sin_theta(u0, t.U) < floor and sin_theta(v0, t.Vh.T) < floor
+    assert torch.allclose(t.S, s0, rtol=0, atol=50 * k * 2.2e-16 * float(s_all[0]))
+    assert torch.equal(t.S, t.S.sort(descending=True).values)
+    assert torch.allclose(t.U * t.S, w @ t.Vh.T, rtol=0, atol=1e-12 * float(s_all[0]))
+
+
+def test_spectrum_keeps_the_gram_values_and_refines_the_block():
+    w = make(160, 100, torch.logspace(0, -9, 100, dtype=F64), seed=2)
+    t = decompose(w, 6, "minor", CPU, spectrum=True)
+    assert t.solver == "qr-inverse" and t.spectrum.numel() == 100
+    s_all = torch.linalg.svdvals(w)
+    assert torch.allclose(t.spectrum[-7:], s_all[-7:], rtol=1e-6, atol=0)  # the block and its neighbour: exact
+    assert torch.allclose(t.spectrum[:40], s_all[:40], rtol=1e-8)  # the top: Gram's, right there
+    assert bool((t.spectrum[:-1] >= t.spectrum[1:]).all())  # descending throughout
+
+
+def test_a_start_that_points_elsewhere_still_finds_the_minor_block():
+    w = make(200, 120, torch.logspace(0, -8, 120, dtype=F64), seed=5)
+    u0, _, v0, _ = minor_ref(w, 8)
+    _, _, vh = torch.linalg.svd(w, full_matrices=False)
+    wrong = vh[:16].T.contiguous()  # the PRINCIPAL right vectors: orthogonal to the wanted ones
+    m = minor_triplets(w, 8, 1e-6, start=wrong)
+    assert m is not None
+    assert sin_theta(v0, m.Vh.T) < 1e-8 and sin_theta(u0, m.U) < 1e-8
+
+
+def test_reproducible_bit_for_bit():
+    w = make(130, 90, torch.logspace(0, -8, 90, dtype=F64), seed=6)
+    a, b = (decompose(w, 5, "minor", CPU, spectrum=False) for _ in range(2))
+    assert a.solver == b.solver == "qr-inverse"
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
+
+
+def test_rank_deficient_weight_declines_to_the_svd():
+    sigma = torch.cat([torch.linspace(3, 1, 50, dtype=F64), torch.zeros(14, dtype=F64)])
+    w = make(100, 64, sigma, seed=7)
+    assert minor_triplets(w, 10, 1e-6) is None  # R is singular: the triangular solves cannot run
+    assert decompose(w, 10, "minor", CPU).solver == "svd-f64"
+
+
+def test_a_cluster_wider_than_the_block_declines():
+    # 40 equal smallest values: no gap at r = 8 for any method; the route must not claim one
+    sigma = torch.cat([torch.logspace(0, -6, 60, dtype=F64), torch.full((40,), 1e-9, dtype=F64)])
+    w = make(150, 100, sigma, seed=8)
+    assert minor_triplets(w, 8, 1e-6) is None
+    t = decompose(w, 8, "minor", CPU)
+    assert t.solver == "svd-f64" and t.subspace_bound > 1e-6  # the last resort, and its check says so
+
+
+def test_principal_side_and_forced_solver():
+    w = make(120, 80, torch.logspace(0, -8, 80, dtype=F64), seed=9)
+    assert decompose(w, 4, "principal", CPU, solver="qr-inverse").solver == "gram-eigh"  # principal: Gram is exact there
+    easy = make(120, 80, torch.logspace(0, -2, 80, dtype=F64), seed=9)
+    assert decompose(easy, 4, "minor", CPU, solver="qr-inverse").solver == "gram-eigh"  # kept where it passes
+    assert decompose(w, 4, "minor", CPU, solver="qr-inverse").solver == "qr-inverse"
+
+
+def test_calibrated_kpm_takes_it_instead_of_the_svd():
+    """CorDA's W·C̃ with a few massive-activation channels: the Gram route fails its check (bound ~1),
+    the exact route passes it, not the SVD."""
+    g = torch.Generator().manual_seed(10)
+    n, out, tokens = 96, 64, 4096
+    x = torch.randn(tokens, n, generator=g, dtype=F64) * torch.logspace(0, -2, n, dtype=F64)
+    x[:, :3] *= 100.0  # massive-activation channels
+    cov = x.T @ x
+    w = torch.randn(out, n, generator=g, dtype=F64) / math.sqrt(n)
+    t, rec = calibrated(w, cov, tokens, 6, "kpm", CPU)
+    ref, rec_svd = calibrated(w, cov, tokens, 6, "kpm", CPU, solver="svd")
+    gram, _ = calibrated(w, cov, tokens, 6, "kpm", CPU, solver="gram-eigh")
+    assert gram.subspace_bound > 1e-6
+    assert rec["solver"] == "qr-inverse" and rec["back_error"] <= 1e-6
+    assert sin_theta(ref.U, t.U) < 1e-8
+    assert torch.allclose(t.S, ref.S, rtol=1e-8)
+    # the components reproduce W's own part: U Σ Vh is the same matrix
+    assert torch.allclose((t.U * t.S) @ t.Vh, (ref.U * ref.S) @ ref.Vh, rtol=0, atol=1e-10 * float(w.abs().max()))
