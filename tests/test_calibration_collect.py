@@ -319,3 +319,21 @@ def test_batches_pad_little_and_keep_every_token():
     assert [tuple(b["input_ids"].shape) for b in exact] == [(2, 9), (1, 7), (2, 5), (1, 2)] and all(bool(b["attention_mask"].all()) for b in exact)
     got = sorted(tuple(r[m.bool()].tolist()) for b in padded for r, m in zip(b["input_ids"], b["attention_mask"]))
     assert got == sorted(tuple(i.tolist()) for i in ids)
+
+
+@pytest.mark.parametrize("n", [3, 7, 130, 2050])
+def test_upper_gram_and_mirror_equal_the_whole_gram(n):
+    """The collector's XᵀX: upper block triangle by GEMMs, then mirrored; = Σ batches XᵀX to rounding,
+    exactly symmetric, for widths below, at and off the block counts."""
+    from surgeon.model.calibhooks import mirror_, upper_gram_
+
+    g = torch.Generator().manual_seed(n)
+    batches = [torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(0, -4, n, dtype=torch.float64) for m in (5, 64, 1)]
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    for x in batches:
+        upper_gram_(acc, x)
+    mirror_(acc)
+    ref = sum(x.T @ x for x in batches)
+    assert torch.equal(acc, acc.T)
+    assert float((acc - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+    assert torch.equal(acc.diagonal(), acc.diagonal().clamp_min(0))  # Σ x_i² stays non-negative

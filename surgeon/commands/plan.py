@@ -113,6 +113,8 @@ def _compute_dtype(job, names, device) -> torch.dtype:
 
 def _calibration(job, backend) -> dict:
     """--calibrate's share of the time and its device memory (module docstring), for the dry run."""
+    from surgeon.model.calibhooks import gram_share  # only with --calibrate
+
     data, dev, tensors = job.calib_data, backend.device, job.ckpt.tensors
     tok, whiten = data.tokens, job.calib_mode == "whiten"
     by_block = _blocks(n for n, i in tensors.items() if len(i.shape) >= 2)  # 3-D: fused MoE experts
@@ -121,7 +123,7 @@ def _calibration(job, backend) -> dict:
     numel = {n: torch.Size(tensors[n].shape).numel() for names in by_block.values() for n in names}
     dims = [(t.out_features, t.in_features) for t in job.targets.values()]
     # float64 per target: covariance sums, Cholesky + inverse + its check, W·T, the output share (+ whiten's L⁻¹)
-    f64 = sum(2 * tok * n * n + (4 if whiten else 3) * n**3 + 6 * m * n * n for m, n in dims)
+    f64 = sum(2 * tok * n * n * gram_share(n) + (4 if whiten else 3) * n**3 + 6 * m * n * n for m, n in dims)
     seconds = 2 * tok * sum(numel.values()) / _gemm_rate(dev, compute) + f64 / _gemm_rate(dev, torch.float64)
     cfg = job.model_cfg.get("text_config") or job.model_cfg
     hidden, inter = cfg.get("hidden_size") or 0, cfg.get("intermediate_size") or 0
