@@ -190,20 +190,31 @@ def qr_inverse(w64: torch.Tensor, rank: int, tol: float, near: Triplets | None =
     start = None if near is None else (near.Vh.mT if tall else near.U)  # (k, r): the short side
     try:
         m = minor_triplets(w64, rank, tol, start)
-    except (RuntimeError, NotImplementedError):  # a device or build without geqrf/ormqr: the SVD's turn
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError) as e:  # a singular R (LinAlgError), a build without geqrf/ormqr: the SVD's turn
+        if "CUDA error" in str(e):
+            raise
         return None
     if m is None:
         return None
     bound, _ = _check(w64, m.U, m.S, m.Vh, m.gap, None)
     eye = torch.eye(rank, dtype=m.U.dtype, device=m.U.device)
     orth = max(float((m.U.mT @ m.U - eye).abs().max()), float((m.Vh @ m.Vh.mT - eye).abs().max()))
-    block = _block_spectrum(m.S, m.sigma_next, "minor")  # (r+1,)
-    if near is not None and near.spectrum.numel() > rank + 1:  # every value: the Gram's, the block replaced
+    if near is not None and near.spectrum.numel() > rank + 1:  # every value: Gram's, the kept block replaced
         spec = near.spectrum.clone()
-        spec[-(rank + 1):] = block
-        spec[: -(rank + 1)].clamp_(min=m.sigma_next)  # Gram's values below the refined neighbour are its rounding
+        spec[-rank:] = m.S
+        # Gram's σ_{r+1}, σ_{r+2}, … carry its rounding, about k·eps·σ₁²/σ; the Ritz σ_{r+1} is right to
+        # its residual. The neighbour takes whichever is closer; values above it that fall below it
+        # (Gram's rounding at the bottom) are raised to it, so the spectrum stays descending
+        gram_err = spec.numel() * 2.0**-53 * float(spec[0]) ** 2 / max(m.sigma_next, 1e-300)
+        if m.next_residual < gram_err:
+            spec[-(rank + 1)] = m.sigma_next
+        else:
+            spec[-(rank + 1)].clamp_(min=m.sigma_next - m.next_residual)
+        spec[: -(rank + 1)].clamp_(min=float(spec[-(rank + 1)]))
     else:
-        spec = block
+        spec = _block_spectrum(m.S, m.sigma_next, "minor")  # (r+1,): the block and its neighbour
     return Triplets(m.U, m.S, m.Vh, spec, "qr-inverse", bound, orth, float(w64.square().sum()))
 
 

@@ -13,17 +13,18 @@ operation backward stable in W, never in WᵀW) at the cost of one QR and a few 
 
 Algorithm, A = W (tall) or Wᵀ (wide), a×k with a ≥ k, block of p = r + max(r, 16) columns:
   * A = Q R (geqrf, Q kept as Householder reflectors). σ(A) = σ(R), R k×k upper triangular.
-  * start: X (k, p) orthonormal, from `start` (the Gram route's minor vectors) topped up with
-    Gaussian columns from a fixed seed, so that every direction has a component (reproducible).
+  * start: X (k, p) orthonormal, from `start` (the Gram route's minor vectors) topped up with at
+    least 8 Gaussian columns from a fixed seed, so that every direction has a component (reproducible).
   * steps: Y = orth(R⁻ᵀ X), X = orth(R⁻¹ Y): inverse iteration on both sides at once, each side
     from a triangular solve (backward stable: the solve is exact for R + δR, |δR| ≤ c·eps·|R|).
   * two-sided Rayleigh–Ritz: Yᵀ R X = P Σ Qᵀ (p×p), U = Y P, V = X Q. The residuals of a pair,
     ‖R v − σu‖ and ‖Rᵀu − σv‖, fall to eps·σ₁ (SVD level). A one-sided Ritz step (U from R V / σ)
     would stall at eps·σ₁²/σ, which is what the Gram routes suffer from.
   * Wedin's δ: the (r+1)-th smallest Ritz value σ̃ with residual ρ has a true singular value within
-    ρ, so δ = σ̃ − ρ − max(kept σ̃). Stop once ‖kept residuals‖/δ is below tol/8 and stops
-    improving, or at the rounding floor (three checks without a 10 % gain); None when the best
-    bound is above tol after that or after MAX_ITER steps (the caller falls back to the SVD).
+    ρ, so δ = σ̃ − ρ − max(kept σ̃). Stop once ‖kept residuals‖/δ is below 1e-3·tol, or below tol/8
+    and no longer improving, or at the rounding floor (three checks without a 10 % gain), or when
+    the measured rate cannot reach tol/8 in MAX_ITER steps; None when the best bound is then above
+    tol, when the block never separates in 20 steps (a cluster wider than it), or on a singular R.
   * left vectors of A: Q·[U; 0] (ormqr); then back to W's sides.
 Limits: the gap is the Ritz estimate, not certified by an inertia test (the Cholesky-based one of
 surgeon.linalg.subspace squares the condition, which is what this route avoids); a block that
@@ -45,6 +46,9 @@ import torch
 EXTRA_MIN = 16  # oversampling: the block holds r + max(r, EXTRA_MIN) columns
 MAX_ITER = 80
 STALL = 0.9  # a check that does not bring the bound below STALL × the best so far does not count as progress
+GOOD = 1e-3  # stop at once below GOOD × tol: past what any caller needs
+NO_GAP_CHECKS = 10  # checks (2 steps each) without a positive gap: a cluster wider than the block, decline
+RANDOM_MIN = 8  # seeded random columns always in the start block, whatever `start` holds
 SEED = 0x5EED
 
 
@@ -53,7 +57,8 @@ class Minor:
     U: torch.Tensor  # (m, r) of W, descending σ
     S: torch.Tensor  # (r,)
     Vh: torch.Tensor  # (r, n)
-    sigma_next: float  # Ritz estimate of the smallest singular value outside the block
+    sigma_next: float  # Ritz estimate of the smallest singular value outside the block (an upper bound)
+    next_residual: float  # its residual: a true singular value lies within it
     gap: float  # Wedin's δ (0 when not positive)
     steps: int
 
@@ -63,7 +68,9 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
 
 
 def _start(k: int, p: int, start: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    cols = [] if start is None else [start[:, :p].to(like)]
+    """(k, p) orthonormal: `start`'s first columns, then at least RANDOM_MIN (or p) seeded Gaussian
+    ones, so that a guess blind to some minor direction cannot hide it from the iteration."""
+    cols = [] if start is None else [start[:, : max(0, p - RANDOM_MIN)].to(like)]
     have = sum(c.shape[1] for c in cols)
     if have < p:
         g = torch.Generator(device=like.device).manual_seed(SEED)
@@ -88,8 +95,8 @@ def _hopeless(history: list[float], tol: float, step: int) -> bool:
     if len(history) < 4 or history[-1] <= tol / 8:
         return False
     rate = (history[-1] / history[-4]) ** (1 / 3)  # per check
-    if rate >= 1:
-        return False  # not converging: the stall counter ends it
+    if rate >= STALL:
+        return False  # at the rounding floor or not converging: the stall counter ends it
     checks = math.log(tol / 8 / history[-1]) / math.log(rate)
     return step + 2 * checks > MAX_ITER
 
@@ -123,17 +130,19 @@ def minor_triplets(w64: torch.Tensor, rank: int, tol: float, start: torch.Tensor
             stalled = 0 if bound < STALL * best else stalled + 1
             history.append(bound)
         if bound < best:
-            best, found = bound, (u, s, v, gap, step)
-        if (best <= tol / 8 and stalled >= 1) or stalled >= 3:  # converged, or at the rounding floor
+            best, found = bound, (u, s, v, res, gap, step)
+        if best <= GOOD * tol or (best <= tol / 8 and stalled >= 1) or stalled >= 3:  # done, or at the rounding floor
             break
-        if _hopeless(history, tol, step):
+        if not history and step >= 2 * NO_GAP_CHECKS:  # never separated: a cluster wider than the block
             return None
+        if _hopeless(history, tol, step):
+            break  # the best so far decides below
     if found is None or best > tol:
         return None
-    u, s, v, gap, steps = found
+    u, s, v, res, gap, steps = found
     pad = torch.zeros(a.shape[0], rank, dtype=u.dtype, device=u.device)  # (a, r)
     pad[:k] = u[:, kept]
     ua = torch.ormqr(qr, tau, pad)  # Q [U; 0]: left vectors of A
     va = v[:, kept]  # (k, r)
     uw, vw = (ua, va) if tall else (va, ua)
-    return Minor(uw.contiguous(), s[kept].contiguous(), vw.mT.contiguous(), float(s[nxt]), max(gap, 0.0), steps)
+    return Minor(uw.contiguous(), s[kept].contiguous(), vw.mT.contiguous(), float(s[nxt]), float(res[nxt]), max(gap, 0.0), steps)
