@@ -53,3 +53,17 @@ def test_the_compute_dtype_is_the_block_runners():
     assert _compute_dtype(job("BF16"), names, torch.device("cpu")) == torch.float32
     assert _compute_dtype(job("BF16"), names, torch.device("cuda")) == torch.bfloat16
     assert _compute_dtype(job("F32"), names, torch.device("cuda")) == torch.float32
+
+
+def test_only_the_blocks_the_calibration_runs_are_counted():
+    """A multimodal checkpoint's vision tower never runs in a calibration, nor do blocks after the
+    last targeted one: the time estimate counts the text decoder's blocks up to that one."""
+    from surgeon.commands.plan import _blocks, _run_blocks
+
+    names = [f"vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(4)]
+    names += [f"language_model.model.layers.{i}.{p}.weight" for i in range(3) for p in ("mlp.up_proj", "self_attn.q_proj")]
+    targets = {f"language_model.model.layers.{i}.self_attn.q_proj.weight": None for i in (0, 1)}
+    kept = _run_blocks(_blocks(names), targets)
+    assert sorted(kept) == ["language_model.model.layers.0", "language_model.model.layers.1"]
+    assert kept["language_model.model.layers.1"] == ["language_model.model.layers.1.mlp.up_proj.weight",
+                                                     "language_model.model.layers.1.self_attn.q_proj.weight"]

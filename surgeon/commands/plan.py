@@ -102,6 +102,21 @@ def _blocks(names) -> dict[str, list[str]]:
     return out
 
 
+def _run_blocks(by_block: dict[str, list[str]], targets) -> dict[str, list[str]]:
+    """The blocks a calibration run executes: those of the stacks that hold targets (a multimodal
+    model's text decoder, not its vision tower), up to the last targeted one (blockrun stops there)."""
+    last: dict[str, int] = {}
+    for b in _blocks(targets):
+        parent, idx = b.rsplit(".", 1)
+        last[parent] = max(last.get(parent, -1), int(idx))
+    keep = {}
+    for b, names in by_block.items():
+        parent, idx = b.rsplit(".", 1)
+        if parent in last and int(idx) <= last[parent]:
+            keep[b] = names
+    return keep
+
+
 def _compute_dtype(job, names, device) -> torch.dtype:
     """The dtype the block runner computes in: the blocks' weight dtype (float32 for half weights on the CPU)."""
     from surgeon.format.dtypes import DTYPES
@@ -117,7 +132,7 @@ def _calibration(job, backend) -> dict:
 
     data, dev, tensors = job.calib_data, backend.device, job.ckpt.tensors
     tok, whiten = data.tokens, job.calib_mode == "whiten"
-    by_block = _blocks(n for n, i in tensors.items() if len(i.shape) >= 2)  # 3-D: fused MoE experts
+    by_block = _run_blocks(_blocks(n for n, i in tensors.items() if len(i.shape) >= 2), job.targets)  # 3-D: fused MoE experts
     compute = _compute_dtype(job, [n for names in by_block.values() for n in names], dev)
     width = torch.tensor([], dtype=compute).element_size()
     numel = {n: torch.Size(tensors[n].shape).numel() for names in by_block.values() for n in names}
