@@ -37,9 +37,13 @@ def factors(split_dir: Path, name: str = FACTORS) -> dict[str, torch.Tensor]:
     return load_file(str(Path(split_dir) / name))
 
 
-def clip_inputs(n: int = 4, seed: int = 0, vocab: int = 300):
+def clip_inputs(n: int = 4, seed: int = 0, vocab: int = 300, eos: int | None = None):
+    """Random token ids (ending in `eos` where given: CLIP pools the text at the first EOS, and a row
+    without one pools position 0, where attention sees one token and q/k get no gradient) and pixels."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (n, 7), generator=g)
+    ids = torch.randint(3, vocab, (n, 7), generator=g)
+    if eos is not None:
+        ids[:, -1] = eos
     px = torch.randn(n, 3, 16, 16, generator=g)
     return ids, px
 
@@ -132,7 +136,8 @@ def trained_clip(tiny, tmp_path_factory):
     split(str(src), tmp / "split", SplitOptions(method="nusa", rank=R))
     sm = load_split(tmp / "split")  # architectures: ["CLIPModel"]
     assert isinstance(sm.model, CLIPModel)
-    ids, px = clip_inputs(8, seed=1)
+    eos = json.loads((src / "config.json").read_text())["text_config"]["eos_token_id"]
+    ids, px = clip_inputs(8, seed=1, eos=eos)
     orig = CLIPModel.from_pretrained(src).eval()
     with torch.no_grad():
         y0 = clip_out(orig, ids, px)
