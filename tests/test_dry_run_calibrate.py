@@ -63,7 +63,7 @@ def test_only_the_blocks_the_calibration_runs_are_counted():
     names = [f"vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(4)]
     names += [f"language_model.model.layers.{i}.{p}.weight" for i in range(3) for p in ("mlp.up_proj", "self_attn.q_proj")]
     targets = {f"language_model.model.layers.{i}.self_attn.q_proj.weight": None for i in (0, 1)}
-    kept = _run_blocks(_blocks(names), targets)
+    kept = _run_blocks(_blocks(names), _blocks(targets))
     assert sorted(kept) == ["language_model.model.layers.0", "language_model.model.layers.1"]
     assert kept["language_model.model.layers.1"] == ["language_model.model.layers.1.mlp.up_proj.weight",
                                                      "language_model.model.layers.1.self_attn.q_proj.weight"]

@@ -11,14 +11,15 @@ alternation as one more solve, plus the timed quantize + dequantize per element.
 cache and the disk (a cold read of a large checkpoint from a slow disk takes longer); measured on the
 2-core CPU machine with SmolLM2-135M it was within 2x of the split's time, on a machine busy with other
 work too. With --calibrate, the data is read and tokenized as the split does (so a bad DATA fails
-here too), and the estimate adds the calibration: the forward of its tokens through every block
-(2·tokens·parameters at a GEMM rate timed here), the covariance sums (2·tokens·in² per target) and
-the extra work per target (Cholesky, inverse and its check ≈ 3·in³, whiten's L⁻¹ one more in³, W·T
-and the output share 6·out·in², at a float64 GEMM rate); "calibration" reports them with an estimate
-of the device memory the calibration adds: hidden states in and out of a block, one block's weights,
-one block's covariances (no sharing of q/k/v or gate/up inputs counted), the float64 buffers of the
-widest calibrated solve, one batch's inputs in float64 and its activations. A vision tower's blocks
-are counted as if calibration ran them (it runs the language model's only).
+here too), and the estimate adds the calibration: the forward of its tokens through the blocks it
+runs (2·tokens·parameters at a GEMM rate timed here; the stacks that hold targets up to the last
+targeted block, not a vision tower), the covariance sums (2·tokens·in² per target times the share
+the upper-triangle sums do, calibhooks.gram_share) and the extra work per target (Cholesky, inverse
+and its check ≈ 3·in³, whiten's L⁻¹ one more in³, W·T and the output share 6·out·in², at a float64
+GEMM rate); "calibration" reports them with an estimate of the device memory the calibration adds:
+hidden states in and out of a block, one block's weights, one block's covariances (no sharing of
+q/k/v or gate/up inputs counted), the float64 buffers of the widest calibrated solve, one batch's
+inputs in float64 and its activations.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def _blocks(names) -> dict[str, list[str]]:
     return out
 
 
-def _run_blocks(by_block: dict[str, list[str]], targets) -> dict[str, list[str]]:
-    """The blocks a calibration run executes: those of the stacks that hold targets (a multimodal
-    model's text decoder, not its vision tower), up to the last targeted one (blockrun stops there)."""
+def _run_blocks(by_block: dict[str, list[str]], target_blocks: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The blocks a calibration run executes (`target_blocks`: _blocks of the targets): those of the
+    stacks that hold targets (a multimodal model's text decoder, not its vision tower), up to the last
+    targeted one (blockrun stops there)."""
     last: dict[str, int] = {}
-    for b in _blocks(targets):
+    for b in target_blocks:
         parent, idx = b.rsplit(".", 1)
         last[parent] = max(last.get(parent, -1), int(idx))
     keep = {}
@@ -132,7 +134,8 @@ def _calibration(job, backend) -> dict:
 
     data, dev, tensors = job.calib_data, backend.device, job.ckpt.tensors
     tok, whiten = data.tokens, job.calib_mode == "whiten"
-    by_block = _run_blocks(_blocks(n for n, i in tensors.items() if len(i.shape) >= 2), job.targets)  # 3-D: fused MoE experts
+    targets = _blocks(job.targets)  # keyed by checkpoint tensor
+    by_block = _run_blocks(_blocks(n for n, i in tensors.items() if len(i.shape) >= 2), targets)  # 3-D: fused MoE experts
     compute = _compute_dtype(job, [n for names in by_block.values() for n in names], dev)
     width = torch.tensor([], dtype=compute).element_size()
     numel = {n: torch.Size(tensors[n].shape).numel() for names in by_block.values() for n in names}
@@ -143,7 +146,6 @@ def _calibration(job, backend) -> dict:
     cfg = job.model_cfg.get("text_config") or job.model_cfg
     hidden, inter = cfg.get("hidden_size") or 0, cfg.get("intermediate_size") or 0
     block = max((sum(numel[n] for n in names) for names in by_block.values()), default=0)
-    targets = _blocks(job.targets)  # keyed by checkpoint tensor
     covs = max((sum(job.targets[n].in_features ** 2 for n in names) for names in targets.values()), default=0)
     wide = max(((n, m) for m, n in dims), default=(0, 0))  # the widest input: the largest (in, in) buffers
     batch = 4096  # BlockCovariances' batch of tokens

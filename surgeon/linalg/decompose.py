@@ -215,7 +215,8 @@ def qr_inverse(w64: torch.Tensor, rank: int, tol: float, near: Triplets | None =
         spec[: -(rank + 1)].clamp_(min=float(spec[-(rank + 1)]))
     else:
         spec = _block_spectrum(m.S, m.sigma_next, "minor")  # (r+1,): the block and its neighbour
-    return Triplets(m.U, m.S, m.Vh, spec, "qr-inverse", bound, orth, float(w64.square().sum()))
+    energy = near.energy if near is not None else float(w64.square().sum())  # ‖W‖_F²: the Gram route's trace when it ran
+    return Triplets(m.U, m.S, m.Vh, spec, "qr-inverse", bound, orth, energy)
 
 
 def singular_values(w64: torch.Tensor, backend: Backend, gram=None) -> torch.Tensor:

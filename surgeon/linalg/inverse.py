@@ -80,11 +80,11 @@ def _start(k: int, p: int, start: torch.Tensor | None, like: torch.Tensor) -> to
 
 def _ritz(r: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
     """(U, σ descending, V, residual per pair) of R on the spaces Y (left) and X (right)."""
-    b = y.mT @ (r @ x)  # (p, p)
-    pb, sb, qbh = torch.linalg.svd(b)
+    rx, ytr = r @ x, y.mT @ r  # (k, p), (p, k): the only products with R
+    pb, sb, qbh = torch.linalg.svd(y.mT @ rx)  # (p, p)
     u, v = y @ pb, x @ qbh.mT  # (k, p) each
-    res_r = r @ v - u * sb  # R v − σ u
-    res_l = (u.mT @ r).mT - v * sb  # Rᵀ u − σ v, without a transposed copy of R
+    res_r = rx @ qbh.mT - u * sb  # R v − σ u, as (R X) Q
+    res_l = (pb.mT @ ytr).mT - v * sb  # Rᵀ u − σ v, as (Pᵀ Yᵀ R)ᵀ: no transposed copy of R
     res = (res_r.square().sum(0) + res_l.square().sum(0)).sqrt()  # (p,)
     return u, sb, v, res
 
