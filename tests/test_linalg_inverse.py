@@ -176,3 +176,55 @@ def test_calibrated_kpm_takes_it_instead_of_the_svd():
     assert torch.allclose(t.S, ref.S, rtol=1e-8)
     # the components reproduce W's own part: U Σ Vh is the same matrix
     assert torch.allclose((t.U * t.S) @ t.Vh, (ref.U * ref.S) @ ref.Vh, rtol=0, atol=1e-10 * float(w.abs().max()))
+
+
+def test_stops_as_soon_as_the_bound_is_far_below_tol():
+    """A well-separated minor block converges in a few steps and the route stops there (GOOD·tol),
+    not at the rounding floor: the steps after it would buy nothing any caller checks."""
+    sigma = torch.cat([torch.logspace(0, -2, 72, dtype=F64), torch.logspace(-5, -6, 8, dtype=F64)])
+    w = make(120, 80, sigma, seed=11)
+    m = minor_triplets(w, 8, 1e-6)
+    assert m is not None and m.steps <= 4
+    goods, inverse.GOOD = inverse.GOOD, 0.0  # without the early stop it runs on to the floor
+    try:
+        late = minor_triplets(w, 8, 1e-6)
+    finally:
+        inverse.GOOD = goods
+    assert late is not None and late.steps > m.steps
+    u, s, vh, _ = minor_ref(w, 8)
+    assert sin_theta(u, m.U) < 1e-9
+    assert torch.allclose(m.S, s, rtol=1e-9)
+
+
+def _one_sided_pair(w: torch.Tensor, r: int, exact_side: str):
+    """The r minor triplets of w with the block's top pair tilted by 0.1 rad towards its neighbour
+    outside the block, both sides still orthonormal, so that one residual (W v − σu, or Wᵀu − σv)
+    is zero and only the other side shows the error."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    k = s.numel()
+    i, j = k - r, k - r - 1  # the block's largest pair, its neighbour outside
+    a = 0.1
+    sa, sb = float(s[i]), float(s[j])
+    sig = math.sqrt((sa * math.cos(a)) ** 2 + (sb * math.sin(a)) ** 2)
+    b = math.atan2(sb * math.sin(a), sa * math.cos(a))  # the other side's angle that zeroes one residual
+    U, V, S = u[:, -r:].clone(), vh[-r:].T.clone(), s[-r:].clone()
+    ta, tb = (a, b) if exact_side == "right" else (b, a)  # right exact: W v = σ u
+    V[:, 0] = math.cos(ta) * vh[i] + math.sin(ta) * vh[j]
+    U[:, 0] = math.cos(tb) * u[:, i] + math.sin(tb) * u[:, j]
+    S[0] = sig
+    return U, S, V.T.contiguous()
+
+
+@pytest.mark.parametrize("exact_side", ["right", "left"])
+def test_the_check_looks_at_both_sides(exact_side, monkeypatch):
+    """A route result that satisfies one singular relation exactly but not the other is refused:
+    qr-inverse's pair is checked on both sides against W itself, and decompose falls back."""
+    w = make(120, 80, torch.logspace(0, -8, 80, dtype=F64), seed=12)
+    U, S, Vh = _one_sided_pair(w, 6, exact_side)
+    one = (w @ Vh.T - U * S) if exact_side == "right" else (w.T @ U - Vh.T * S)
+    assert float(one.abs().max()) < 1e-12  # that side alone would pass
+    fake = inverse.Minor(U, S, Vh, sigma_next=float(S[0]) * 1.5, next_residual=0.0, gap=float(S[0]) * 0.5, steps=2)
+    monkeypatch.setattr(dmod, "minor_triplets", lambda *a, **k: fake)
+    t = dmod.qr_inverse(w, 6, 1e-6)
+    assert t is not None and t.subspace_bound > 1e-3
+    assert decompose(w, 6, "minor", CPU).solver == "svd-f64"
