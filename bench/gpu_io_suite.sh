@@ -26,9 +26,9 @@ echo "floor rc=$?"; grep -v '^ ' "$OUT/floor.log" | grep -v '^[{}]' | cut -c1-90
 # Issue 24 in the same call (CALIB_TOKENS=N): the calibrated KaSA split of a 7B-shaped checkpoint of
 # CALIB_LAYERS blocks (default 8: memory is per block, time scales with the blocks) beside the plain one.
 # On the CPU every calibrated 7B-shaped weight took the float64 SVD fallback before the qr-inverse route
-# (bench/RESULTS.md); the route itself is timed on this GPU first (bench_inverse_route.py, ~1 min).
+# (bench/RESULTS.md); the route itself is timed on this GPU first (bench_inverse_route.py, ~1 min; INVERSE_PROBE=0 skips it).
 if [ -n "${CALIB_TOKENS:-}" ]; then
-  timeout 150 python3 bench/bench_inverse_route.py --device cuda 2>&1 | tee "$OUT/inverse_route.log"
+  [ "${INVERSE_PROBE:-1}" = 1 ] && timeout 150 python3 bench/bench_inverse_route.py --device cuda 2>&1 | tee "$OUT/inverse_route.log"
   rm -rf /tmp/b7/out  # the last split output above (14.8 GB): disk for this one
   timeout "${CALIB_TIMEOUT:-240}" python3 bench/bench_gpu_7b_calibrate.py --dir /tmp/b7cal --layers "${CALIB_LAYERS:-8}" \
     --tokens "$CALIB_TOKENS" >"$OUT/calib.json" 2>"$OUT/calib.err"
