@@ -61,6 +61,10 @@ class LoadCheckError(SurgeonError):
     """A written adapter does not bind, factor for factor, to the model transformers builds (surgeon/model/check.py)."""
 
 
+class HostMemoryError(SurgeonError):
+    """A command that must hold a whole model in host memory would not fit in what is free (the kernel would kill it)."""
+
+
 class SourceChangedError(SurgeonError):
     """The source weights a split was made from changed since (absorb into the original refuses)."""
 

@@ -90,3 +90,31 @@ def test_a_changed_source_is_refused(tiny, tmp_path):
     save_file(t, f, metadata={"format": "pt"})
     out = one_error_line(run("check", tmp_path / "s"))
     assert "changed since the split" in out and "restore it" in out and "absorb" not in out
+
+
+def test_a_model_that_cannot_fit_in_free_memory_is_refused_before_loading(splits, tiny, monkeypatch):
+    """check holds the whole model in float32: with less free host memory than that (plus the two
+    sets of logits) it refuses in one line with the numbers, before transformers allocates anything;
+    with exactly enough it runs."""
+    import math
+
+    from safetensors import safe_open
+
+    import surgeon.commands.check as chk
+
+    numel = 0
+    for f in sorted(tiny["tiny-llama"].glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            numel += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    vocab = json.loads((splits["milora32"] / "config.json").read_text())["vocab_size"]
+    need = 4 * numel + 2 * 4 * 64 * vocab
+    real_load = chk.load_model_from
+    monkeypatch.setattr(chk, "load_model_from", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
+    monkeypatch.setattr(chk, "host_available", lambda: need - 1)
+    out = one_error_line(run("check", splits["milora32"], "--tokens", "64"))
+    assert "float32" in out and "GiB" in out and "more free memory" in out
+    with pytest.raises(chk.HostMemoryError):
+        check(splits["milora32"], tokens=64)
+    monkeypatch.setattr(chk, "host_available", lambda: need)
+    monkeypatch.setattr(chk, "load_model_from", real_load)
+    assert check(splits["milora32"], tokens=64)["tokens"] == 63

@@ -10,7 +10,10 @@
    surgeon/records.py, or a .txt file), tokenized with the split's tokenizer and cut into windows no
    longer than the model's context.
 3. Both models run in float32 on the same windows, one model in memory at a time (the original's
-   logits are kept, then the split is loaded through surgeon.runtime.load_split).
+   logits are kept, then the split is loaded through surgeon.runtime.load_split). Before either is
+   loaded, the float32 size of the original plus both sets of logits is compared with the host memory
+   that is free (surgeon.runtime.memory): a model that cannot fit is refused with the numbers, rather
+   than killed by the kernel halfway through.
 4. Reported: top-1 agreement of the next-token predictions, perplexity of each and their ratio
    (split / original), max and mean |Δlogit| over every position and vocabulary entry.
 """
@@ -25,10 +28,11 @@ from pathlib import Path
 import torch
 
 from surgeon.commands.absorb import verified_source
-from surgeon.errors import SourceChangedError, SplitDirError, UsageError
+from surgeon.errors import HostMemoryError, SourceChangedError, SplitDirError, UsageError
 from surgeon.format.records import DataError, normalize, plain_text
 from surgeon.methods.folder import SplitDir
 from surgeon.runtime import load_model_from, load_split
+from surgeon.runtime.memory import host_available
 
 SAMPLE = """The history of the bicycle begins in the early nineteenth century, when inventors in Europe tried to build a \
 machine that a person could ride without a horse. The first designs had no pedals: the rider sat between two wheels and \
@@ -57,7 +61,7 @@ def check(split_dir: Path, data: Path | None = None, tokens: int = 256) -> dict:
     sd = SplitDir(Path(split_dir))
     text = SAMPLE if data is None else read_text(Path(data))
     windows = _windows(sd, text, tokens)
-    ref = _logits(load_original(sd), windows)
+    ref = _logits(load_original(sd, sum(w.shape[1] for w in windows)), windows)
     got = _logits(load_split(sd.path, dtype=torch.float32, trainable=False).model, windows)
     return {"split": str(sd.path), "original": str(sd.manifest["source"].get("model")),
             "data": "built-in sample" if data is None else str(data), **compare(ref, got, windows)}
@@ -98,8 +102,9 @@ def _windows(sd: SplitDir, text: str, tokens: int) -> list[torch.Tensor]:
     return [torch.tensor([ids[i : i + size]]) for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
 
 
-def load_original(sd: SplitDir) -> torch.nn.Module:
-    """The source model as split, each tensor verified by its content hash, in float32."""
+def load_original(sd: SplitDir, tokens: int = 0) -> torch.nn.Module:
+    """The source model as split, each tensor verified by its content hash, in float32 (refused up
+    front when it and the logits of `tokens` positions, twice, cannot fit in free host memory)."""
     if sd.missing_source_files():
         raise SplitDirError(f"the source file {sd.missing_source_files()[0]} recorded in {sd.path} is gone; restore it to check the split against it.")
     if sd.manifest["source"].get("pickled"):
@@ -116,6 +121,7 @@ def load_original(sd: SplitDir) -> torch.nn.Module:
                                      "check compares against the original as it was split: restore it.")
     conf = json.loads((sd.path / "config.json").read_text())
     conf.pop("quantization_config", None)
+    fits_in_memory(sum(info.numel for info in ckpt.tensors.values()), tokens, _vocab(conf))
     with tempfile.TemporaryDirectory(prefix="surgeon-check-") as view:
         v = Path(view)
         (v / "config.json").write_text(json.dumps(conf))
@@ -129,6 +135,22 @@ def load_original(sd: SplitDir) -> torch.nn.Module:
             (v / "model.safetensors.index.json").write_text(json.dumps(index))
             view["model.safetensors.index.json"] = v / "model.safetensors.index.json"
         return load_model_from(view, torch.float32)
+
+
+def _vocab(conf: dict) -> int:
+    text = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else {}
+    return int(conf.get("vocab_size") or text.get("vocab_size") or 0)
+
+
+def fits_in_memory(numel: int, tokens: int, vocab: int) -> None:
+    """Raise HostMemoryError when a float32 model of `numel` values and two (tokens, vocab) float32
+    logit sets cannot fit in the host memory that is free: the lower bound of what check holds."""
+    need = 4 * numel + 2 * 4 * tokens * vocab
+    free = host_available()
+    if need > free:
+        gib = 2**30
+        raise HostMemoryError(f"surgeon check runs the model in float32 on the CPU: it needs at least {need / gib:.1f} GiB "
+                              f"and {free / gib:.1f} GiB of host memory are free; run it on a machine with more free memory.")
 
 
 @torch.no_grad()

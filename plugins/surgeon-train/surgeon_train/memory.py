@@ -28,11 +28,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.runtime.memory import host_available
 
 FRACTION = {"cuda": 0.9, "cpu": 0.75}  # of the free memory; the CPU is often shared
 CPU_TOKENS = 1024  # tokens per micro-batch that keep CPU cores busy; more only costs memory
@@ -44,40 +44,12 @@ class TrainMemoryError(SurgeonError):
     """Not even one row of --seq-len fits the memory that is free."""
 
 
-def _meminfo_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _cgroup_headroom() -> int | None:
-    try:
-        top = Path("/sys/fs/cgroup")
-        limit = (top / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        stat = dict(line.split() for line in (top / "memory.stat").read_text().splitlines())
-        reclaimable = int(stat.get("inactive_file", 0))  # page cache the kernel drops before it kills
-        return int(limit) - int((top / "memory.current").read_text()) + reclaimable
-    except (OSError, ValueError):
-        return None
-
-
 def available_bytes(device: torch.device) -> int:
     """Memory this process may still use on `device`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        avail = _meminfo_available()
-    except OSError:  # not Linux
-        import psutil
-
-        avail = psutil.virtual_memory().available
-    cg = _cgroup_headroom()
-    avail = min(avail, cg) if cg is not None else avail
-    return avail // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return host_available() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def saved_bytes(model: torch.nn.Module, run) -> int:
