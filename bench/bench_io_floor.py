@@ -12,7 +12,9 @@ Floors, each from a cold page cache:
 Then, for each surgeon tree in --root (default: this one) and each method, the whole CLI split cold
 (`python -m surgeon split MODEL --method M --rank 64 --target all-linear --device cuda`), with its
 wall and pipeline time, the pipeline over floor (c), and the sha256 of every output file but the run
-log, xxh3-128 over names and bytes (equal digests = byte-identical output); NAME=VALUE after a
+log, xxh3-128 over names and bytes (equal digests = byte-identical output; digest_unstamped leaves out
+the manifest and the listing too, which record the source files' mtime, so it compares across machines
+where the checkpoint was built anew); NAME=VALUE after a
 tree sets the split's environment (e.g. SURGEON_EARLY_READ=0), :M1+M2 limits that tree to these methods. One JSON object; also $OUT/bench_io_floor.json.
 """
 
@@ -106,7 +108,10 @@ def floors(files: list[Path], scratch: Path, write_bytes: int, depth: int, chunk
     return out
 
 
-def output_digest(out: Path) -> str:
+SOURCE_STAMPED = {"surgeon.run.json", "surgeon.json", ".surgeon.files"}  # the manifest records the source files' mtime
+
+
+def output_digest(out: Path, skip: frozenset[str] | set[str] = frozenset({"surgeon.run.json"})) -> str:
     try:
         import xxhash
 
@@ -114,7 +119,7 @@ def output_digest(out: Path) -> str:
     except ImportError:
         h = hashlib.sha256()
     for p in sorted(out.rglob("*")):
-        if p.is_file() and p.name != "surgeon.run.json":
+        if p.is_file() and p.name not in skip:
             h.update(p.relative_to(out).as_posix().encode() + b"\0")
             with open(p, "rb") as f:
                 while block := f.read(64 << 20):
@@ -157,7 +162,8 @@ def timed_split(root: Path, model: Path, out: Path, method: str, extra: list[str
             "before_split_s": round(logged - inside, 2), "after_log_s": round(w1 - log.stat().st_mtime, 2),
             "read_GBps": round(run["bytes_read"] / run["seconds"] / 1e9, 2),
             "written_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
-            "stage_seconds": run.get("stage_seconds"), "digest": output_digest(out)}
+            "stage_seconds": run.get("stage_seconds"), "digest": output_digest(out),
+            "digest_unstamped": output_digest(out, SOURCE_STAMPED)}
 
 
 def main() -> None:
