@@ -228,3 +228,16 @@ def test_the_check_looks_at_both_sides(exact_side, monkeypatch):
     t = dmod.qr_inverse(w, 6, 1e-6)
     assert t is not None and t.subspace_bound > 1e-3
     assert decompose(w, 6, "minor", CPU).solver == "svd-f64"
+
+
+def test_a_slowly_separating_block_gets_its_steps_and_a_flat_one_is_declined():
+    """The negative gaps a 4096×11008 calibrated-like W·C̃ showed (bench_inverse_route.py, CPU): the
+    block separates at the 19th check and the route then converges (54 steps, sin θ 1.5e-11 against
+    the SVD); a fixed 10-check limit declined it. A gap that stops closing is declined at once."""
+    climbing = [-1.65e-03, -4.98e-04, -2.81e-04, -1.92e-04, -1.43e-04, -1.20e-04, -9.91e-05, -8.10e-05, -6.60e-05,
+                -5.32e-05, -4.20e-05, -3.24e-05, -2.43e-05, -1.75e-05, -1.19e-05, -7.24e-06, -3.47e-06, -3.91e-07]
+    assert not any(inverse._never_separates(climbing[:i], 2 * i) for i in range(1, len(climbing) + 1))
+    flat = [-1e-4, -0.99e-4, -0.985e-4, -0.98e-4, -0.979e-4]
+    stops = [i for i in range(1, len(flat) + 1) if inverse._never_separates(flat[:i], 2 * i)]
+    assert stops and stops[0] == inverse.NO_GAP_STALL + 1
+    assert inverse._never_separates(climbing[:3], 2 * inverse.NO_GAP_CHECKS)  # the hard limit holds regardless

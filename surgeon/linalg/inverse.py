@@ -24,7 +24,8 @@ Algorithm, A = W (tall) or Wᵀ (wide), a×k with a ≥ k, block of p = r + max(
     ρ, so δ = σ̃ − ρ − max(kept σ̃). Stop once ‖kept residuals‖/δ is below 1e-3·tol, or below tol/8
     and no longer improving, or at the rounding floor (three checks without a 10 % gain), or when
     the measured rate cannot reach tol/8 in MAX_ITER steps; None when the best bound is then above
-    tol, when the block never separates in 20 steps (a cluster wider than it), or on a singular R.
+    tol, when the block does not separate (its negative gap stops closing, or 40 steps pass: a cluster
+    wider than it), or on a singular R.
   * left vectors of A: Q·[U; 0] (ormqr); then back to W's sides.
 Limits: the gap is the Ritz estimate, not certified by an inertia test (the Cholesky-based one of
 surgeon.linalg.subspace squares the condition, which is what this route avoids); a block that
@@ -47,7 +48,8 @@ EXTRA_MIN = 16  # oversampling: the block holds r + max(r, EXTRA_MIN) columns
 MAX_ITER = 80
 STALL = 0.9  # a check that does not bring the bound below STALL × the best so far does not count as progress
 GOOD = 1e-3  # stop at once below GOOD × tol: past what any caller needs
-NO_GAP_CHECKS = 10  # checks (2 steps each) without a positive gap: a cluster wider than the block, decline
+NO_GAP_CHECKS = 20  # checks (2 steps each) without a positive gap: a cluster wider than the block, decline
+NO_GAP_STALL = 3  # ... or sooner, once the negative gap has not shrunk below STALL × itself over this many checks
 RANDOM_MIN = 8  # seeded random columns always in the start block, whatever `start` holds
 SEED = 0x5EED
 
@@ -101,6 +103,17 @@ def _hopeless(history: list[float], tol: float, step: int) -> bool:
     return step + 2 * checks > MAX_ITER
 
 
+def _never_separates(gaps: list[float], step: int) -> bool:
+    """True when the block has shown no positive gap for NO_GAP_CHECKS checks, or its (negative) gap
+    stopped closing: a slowly separating block (the gap climbing towards 0) gets the time it needs,
+    a true cluster (the gap flat) is declined after a few checks."""
+    if step >= 2 * NO_GAP_CHECKS:
+        return True
+    if len(gaps) <= NO_GAP_STALL:
+        return False
+    return -gaps[-1] > STALL * -gaps[-1 - NO_GAP_STALL]
+
+
 def minor_triplets(w64: torch.Tensor, rank: int, tol: float, start: torch.Tensor | None = None) -> Minor | None:
     """The `rank` smallest singular triplets of w64 (m, n) float64; `start` (k, ≤ p) an optional
     guess of the minor vectors of the short side (k = min(m, n)). None when the iteration does not
@@ -115,7 +128,7 @@ def minor_triplets(w64: torch.Tensor, rank: int, tol: float, start: torch.Tensor
     r = qr[:k].triu()  # (k, k)
     x = _start(k, p, start, r)
     kept, nxt = slice(p - rank, p), p - rank - 1
-    best, stalled, found, history = math.inf, 0, None, []
+    best, stalled, found, history, gaps = math.inf, 0, None, [], []
     for step in range(1, MAX_ITER + 1):
         y = _orth(torch.linalg.solve_triangular(r.mT, x, upper=False))  # R⁻ᵀ X
         x = _orth(torch.linalg.solve_triangular(r, y, upper=True))  # R⁻¹ Y
@@ -133,7 +146,7 @@ def minor_triplets(w64: torch.Tensor, rank: int, tol: float, start: torch.Tensor
             best, found = bound, (u, s, v, res, gap, step)
         if best <= GOOD * tol or (best <= tol / 8 and stalled >= 1) or stalled >= 3:  # done, or at the rounding floor
             break
-        if not history and step >= 2 * NO_GAP_CHECKS:  # never separated: a cluster wider than the block
+        if not history and _never_separates(gaps := [*gaps, gap], step):  # a cluster wider than the block
             return None
         if _hopeless(history, tol, step):
             break  # the best so far decides below
