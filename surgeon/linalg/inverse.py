@@ -146,8 +146,10 @@ def minor_triplets(w64: torch.Tensor, rank: int, tol: float, start: torch.Tensor
             best, found = bound, (u, s, v, res, gap, step)
         if best <= GOOD * tol or (best <= tol / 8 and stalled >= 1) or stalled >= 3:  # done, or at the rounding floor
             break
-        if not history and _never_separates(gaps := [*gaps, gap], step):  # a cluster wider than the block
-            return None
+        if not history:  # not separated yet
+            gaps.append(gap)
+            if _never_separates(gaps, step):  # a cluster wider than the block
+                return None
         if _hopeless(history, tol, step):
             break  # the best so far decides below
     if found is None or best > tol:
