@@ -93,28 +93,40 @@ def test_a_changed_source_is_refused(tiny, tmp_path):
 
 
 def test_a_model_that_cannot_fit_in_free_memory_is_refused_before_loading(splits, tiny, monkeypatch):
-    """check holds the whole model in float32: with less free host memory than that (plus the two
-    sets of logits) it refuses in one line with the numbers, before transformers allocates anything;
-    with exactly enough it runs."""
+    """check holds one decoder block and the modules outside the blocks in float32 at a time, the two
+    sets of logits and the factors: with less free host memory than that it refuses in one line with
+    the numbers, before anything is materialised; with exactly enough it runs, never loading the
+    whole model."""
     import math
+    import re
 
     from safetensors import safe_open
 
     import surgeon.commands.check as chk
+    from surgeon.methods.folder import SplitDir
+    from surgeon.model.blockrun import BlockRunner
 
-    numel = 0
+    per_block, outside = {}, 0
     for f in sorted(tiny["tiny-llama"].glob("*.safetensors")):
         with safe_open(f, "pt") as h:
-            numel += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+            for k in h.keys():
+                n = math.prod(h.get_slice(k).get_shape())
+                m = re.match(r"model\.layers\.(\d+)\.", k)
+                if m:
+                    per_block[m[1]] = per_block.get(m[1], 0) + n
+                else:
+                    outside += n
     vocab = json.loads((splits["milora32"] / "config.json").read_text())["vocab_size"]
-    need = 4 * numel + 2 * 4 * 64 * vocab
-    real_load = chk.load_model_from
-    monkeypatch.setattr(chk, "load_model_from", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
+    factors = SplitDir(splits["milora32"]).factors_file  # adapter_model.safetensors
+    need = 4 * (max(per_block.values()) + outside) + 2 * 4 * 64 * vocab + factors.stat().st_size
+    real_materialise = BlockRunner.materialise
+    monkeypatch.setattr(chk, "load_model_from", lambda *a, **k: pytest.fail("loaded the whole model"))
+    monkeypatch.setattr(BlockRunner, "materialise", lambda *a, **k: pytest.fail("materialised a module of a model that cannot fit"))
     monkeypatch.setattr(chk, "host_available", lambda: need - 1)
     out = one_error_line(run("check", splits["milora32"], "--tokens", "64"))
     assert "float32" in out and "GiB" in out and "more free memory" in out
     with pytest.raises(chk.HostMemoryError):
         check(splits["milora32"], tokens=64)
     monkeypatch.setattr(chk, "host_available", lambda: need)
-    monkeypatch.setattr(chk, "load_model_from", real_load)
+    monkeypatch.setattr(BlockRunner, "materialise", real_materialise)
     assert check(splits["milora32"], tokens=64)["tokens"] == 63

@@ -9,11 +9,15 @@
 2. The text: a built-in English sample, or --data (JSONL in any format `surgeon train` accepts,
    surgeon/records.py, or a .txt file), tokenized with the split's tokenizer and cut into windows no
    longer than the model's context.
-3. Both models run in float32 on the same windows, one model in memory at a time (the original's
-   logits are kept, then the split is loaded through surgeon.runtime.load_split). Before either is
-   loaded, the float32 size of the original plus both sets of logits is compared with the host memory
-   that is free (surgeon.runtime.memory): a model that cannot fit is refused with the numbers, rather
-   than killed by the kernel halfway through.
+3. Both models run in float32 on the CPU on the same windows, one decoder block at a time
+   (surgeon.runtime.streamed): only one block and the modules outside the blocks are in memory at
+   once, the original read from its recorded files, the split from its residual with its factors
+   attached as load_split attaches them; the logits are bit-identical to those of the whole loaded
+   model. A model the block runner cannot load (a checkpoint tensor transformers converts) and a
+   4-bit residual are loaded whole instead. Before anything is loaded, what will be held (the
+   working set in float32 plus both sets of logits) is compared with the host memory that is free
+   (surgeon.runtime.memory): a model that cannot fit is refused with the numbers, rather than killed
+   by the kernel halfway through.
 4. Reported: top-1 agreement of the next-token predictions, perplexity of each and their ratio
    (split / original), max and mean |Δlogit| over every position and vocabulary entry.
 """
@@ -31,7 +35,7 @@ from surgeon.commands.absorb import verified_source
 from surgeon.errors import HostMemoryError, SourceChangedError, SplitDirError, UsageError
 from surgeon.format.records import DataError, normalize, plain_text
 from surgeon.methods.folder import SplitDir
-from surgeon.runtime import load_model_from, load_split
+from surgeon.runtime import load_model_from, load_split, streamed
 from surgeon.runtime.memory import host_available
 
 SAMPLE = """The history of the bicycle begins in the early nineteenth century, when inventors in Europe tried to build a \
@@ -61,8 +65,8 @@ def check(split_dir: Path, data: Path | None = None, tokens: int = 256) -> dict:
     sd = SplitDir(Path(split_dir))
     text = SAMPLE if data is None else read_text(Path(data))
     windows = _windows(sd, text, tokens)
-    ref = _logits(load_original(sd, sum(w.shape[1] for w in windows)), windows)
-    got = _logits(load_split(sd.path, dtype=torch.float32, trainable=False).model, windows)
+    ref = original_logits(sd, windows)
+    got = split_logits(sd, windows)
     return {"split": str(sd.path), "original": str(sd.manifest["source"].get("model")),
             "data": "built-in sample" if data is None else str(data), **compare(ref, got, windows)}
 
@@ -102,9 +106,40 @@ def _windows(sd: SplitDir, text: str, tokens: int) -> list[torch.Tensor]:
     return [torch.tensor([ids[i : i + size]]) for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
 
 
-def load_original(sd: SplitDir, tokens: int = 0) -> torch.nn.Module:
-    """The source model as split, each tensor verified by its content hash, in float32 (refused up
-    front when it and the logits of `tokens` positions, twice, cannot fit in free host memory)."""
+def original_logits(sd: SplitDir, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The source model's logits on `windows`: block by block where it can, else loaded whole; refused
+    up front when what either model holds at once and both sets of logits cannot fit in free memory."""
+    ckpt, conf = verified_original(sd)
+    run = _runner(lambda: streamed.original_runner(conf, ckpt))
+    whole = run is None or bool(sd.manifest.get("quantization"))  # a 4-bit residual is loaded whole (float32)
+    numel = sum(info.numel for info in ckpt.tensors.values()) if whole else run.working_numel()
+    fits_in_memory(numel, sum(w.shape[1] for w in windows), _vocab(conf), extra=sd.factors_file.stat().st_size)
+    return streamed.original_logits(run, windows) if run is not None else _logits(_load_whole(ckpt, conf), windows)
+
+
+def split_logits(sd: SplitDir, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The split's logits on `windows`: block by block where it can, else loaded whole (a 4-bit residual)."""
+    if not sd.manifest.get("quantization"):
+        got = _runner(lambda: streamed.split_runner(sd))
+        if got is not None:
+            return streamed.split_logits(*got, windows)
+    return _logits(load_split(sd.path, dtype=torch.float32, trainable=False).model, windows)
+
+
+def _runner(make):
+    """make()'s block runner (or (runner, ...)), or None for a model the block runner cannot load:
+    no skeleton, no list of blocks, or a checkpoint tensor transformers converts."""
+    try:
+        got = make()
+    except UsageError:
+        return None
+    run = got[0] if isinstance(got, tuple) else got
+    return got if run.streamable() else None
+
+
+def verified_original(sd: SplitDir):
+    """(the source's checkpoint, each tensor verified by its content hash; the split's config without
+    quantization settings), refused when a source file is gone or changed."""
     if sd.missing_source_files():
         raise SplitDirError(f"the source file {sd.missing_source_files()[0]} recorded in {sd.path} is gone; restore it to check the split against it.")
     if sd.manifest["source"].get("pickled"):
@@ -121,7 +156,12 @@ def load_original(sd: SplitDir, tokens: int = 0) -> torch.nn.Module:
                                      "check compares against the original as it was split: restore it.")
     conf = json.loads((sd.path / "config.json").read_text())
     conf.pop("quantization_config", None)
-    fits_in_memory(sum(info.numel for info in ckpt.tensors.values()), tokens, _vocab(conf))
+    return ckpt, conf
+
+
+def _load_whole(ckpt, conf: dict) -> torch.nn.Module:
+    """The source model as split, whole, in float32, through transformers: a view folder of the
+    verified source files, read where they are."""
     with tempfile.TemporaryDirectory(prefix="surgeon-check-") as view:
         v = Path(view)
         (v / "config.json").write_text(json.dumps(conf))
@@ -142,10 +182,10 @@ def _vocab(conf: dict) -> int:
     return int(conf.get("vocab_size") or text.get("vocab_size") or 0)
 
 
-def fits_in_memory(numel: int, tokens: int, vocab: int) -> None:
-    """Raise HostMemoryError when a float32 model of `numel` values and two (tokens, vocab) float32
-    logit sets cannot fit in the host memory that is free: the lower bound of what check holds."""
-    need = 4 * numel + 2 * 4 * tokens * vocab
+def fits_in_memory(numel: int, tokens: int, vocab: int, extra: int = 0) -> None:
+    """Raise HostMemoryError when `numel` float32 values, two (tokens, vocab) float32 logit sets and
+    `extra` bytes cannot fit in the host memory that is free: the lower bound of what check holds."""
+    need = 4 * numel + 2 * 4 * tokens * vocab + extra
     free = host_available()
     if need > free:
         gib = 2**30

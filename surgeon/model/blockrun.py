@@ -5,6 +5,7 @@ llm-compressor "catcher" scheme), with transformers' own modules: nothing model-
     hidden, kwargs = run.capture(batches)          # what every block receives (embeddings freed again)
     with run.block(i):                             # block i materialised on `device`, back on meta after
         out = run.layers[i](hidden[b], **kwargs[i][b])
+    logits = run.finish(batches, hidden)            # the model's own forward after the blocks (norm, head)
 
 1. The skeleton (surgeon.model.skeleton) is built on the meta device; checkpoint keys are mapped to
    loaded parameters by transformers' own conversion rules (surgeon.model.names), fused MoE experts
@@ -18,6 +19,11 @@ llm-compressor "catcher" scheme), with transformers' own modules: nothing model-
 3. block(i): the block's checkpoint tensors read ahead in file order (Checkpoint.stream), its
    parameters put on `device` (bf16/f16 as float32 on the CPU), its buffers (rotary tables, scales) computed by the model's own `_init_weights`, as
    `from_pretrained` computes buffers a checkpoint lacks.
+4. finish: every block replaced by the states the last block returned, the model's forward runs what
+   comes after the blocks (final norm, head, logit softcapping) with transformers' own code.
+
+Modules added to the skeleton after it was built (a split's runtime modules, surgeon/runtime/streamed.py)
+are neither materialised nor freed: their tensors are their own.
 
 Host memory: one block's tensors at a time (plus the reader's read-ahead); device memory: one block
 plus what the caller keeps (hidden states).
@@ -40,13 +46,14 @@ from surgeon.model.names import map_keys
 from surgeon.model.skeleton import build_skeleton
 
 HALF = (torch.bfloat16, torch.float16)
+CALIBRATION = ("calibration", "split without --calibrate")  # (what runs the blocks, the way around a failure): for the errors
 
 
 class _Stop(Exception):
     """Raised by the last catcher: the blocks' inputs are recorded, the rest of the forward is not needed."""
 
 
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def decoder_blocks(model: nn.Module, fallback: str = CALIBRATION[1]) -> tuple[str, nn.ModuleList]:
     """(name, list) of the repeated blocks the text forward runs: the longest ModuleList of modules of
     one class inside the model's decoder (get_decoder(): the language model of a multimodal model)."""
     try:
@@ -61,7 +68,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(mod) > len(best[1]):
                 best = (f"{prefix}.{name}".strip("."), mod)
     if best is None:
-        raise UsageError(f"{type(model).__name__} has no list of repeated blocks to calibrate block by block; split it without --calibrate.")
+        raise UsageError(f"{type(model).__name__} has no list of repeated blocks to run block by block; {fallback}.")
     return best
 
 
@@ -82,10 +89,11 @@ def _owners(model: nn.Module) -> dict[int, PreTrainedModel]:
 class BlockRunner:
     """The skeleton of `config` with one block (or the pre-block modules) materialised at a time."""
 
-    def __init__(self, config: dict, ckpt, device: torch.device):
+    def __init__(self, config: dict, ckpt, device: torch.device, purpose: tuple[str, str] = CALIBRATION):
+        self.what, self.fallback = purpose  # for the errors: "calibration", "split without --calibrate"
         model, why = build_skeleton(config)
         if model is None:
-            raise UsageError(f"--calibrate needs the model as transformers builds it, and {why}; split without --calibrate.")
+            raise UsageError(f"{self.what} runs the model as transformers builds it, and {why}; {self.fallback}.")
         self.model = model.eval()
         self.ckpt, self.device = ckpt, torch.device(device)
         self._host: dict[str, torch.Tensor] = {}  # the block's checkpoint tensors, read ahead
@@ -93,7 +101,7 @@ class BlockRunner:
         for p in map_keys(model, list(ckpt.tensors)).places.values():
             self.places[p.param].append(p)
         self.ties = self._ties()
-        self.prefix, self.layers = decoder_blocks(model)
+        self.prefix, self.layers = decoder_blocks(model, self.fallback)
         self._owner = _owners(model)
         self._names = {id(m): n for n, m in model.named_modules()}
 
@@ -103,6 +111,28 @@ class BlockRunner:
         except Exception:  # older or custom models: no tie table
             return {}
         return {k: v for k, v in ties.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def streamable(self) -> bool:
+        """Every tensor the checkpoint fills is one surgeon loads as transformers does (none converted)."""
+        return not any(p.converted for places in self.places.values() for p in places)
+
+    def working_numel(self) -> int:
+        """The most checkpoint values materialised at once: the largest block plus every module outside
+        the blocks (embeddings, final norm, head), which are read again for the forward after the blocks."""
+        per_block: dict[int, int] = defaultdict(int)
+        outside = 0
+        head = self.prefix + "."
+        for param, places in self.places.items():
+            n = sum(self.ckpt.tensors[p.key].numel for p in places)
+            index = param[len(head):].split(".", 1)[0] if param.startswith(head) else ""
+            if index.isdigit():
+                per_block[int(index)] += n
+            else:
+                outside += n
+        for tied, source in self.ties.items():  # a tied head is materialised from its source's tensor, a second copy
+            if tied not in self.places and source in self.places:
+                outside += sum(self.ckpt.tensors[p.key].numel for p in self.places[source])
+        return max(per_block.values(), default=0) + outside
 
     def eager_experts(self) -> None:
         """transformers' eager experts forward (one F.linear per routed expert) instead of grouped_mm."""
@@ -119,10 +149,10 @@ class BlockRunner:
     def _tensor(self, param: str, like: torch.Tensor) -> torch.Tensor:
         places = self.places.get(param) or self.places.get(self.ties.get(param, ""))
         if not places:
-            raise SurgeonError(f"calibration needs {param}, which the checkpoint does not hold; split without --calibrate.")
+            raise SurgeonError(f"{self.what} needs {param}, which the checkpoint does not hold; {self.fallback}.")
         if any(p.converted for p in places):
-            raise UsageError(f"--calibrate cannot load {param}: transformers converts its checkpoint tensor in a way surgeon does not "
-                             "reproduce; split without --calibrate.")
+            raise UsageError(f"{self.what} cannot load {param}: transformers converts its checkpoint tensor in a way surgeon does not "
+                             f"reproduce; {self.fallback}.")
         if len(places) == 1 and not places[0].fused:
             t = self._read(places[0].key)
         else:  # fused MoE experts: stacked along dim 0, parts concatenated along dim 1, as from_pretrained does
@@ -133,7 +163,7 @@ class BlockRunner:
                 rows = p.shape[1] // p.parts
                 t[p.expert, p.part * rows:(p.part + 1) * rows] = part
         if tuple(t.shape) != tuple(like.shape):
-            raise SurgeonError(f"calibration: {param} is {tuple(t.shape)} in the checkpoint, {tuple(like.shape)} in the model.")
+            raise SurgeonError(f"{self.what}: {param} is {tuple(t.shape)} in the checkpoint, {tuple(like.shape)} in the model.")
         half_on_cpu = self.device.type == "cpu" and t.dtype in HALF  # CPU kernels: float32 compute
         return t.to(self.device, torch.float32 if half_on_cpu else t.dtype)
 
@@ -148,7 +178,9 @@ class BlockRunner:
 
     def materialise(self, module: nn.Module) -> None:
         """`module`'s own parameters from the checkpoint and its buffers by its model's _init_weights."""
-        name = self._names[id(module)]
+        name = self._names.get(id(module))
+        if name is None:  # a module added to the skeleton after it was built (a split's runtime): its tensors are its own
+            return
         if any(b is not None and b.is_meta for b in module._buffers.values()):
             for k, b in module._buffers.items():
                 if b is not None:
@@ -185,7 +217,8 @@ class BlockRunner:
         finally:
             self._host.clear()
             for m in mods:
-                self.free(m)
+                if id(m) in self._names:  # the skeleton's own modules only: an added module keeps its tensors
+                    self.free(m)
             release_host_memory()
 
     # ------------------------------------------------------------------ capture
@@ -196,16 +229,39 @@ class BlockRunner:
         n = len(self.layers)
         hidden: list[torch.Tensor] = []
         kwargs: list[list[dict]] = [[] for _ in range(n)]
+        with self._outside_blocks(lambda i, real: _Catcher(real, i, i == n - 1, hidden, kwargs[i])):
+            for b in batches:
+                with torch.no_grad(), contextlib.suppress(_Stop), failing(self.model, "before its first block", (self.what, self.fallback)):
+                    self.model(**{k: v.to(self.device) for k, v in b.items()}, use_cache=False)
+        if len(hidden) != len(batches) or any(len(k) != len(batches) for k in kwargs):
+            raise SurgeonError(f"{self.what}: the forward of {type(self.model).__name__} did not reach every block; {self.fallback}.")
+        return hidden, kwargs
+
+    def finish(self, batches: list[dict], hidden: list[torch.Tensor], tuples: bool = False) -> list[torch.Tensor]:
+        """The logits per batch: the model's own forward with every block replaced by the hidden states the
+        last block returned (hidden[b]), so what comes after the blocks (final norm, head, softcapping) is
+        transformers' code. tuples: the blocks return tuples (their output's first element is the states)."""
+        out: list[torch.Tensor] = []
+        current: list[torch.Tensor] = []
+        with self._outside_blocks(lambda i, real: _Replay(real, i, current, tuples)):
+            for b, batch in enumerate(batches):
+                current[:] = [hidden[b]]
+                with torch.no_grad(), failing(self.model, "after its last block", (self.what, self.fallback)):
+                    out.append(self.model(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False).logits)
+        return out
+
+    @contextlib.contextmanager
+    def _outside_blocks(self, stand_in):
+        """Every block replaced by stand_in(i, block) and every module outside the blocks materialised on
+        its first call, for the duration; the blocks put back and those modules freed after."""
         real = list(self.layers)
         made: list[nn.Module] = []
         inside = {id(m) for layer in real for m in layer.modules()}
         hooks = [m.register_forward_pre_hook(self._on_first_call(made)) for m in self.model.modules() if id(m) not in inside]
         try:
-            for i in range(n):
-                self.layers[i] = _Catcher(real[i], i, i == n - 1, hidden, kwargs[i])
-            for b in batches:
-                with torch.no_grad(), contextlib.suppress(_Stop), failing(self.model, "before its first block"):
-                    self.model(**{k: v.to(self.device) for k, v in b.items()}, use_cache=False)
+            for i in range(len(real)):
+                self.layers[i] = stand_in(i, real[i])
+            yield
         finally:
             for i, layer in enumerate(real):
                 self.layers[i] = layer
@@ -213,20 +269,17 @@ class BlockRunner:
                 h.remove()
             for m in made:
                 self.free(m)
-        if len(hidden) != len(batches) or any(len(k) != len(batches) for k in kwargs):
-            raise SurgeonError(f"calibration: the forward of {type(self.model).__name__} did not reach every block; split without --calibrate.")
-        return hidden, kwargs
 
     def _on_first_call(self, made: list):
         def hook(module, args):
-            if any(t is not None and t.is_meta for t in [*module._parameters.values(), *module._buffers.values()]):
+            if id(module) in self._names and any(t is not None and t.is_meta for t in [*module._parameters.values(), *module._buffers.values()]):
                 self.materialise(module)
                 made.append(module)
         return hook
 
 
 @contextlib.contextmanager
-def failing(model: nn.Module, where: str):
+def failing(model: nn.Module, where: str, purpose: tuple[str, str] = CALIBRATION):
     """Any error of transformers' forward (a model this scheme cannot run) as one SurgeonError line."""
     try:
         yield
@@ -234,8 +287,8 @@ def failing(model: nn.Module, where: str):
         raise
     except Exception as e:  # torch and transformers raise many kinds
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise SurgeonError(f"calibration: the forward of {type(model).__name__} {where} failed ({type(e).__name__}: {first}); "
-                           "split without --calibrate, and please report it with the model's config.json.") from None
+        raise SurgeonError(f"{purpose[0]}: the forward of {type(model).__name__} {where} failed ({type(e).__name__}: {first}); "
+                           f"{purpose[1]}; please report it with the model's config.json.") from None
 
 
 @functools.cache
@@ -284,9 +337,29 @@ class _Catcher(nn.Module):
         return x
 
 
+class _Replay(_Catcher):
+    """Stands in for block i after the blocks ran: block 0 returns the states the last block returned
+    (current[0]), every later one passes its input on."""
+
+    def __init__(self, real: nn.Module, i: int, current: list, tuples: bool):
+        super().__init__(real, i, False, [], [])
+        self.current, self.tuples = current, tuples
+
+    def forward(self, *args, **kwargs):
+        x = self.current[0] if self.i == 0 else (args[0] if args else kwargs["hidden_states"])
+        if isinstance(x, tuple):
+            x = x[0]
+        return (x,) if self.tuples else x
+
+
 def call_block(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
     """block(x, **kw) with recorded positional inputs restored; the hidden states it returns."""
+    return run_block(block, x, kw)[0]
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kw: dict) -> tuple[torch.Tensor, bool]:
+    """(the hidden states block(x, **kw) returns, whether it returned them inside a tuple)."""
     pos = [kw[k] for k in sorted((k for k in kw if k.startswith("__arg")), key=lambda k: int(k[5:]))]
     named = {k: v for k, v in kw.items() if not k.startswith("__arg")}
     out = block(x, *pos, **named)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return (out[0], True) if isinstance(out, (tuple, list)) else (out, False)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from surgeon.engine.outdir import check_outside, check_replaceable, unsafe_reason
 from surgeon.engine.outplace import check_place, discard, out_path, sweep_trash
@@ -178,37 +179,52 @@ def load_split(path: Path, dtype: torch.dtype = torch.float32, device: str | tor
         model = load_residual_model(split.path, dtype, model_cls)
     for p in model.parameters():
         p.requires_grad_(False)
-    modules: dict[str, nn.Module] = {}
     with safe_open(split.factors_file, "pt") as f:
-        fused = _attach_fused(model, split, f, trainable)
-        for name, lay in split.manifest["layers"].items():
-            if "fused" in lay:
-                continue
-            parent, child, base = module_slot(model, name, split.path)
-            rt = split.method.runtime(base, split.factors(f, name), split.layer_cfg(name), lay["transposed"])
-            for p in rt.parameters():
-                if not any(p is q for q in base.parameters()):
-                    p.requires_grad_(trainable)
-            setattr(parent, child, rt)
-            modules[name] = rt
-        blocks = {}
-        if split.method.per_block:
-            names = split.method.block_shapes(1, 1, split.cfg)
-            tensors = {b: {n: f.get_tensor(f"{b}.{n}") for n in names} for b in split.manifest["blocks"]}
-            blocks = split.method.attach(model, modules, tensors, split.cfg, split.manifest)
-            for mod in blocks.values():
-                for p in mod.parameters():
-                    p.requires_grad_(trainable)
+        fused = {}
+        for module, (owner, pname, rt) in fused_runtimes(model, split, f, trainable).items():
+            parametrize.register_parametrization(owner, pname, rt)
+            fused[module] = rt
+        modules = attach_layers(model, split, f, trainable)
+        blocks = attach_blocks(model, split, f, modules, trainable)
     model.to(device)
     sm = SplitModel(model, modules, split, blocks)
     sm.fused = fused
     return sm
 
 
-def _attach_fused(model: nn.Module, split, handle, trainable: bool) -> dict[str, FusedLoRA]:
-    """A FusedLoRA parametrization on every fused expert parameter of the split (manifest "fused")."""
-    from torch.nn.utils import parametrize
+def attach_layers(model: nn.Module, split, handle, trainable: bool) -> dict[str, nn.Module]:
+    """Every split layer but the fused experts replaced by its method's runtime module holding its factors
+    (the base it wraps may still be on the meta device: nothing here reads it)."""
+    modules: dict[str, nn.Module] = {}
+    for name, lay in split.manifest["layers"].items():
+        if "fused" in lay:
+            continue
+        parent, child, base = module_slot(model, name, split.path)
+        rt = split.method.runtime(base, split.factors(handle, name), split.layer_cfg(name), lay["transposed"])
+        for p in rt.parameters():
+            if not any(p is q for q in base.parameters()):
+                p.requires_grad_(trainable)
+        setattr(parent, child, rt)
+        modules[name] = rt
+    return modules
 
+
+def attach_blocks(model: nn.Module, split, handle, modules: dict[str, nn.Module], trainable: bool) -> dict[str, nn.Module]:
+    """The per-block runtime modules of methods that have them (the mixture's routers), bound to `modules`."""
+    if not split.method.per_block:
+        return {}
+    names = split.method.block_shapes(1, 1, split.cfg)
+    tensors = {b: {n: handle.get_tensor(f"{b}.{n}") for n in names} for b in split.manifest["blocks"]}
+    blocks = split.method.attach(model, modules, tensors, split.cfg, split.manifest)
+    for mod in blocks.values():
+        for p in mod.parameters():
+            p.requires_grad_(trainable)
+    return blocks
+
+
+def fused_runtimes(model: nn.Module, split, handle, trainable: bool) -> dict[str, tuple[nn.Module, str, FusedLoRA]]:
+    """PEFT's module path of every fused expert parameter of the split (manifest "fused") -> (the module
+    holding it, the parameter's name, its FusedLoRA), not yet registered as a parametrization."""
     out = {}
     for param, info in (split.manifest.get("fused") or {}).items():
         owner_name, _, pname = param.rpartition(".")
@@ -220,6 +236,5 @@ def _attach_fused(model: nn.Module, split, handle, trainable: bool) -> dict[str,
         cfg = split.layer_cfg(next(m for m, lay in split.layers.items() if lay.get("fused", {}).get("param") == param))
         rt = FusedLoRA(f["lora_A"], f["lora_B"], info["experts"], cfg.scale)
         rt.requires_grad_(trainable)
-        parametrize.register_parametrization(owner, pname, rt)
-        out[info["module"]] = rt
+        out[info["module"]] = (owner, pname, rt)
     return out
