@@ -58,8 +58,8 @@ from surgeon.model import load_names, patterns
 from surgeon.model.adapter import plan_adapter
 from surgeon.model.moe import fused_shapes
 from surgeon.model.output import fused_targets
+from surgeon.model.routed import routed_targets
 from surgeon.model.selection import (
-    block_of,
     check_targets,
     group_by_block,
     keep_dense,
@@ -142,8 +142,9 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     model_cfg = src.config()
     names, names_why = load_names(model_cfg, ckpt.tensors)
     targets = select_targets(ckpt.tensors, opts.target, model_cfg.get("model_type"), names)
-    if method.per_block and list(opts.target) == ["all-linear"]:  # a per-block method routes inside the blocks only
-        targets = {n: t for n, t in targets.items() if block_of(t.module) is not None} or targets
+    hidden = None
+    if method.per_block:  # a per-block method routes inside the blocks the prompt runs through (surgeon/model/routed.py)
+        targets, hidden = routed_targets(targets, names, model_cfg, explicit=list(opts.target) != ["all-linear"])
     targets, dense = fused_targets(targets, method.lora_shaped and qspec is None)
     layer_cfgs, rank_pattern, alpha_pattern = patterns.layer_configs(targets, cfg, method, opts)
     layer_cfgs.update({t.module: cfg for t in targets.values() if t.place is not None and t.place.fused})  # one rank per fused parameter
@@ -158,7 +159,7 @@ def _plan_source(model, opts, method, cfg, qspec, new_dtype, backend, shard_byte
     check_targets(ckpt.tensors, targets, opts.rank, ranks=ranks)
     job = SplitJob(opts, method, cfg, new_dtype, backend, src, ckpt, model_cfg, targets, [], [], [], {}, qspec=qspec,
                    layer_cfgs=layer_cfgs, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                   names=names, names_why=names_why, dense=dense)
+                   names=names, names_why=names_why, dense=dense, block_hidden=hidden)
     if names is not None and method.lora_shaped:
         job.adapter = plan_adapter(names, targets, model_cfg.get("model_type"), cfg.rank, cfg.alpha, rank_pattern, alpha_pattern, cfg.use_rslora)
     _layout(job)
@@ -200,7 +201,7 @@ def _layout(job: SplitJob) -> None:
         job.base_plan = quant.base_plan(job.base_plan, {n: (t.out_features, t.in_features) for n, t in job.targets.items()},
                                         {n: quant.qdtype_name(job.out_dtype(job.ckpt.tensors[n].dtype)) for n in job.targets}, job.qspec)
     if method.per_block:  # per-block tensors (moe routers): fixed shapes, planned too
-        hidden = _hidden_size(job.model_cfg)
+        hidden = job.block_hidden
         for b, experts in group_by_block(job.targets).items():
             job.blocks[b] = {"experts": experts, "hidden": hidden}
             for fname, shape in method.block_shapes(hidden, len(experts), cfg).items():
@@ -246,11 +247,3 @@ def _run(job: SplitJob, work: WorkDir, runner: SplitRunner, reporter: Reporter, 
 def split_cost(info, targeted: bool, device_type: str) -> int:
     """How long a tensor keeps a rank busy (distributed.matrix_cost), to balance the ranks."""
     return distributed.matrix_cost(info.shape, info.nbytes, device_type, solve=targeted)
-
-
-def _hidden_size(model_cfg: dict) -> int:
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(model_cfg.get(key), int):
-            return model_cfg[key]
-    raise UsageError("config.json gives no hidden size (hidden_size / n_embd / d_model), which this method's per-block "
-                     "tensors need; pass --config with a complete config.json.")

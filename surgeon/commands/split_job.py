@@ -98,6 +98,7 @@ class SplitJob:
     calib_mode: str | None = None  # --calibrate: the mode in force (None: a plain split)
     calib_data: object = None  # surgeon.model.calibration.CalibrationData
     calib: calibrate.Calibrator | None = None
+    block_hidden: int | None = None  # a per-block method: the hidden width entering its blocks (surgeon/model/routed.py)
 
     def out_dtype(self, stored: str) -> str:
         return self.new_dtype if (self.new_dtype and stored in FLOAT_DTYPES) else stored

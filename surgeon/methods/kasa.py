@@ -48,6 +48,7 @@ from torch import nn
 
 from surgeon.linalg import Triplets
 from surgeon.methods.base import Method, MethodConfig, SplitResult
+from surgeon.methods.lora import WrapsLinear
 
 PAPER = "arXiv:2412.06071"
 
@@ -82,7 +83,7 @@ def kasa_regularizer(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, beta: fl
     return beta * d.square().sum() + gamma * orth
 
 
-class KasaLinear(nn.Module):
+class KasaLinear(WrapsLinear):
     """y = W_world x (+ bias) + s · B(d ⊙ (A x)); W_world is the (frozen) truncated base layer."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, scale: float, beta: float, gamma: float, transposed: bool = False):

@@ -10,7 +10,21 @@ import torch
 from torch import nn
 
 
-class LoRALinear(nn.Module):
+class WrapsLinear(nn.Module):
+    """A runtime module standing in for a linear layer (self.base): the model code that reads the layer's
+    weight or bias (T5 for its dtype, Gemma 3's vision path for its device) reads the wrapped layer's, as
+    with PEFT's layers."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+
+class LoRALinear(WrapsLinear):
     """y = base(x) + s · B(A x): the runtime of every LoRA-shaped method (MiLoRA, PiSSA)."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool = False):
@@ -22,15 +36,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(b.detach().clone().float())  # (out, r)
         for p in self.base.parameters():
             p.requires_grad_(False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The wrapped layer's weight (models read it, e.g. T5 for its dtype, Gemma 3 for its device), as PEFT's layers do."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -179,7 +179,9 @@ class Routing:
         for name, router in routers.items():
             block = model.get_submodule(name)
             self.handles.append(block.register_forward_pre_hook(functools.partial(self._block_hook, router), with_kwargs=True))
-        original = model.generate
+        original = getattr(model, "generate", None)  # an encoder (BERT) has none: every forward is a prompt
+        if original is None:
+            return
 
         @functools.wraps(original)
         def generate(*args, **kwargs):

@@ -45,6 +45,7 @@ from torch import nn
 from surgeon.errors import NumericsError
 from surgeon.linalg import Triplets
 from surgeon.methods.base import Method, MethodConfig, SplitResult
+from surgeon.methods.lora import WrapsLinear
 
 DEFAULT_ENERGY = 0.95  # ρ, the NuSA-CL authors' default
 DEFAULT_ALPHA = 2.0  # the authors' α (with r = 128: s = 2/√128)
@@ -143,7 +144,7 @@ class NuSA(Method):
         return NuSALinear(base, factors["nusa_A"], factors["nusa_B"], factors["nusa_M"], cfg.scale, transposed)
 
 
-class NuSALinear(nn.Module):
+class NuSALinear(WrapsLinear):
     """y = base(x) + s · B(M(A x)): A (r, in) and B (out, r) frozen buffers, only M (r, r) trains."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, scale: float, transposed: bool = False, dropout: float = 0.0):

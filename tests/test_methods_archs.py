@@ -1,0 +1,102 @@
+"""The methods that are not plain LoRA (KaSA, NuSA, the mixture) on every family of architecture
+(tests/archmodels.py): the split loads into surgeon's runtime with the inputs the model needs (images
+included), an untrained NuSA or mixture reproduces the original exactly, a trained KaSA or NuSA runtime
+agrees with its absorbed checkpoint, and the mixture routes only in the blocks the prompt runs through
+(a multimodal model's text decoder, at its width), refusing encoder-decoders before any work.
+
+    python -m pytest -q tests/test_methods_archs.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from archmodels import ARCHS, Zoo, forward
+from cliutil import one_error_line, run
+
+from surgeon.commands.absorb import absorb
+from surgeon.commands.split import SplitOptions, split
+from surgeon.errors import UsageError
+from surgeon.methods.folder import SplitDir
+from surgeon.runtime import load_split
+
+FAMILIES = ["gpt2", "bert", "t5", "whisper", "mixtral", "gemma3", "llava", "qwen2_vl", "gemma3-hub"]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def _auto(name):
+    return getattr(transformers, ARCHS[name].auto)
+
+
+def _split(zoo, tmp_path, name, method, **kw):
+    out = tmp_path / f"{name}-{method}"
+    split(str(zoo.path(name)), out, SplitOptions(method=method, rank=2, dtype="float32", **kw))
+    return out
+
+
+def _runtime(path, name, trainable=False):
+    return load_split(path, dtype=torch.float32, trainable=trainable, model_cls=_auto(name))
+
+
+def _trained(path, name, tmp_path, seed=0):
+    """The split with every trainable factor moved (as training would), saved as a split folder."""
+    sm = _runtime(path, name, trainable=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sm.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return sm, sm.save(tmp_path / f"{path.name}-trained")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("method", ["kasa", "nusa"])
+def test_a_trained_split_runs_on_every_family_and_agrees_with_its_absorbed_checkpoint(zoo, tmp_path, name, method):
+    arch = ARCHS[name]
+    sm, trained = _trained(_split(zoo, tmp_path, name, method), name, tmp_path)
+    got = forward(sm.model, arch, sm.model.config)
+    absorb(trained, tmp_path / "merged")
+    merged = _auto(name).from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    want = forward(merged, arch, merged.config)
+    orig = _auto(name).from_pretrained(zoo.path(name), dtype=torch.float32)
+    before = forward(orig, arch, orig.config)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max()), name
+    assert float((got - before).abs().max()) > 1e-3  # the factors act
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "mixtral", "gemma3", "llava", "qwen2_vl", "gemma3-hub"])
+def test_an_untrained_nusa_or_mixture_is_the_original_exactly(zoo, tmp_path, name):
+    arch = ARCHS[name]
+    orig = _auto(name).from_pretrained(zoo.path(name), dtype=torch.float32)
+    want = forward(orig, arch, orig.config)
+    for method in ("nusa", "moe"):
+        sm = _runtime(_split(zoo, tmp_path, name, method), name)
+        assert torch.equal(forward(sm.model, arch, sm.model.config), want), method
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llava", "qwen2_vl", "gemma3-hub"])
+def test_the_mixture_routes_in_the_text_decoder_of_a_multimodal_model(zoo, tmp_path, name):
+    arch = ARCHS[name]
+    path = _split(zoo, tmp_path, name, "moe")
+    blocks = SplitDir(path).manifest["blocks"]
+    conf = _auto(name).from_pretrained(zoo.path(name)).config
+    assert blocks and all(b.startswith("model.language_model.layers.") for b in blocks)  # none in the vision tower
+    assert {info["hidden"] for info in blocks.values()} == {conf.text_config.hidden_size}
+    sm, _ = _trained(path, name, tmp_path)  # experts and routers given weight: every block routes the prompt, images included
+    out = forward(sm.model, arch, sm.model.config)
+    assert torch.isfinite(out).all()
+    assert all(r.gates is not None for r in sm.blocks.values())
+
+
+def test_the_mixture_refuses_an_encoder_decoder_and_a_vision_target_in_one_line(zoo, tmp_path):
+    for name in ("t5", "whisper"):
+        with pytest.raises(UsageError, match="encoder-decoder"):
+            _split(zoo, tmp_path, name, "moe")
+        assert not (tmp_path / f"{name}-moe").exists()
+    out = one_error_line(run("split", zoo.path("llava"), "--method", "moe", "--rank", "2", "--target", "q_proj", "--out", tmp_path / "o"))
+    assert "vision_tower" in out and "leave it out of --target" in out
+    assert not (tmp_path / "o").exists()
