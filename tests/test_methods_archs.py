@@ -1,7 +1,7 @@
 """The methods that are not plain LoRA (KaSA, NuSA, the mixture) on every family of architecture
 (tests/archmodels.py): the split loads into surgeon's runtime with the inputs the model needs (images
 included), an untrained NuSA or mixture reproduces the original exactly, a trained KaSA or NuSA runtime
-agrees with its absorbed checkpoint, and the mixture routes only in the blocks the prompt runs through
+agrees with its absorbed checkpoint and with vanilla PEFT on its exported LoRA, and the mixture routes only in the blocks the prompt runs through
 (a multimodal model's text decoder, at its width), refusing encoder-decoders before any work.
 
     python -m pytest -q tests/test_methods_archs.py
@@ -9,17 +9,20 @@ agrees with its absorbed checkpoint, and the mixture routes only in the blocks t
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
 from archmodels import ARCHS, Zoo, forward
 from cliutil import one_error_line, run
+from peft import PeftModel
 
-from surgeon.commands.absorb import absorb
+from surgeon.commands.absorb import absorb, export_lora
 from surgeon.commands.split import SplitOptions, split
 from surgeon.errors import UsageError
 from surgeon.methods.folder import SplitDir
-from surgeon.runtime import load_split
+from surgeon.runtime import load_residual_model, load_split
 
 FAMILIES = ["gpt2", "bert", "t5", "whisper", "mixtral", "gemma3", "llava", "qwen2_vl", "gemma3-hub"]
 
@@ -55,17 +58,27 @@ def _trained(path, name, tmp_path, seed=0):
 
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("method", ["kasa", "nusa"])
-def test_a_trained_split_runs_on_every_family_and_agrees_with_its_absorbed_checkpoint(zoo, tmp_path, name, method):
+def test_a_trained_split_runs_on_every_family_and_agrees_with_its_absorbed_checkpoint_and_peft_export(zoo, tmp_path, name, method):
+    """runtime = absorbed checkpoint = vanilla PEFT on the exported LoRA (KaSA's on the split's truncated
+    residual, its base_model; NuSA's on the original); the exported adapter names the model's task type."""
     arch = ARCHS[name]
-    sm, trained = _trained(_split(zoo, tmp_path, name, method), name, tmp_path)
+    split_dir = _split(zoo, tmp_path, name, method)
+    sm, trained = _trained(split_dir, name, tmp_path)
     got = forward(sm.model, arch, sm.model.config)
     absorb(trained, tmp_path / "merged")
     merged = _auto(name).from_pretrained(tmp_path / "merged", dtype=torch.float32)
     want = forward(merged, arch, merged.config)
     orig = _auto(name).from_pretrained(zoo.path(name), dtype=torch.float32)
     before = forward(orig, arch, orig.config)
-    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max()), name
+    tol = 2e-5 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol, name
     assert float((got - before).abs().max()) > 1e-3  # the factors act
+    export_lora(trained, tmp_path / "lora")
+    base = load_residual_model(split_dir, torch.float32, _auto(name)) if method == "kasa" else orig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(base, tmp_path / "lora")
+    assert float((forward(pm, arch, pm.config) - got).abs().max()) <= tol, name
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "mixtral", "gemma3", "llava", "qwen2_vl", "gemma3-hub"])

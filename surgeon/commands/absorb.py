@@ -374,6 +374,7 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=sd.cfg.use_rslora,
         base_model=str(sd.path.resolve()),
+        task_type=task_type_for(json.loads((sd.path / "config.json").read_text())) if (sd.path / "config.json").exists() else "CAUSAL_LM",
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
     return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, sd.inputs(), conf, tensors)
