@@ -113,3 +113,24 @@ def test_the_mixture_refuses_an_encoder_decoder_and_a_vision_target_in_one_line(
     out = one_error_line(run("split", zoo.path("llava"), "--method", "moe", "--rank", "2", "--target", "q_proj", "--out", tmp_path / "o"))
     assert "vision_tower" in out and "leave it out of --target" in out
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name,method", [("t5", "milora"), ("whisper", "kasa"), ("bert", "nusa")])
+def test_train_refuses_a_model_the_next_token_loss_cannot_train_before_reading_anything(zoo, tmp_path, name, method):
+    """An encoder-decoder or an encoder used to crash mid-run (T5: a traceback from its forward; BERT: asked
+    for --loss full, then crashed on the missing logits); now one line, exit 2, before data or output."""
+    split_dir = _split(zoo, tmp_path, name, method)
+    res = run("train", split_dir, "--data", tmp_path / "absent.jsonl", "--out", tmp_path / "trained", "--steps", "1")
+    out = one_error_line(res)
+    assert res.exit_code == 2 and "causal language models" in out and "load_split" in out
+    assert ("encoder-decoder" in out) == (name != "bert")
+    assert not (tmp_path / "trained").exists()
+
+
+@pytest.mark.parametrize("name", ["t5", "bert"])
+def test_check_refuses_a_model_without_next_token_predictions_in_one_line(zoo, tmp_path, name):
+    """check compares next-token predictions: an encoder-decoder or an encoder has none of its own
+    forward (it used to end in "this is a surgeon bug" from the block runner, or a traceback before)."""
+    res = run("check", _split(zoo, tmp_path, name, "milora"), "--tokens", "16")
+    out = one_error_line(res)
+    assert res.exit_code == 2 and "next-token predictions" in out and "load_split" in out

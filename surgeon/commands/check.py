@@ -35,6 +35,7 @@ from surgeon.commands.absorb import verified_source
 from surgeon.errors import HostMemoryError, SourceChangedError, SplitDirError, UsageError
 from surgeon.format.records import DataError, normalize, plain_text
 from surgeon.methods.folder import SplitDir
+from surgeon.model.skeleton import not_causal_lm
 from surgeon.runtime import load_model_from, load_split, streamed
 from surgeon.runtime.memory import host_available
 
@@ -63,6 +64,10 @@ def check(split_dir: Path, data: Path | None = None, tokens: int = 256) -> dict:
     if tokens < 2:
         raise UsageError(f"--tokens {tokens}: give at least 2 tokens to compare.")
     sd = SplitDir(Path(split_dir))
+    why = not_causal_lm(json.loads((sd.path / "config.json").read_text()))
+    if why:
+        raise UsageError(f"surgeon check compares next-token predictions on text, and {why}; compare its outputs on your own inputs "
+                         "with surgeon.runtime.load_split(SPLIT).model against the original.")
     text = SAMPLE if data is None else read_text(Path(data))
     windows = _windows(sd, text, tokens)
     ref = original_logits(sd, windows)

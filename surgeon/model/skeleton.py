@@ -26,6 +26,19 @@ def model_class(config: dict):
     return None
 
 
+def not_causal_lm(config: dict) -> str | None:
+    """Why next-token predictions of this model are not its own forward's output, or None: an
+    encoder-decoder (T5, BART, Whisper: its forward needs decoder inputs) or a class that cannot
+    generate (BERT's encoder, a masked LM). None too when transformers does not know the class."""
+    cls = model_class(config)
+    name = cls.__name__ if cls is not None else str((config.get("architectures") or ["this model"])[0])
+    if config.get("is_encoder_decoder"):
+        return f"{name} is an encoder-decoder"
+    if cls is not None and hasattr(cls, "can_generate") and not cls.can_generate():
+        return f"{name} has no causal language-model head"
+    return None
+
+
 def _config(config: dict):
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:

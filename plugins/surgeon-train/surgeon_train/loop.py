@@ -30,6 +30,7 @@ nanoGPT's train.py and transformers' Trainer where they agree:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ from surgeon import options
 from surgeon.engine import faults
 from surgeon.errors import NumericsError, SplitDirError, UsageError
 from surgeon.format.readlock import reads
+from surgeon.model.skeleton import not_causal_lm
 from surgeon.format.records import FORMATS
 from surgeon_train import dist, speed
 from surgeon_train.data import IGNORE, Packed, load_packed
@@ -191,6 +193,7 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
 
     opts = opts or TrainOptions()
     _check(opts)
+    check_model(split_dir)
     check_out(split_dir, out, opts.overwrite, opts.resume)  # before the data is read
     try:
         tok = AutoTokenizer.from_pretrained(split_dir)
@@ -201,6 +204,20 @@ def train_files(split_dir: Path, data, out: Path, opts: TrainOptions | None = No
     packed = load_packed(data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns, opts.data_format)
     ev = load_packed(eval_data, tok, opts.seq_len, opts.chat_template, opts.data_split, opts.columns, opts.data_format) if eval_data is not None else None
     return train(split_dir, packed, out, opts, ev, callback, {"data": str(data), "eval_data": str(eval_data) if eval_data else None})
+
+
+def check_model(split_dir: Path) -> None:
+    """Refuse, before anything loads, a model the next-token loss does not train: an encoder-decoder
+    (T5, BART, Whisper: its forward needs decoder inputs) or one that cannot generate (BERT's encoder,
+    a masked LM: no causal head). Their splits still load, for transformers' own trainers."""
+    conf_file = Path(split_dir) / "config.json"
+    if not conf_file.is_file():
+        return  # the split's own checks say what is missing
+    why = not_causal_lm(json.loads(conf_file.read_text()))
+    if why is None:
+        return
+    raise UsageError(f"surgeon train fine-tunes causal language models on the next-token loss, and {why}; train this split with "
+                     f"transformers' own Trainer on surgeon.runtime.load_split('{split_dir}').model (only its factors train), then surgeon absorb.")
 
 
 def _load(split_dir: Path, data: Packed, opts: TrainOptions, d: dist.Dist):
@@ -225,6 +242,7 @@ def train(split_dir: Path, data: Packed, out: Path, opts: TrainOptions | None = 
     """Train the factors of SPLIT_DIR on packed rows; OUT becomes the trained split folder."""
     opts = opts or TrainOptions()
     _check(opts)
+    check_model(split_dir)
     check_out(split_dir, out, opts.overwrite, opts.resume)  # before the model is loaded
     callback = callback or (lambda event, info: None)
     d = dist.init(opts.device)
