@@ -24,7 +24,7 @@ from surgeon.errors import UsageError
 from surgeon.methods.folder import SplitDir
 from surgeon.runtime import load_residual_model, load_split
 
-FAMILIES = ["gpt2", "bert", "t5", "whisper", "mixtral", "gemma3", "llava", "qwen2_vl", "gemma3-hub"]
+FAMILIES = ["gpt2", "bert", "t5", "whisper", "mixtral", "deepseek_v3", "gemma3", "llava", "qwen2_vl", "gemma3-hub"]
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,7 @@ from surgeon.format.writer import (
 )
 from surgeon.methods import Method
 from surgeon.methods.folder import SplitDir
+from surgeon.model.adapter import plain_targets
 from surgeon.model.check import check_output
 from surgeon.model.moe import fused_factors
 from surgeon.runtime.calibrate import calibration_gates
@@ -323,18 +324,18 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     r_out, alpha2 = r_mult * cfg.rank, a_mult * cfg.alpha
     rp, ap = sd.patterns or (sd.manifest.get("rank_pattern", {}), sd.manifest.get("alpha_pattern", {}))
     src = sd.manifest["source"]
-    side_cfg = sd.path / "config.json"
+    modules, params = (sd.manifest["target_modules"], sd.manifest.get("target_parameters")) if sd.lora else _plain_targets(sd)
     conf = adapter_config(
         r=r_out,
         alpha=alpha2,
-        target_modules=sd.manifest["target_modules"],
+        target_modules=modules,
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
-        task_type=task_type_for(json.loads(side_cfg.read_text())) if side_cfg.exists() else "CAUSAL_LM",
+        task_type=_task_type(sd),
         rank_pattern={k: r_mult * v for k, v in rp.items()}, alpha_pattern={k: a_mult * v for k, v in ap.items()},
-        target_parameters=sd.manifest.get("target_parameters"),
+        target_parameters=params,
     )
     return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), **sd.identity()}, overwrite, sd.inputs(), conf, tensors,
                            check=lambda folder: check_output(folder, sd.manifest, sd.path))
@@ -367,14 +368,32 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
             f = sd.method.lora_form(sd.factors(cur, module), sd.layer_cfg(module))
             tensors[lora_key(module, "lora_A")] = f["lora_A"]  # (r, in)
             tensors[lora_key(module, "lora_B")] = f["lora_B"]  # (out, r)
+    modules, params = _plain_targets(sd)
     conf = adapter_config(
         r=sd.cfg.rank,
         alpha=sd.cfg.alpha,
-        target_modules=sd.manifest["target_modules"],
+        target_modules=modules,
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=sd.cfg.use_rslora,
         base_model=str(sd.path.resolve()),
-        task_type=task_type_for(json.loads((sd.path / "config.json").read_text())) if (sd.path / "config.json").exists() else "CAUSAL_LM",
+        task_type=_task_type(sd),
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
+        target_parameters=params,
     )
-    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, sd.inputs(), conf, tensors)
+    return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, sd.inputs(),
+                           conf, tensors, check=lambda folder: check_output(folder, sd.manifest, sd.path))
+
+
+def _side_config(sd: SplitDir) -> dict:
+    f = sd.path / "config.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _task_type(sd: SplitDir) -> str | None:
+    conf = _side_config(sd)
+    return task_type_for(conf) if conf else "CAUSAL_LM"
+
+
+def _plain_targets(sd: SplitDir) -> tuple[list[str], list[str]]:
+    """The adapter's (target_modules, target_parameters) for a split that is not LoRA-shaped (its layers are plain linears)."""
+    return plain_targets(_side_config(sd).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])

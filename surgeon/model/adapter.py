@@ -52,6 +52,16 @@ def plan_adapter(names, targets, model_type, rank: int, alpha: float, rank_patte
     return plan
 
 
+def plain_targets(model_type: str | None, modules: list[str], target_modules: list[str]) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of an adapter on these plain linear modules (an export of a
+    method that is not LoRA-shaped; target_modules: the split's record of them): a module whose leaf PEFT's
+    MoE conversion would move onto the fused experts (DeepSeek-V3's dense and shared-expert down_proj) is
+    named as its parameter instead, as plan_adapter names it."""
+    clash = colliding_leaves(model_type)
+    kept = [t for t in target_modules if t.rsplit(".", 1)[-1] not in clash]
+    return kept, sorted(f"{m}.weight" for m in modules if m.rsplit(".", 1)[-1] in clash)
+
+
 def _ranks(modules, params, fused, rank, alpha, rank_pattern, alpha_pattern, rslora) -> AdapterPlan:
     """A fused gate_up parameter needs rank P·r (and alpha P·α, √P·α with rsLoRA) to hold r per expert
     matrix. PEFT 0.21 warns about any rank_pattern key that matches no targeted *module* (its check
