@@ -19,6 +19,7 @@ from cliutil import one_error_line, run
 from peft import PeftModel
 
 from surgeon.commands.absorb import absorb, export_lora
+from surgeon.commands.export.kasa import export_kasa
 from surgeon.commands.split import SplitOptions, split
 from surgeon.errors import UsageError
 from surgeon.methods.folder import SplitDir
@@ -134,3 +135,26 @@ def test_check_refuses_a_model_without_next_token_predictions_in_one_line(zoo, t
     res = run("check", _split(zoo, tmp_path, name, "milora"), "--tokens", "16")
     out = one_error_line(res)
     assert res.exit_code == 2 and "next-token predictions" in out and "load_split" in out
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "whisper", "gemma3"])
+def test_export_to_peft_kasa_loads_on_the_original_with_the_models_task_type(zoo, tmp_path, name):
+    """PEFT's own KaSA on the original model (it truncates in float32 itself) equals the trained runtime up
+    to that float32 SVD; BERT and Whisper used to get CAUSAL_LM and fail in PeftModel.from_pretrained."""
+    arch = ARCHS[name]
+    sm, trained = _trained(_split(zoo, tmp_path, name, "kasa"), name, tmp_path)
+    got = forward(sm.model, arch, sm.model.config)
+    export_kasa(trained, tmp_path / "peft-kasa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(_auto(name).from_pretrained(zoo.path(name), dtype=torch.float32), tmp_path / "peft-kasa")
+    assert float((forward(pm, arch, pm.config) - got).abs().max()) <= 1e-5 * float(got.abs().max()) * 10
+
+
+def test_export_to_peft_kasa_refuses_what_peft_would_move_onto_the_experts(zoo, tmp_path):
+    """DeepSeek-V3's dense down_proj: PEFT's MoE conversion moves the name onto the fused experts, where
+    its KaSA does not run; the export used to exit 0 with an adapter PEFT then refused to load."""
+    split_dir = _split(zoo, tmp_path, "deepseek_v3", "kasa")
+    out = one_error_line(run("export", split_dir, "--to", "kasa", "--out", tmp_path / "k"))
+    assert "--to lora" in out and "down_proj" in out
+    assert not (tmp_path / "k").exists()
