@@ -9,6 +9,7 @@ agrees with its absorbed checkpoint and with vanilla PEFT on its exported LoRA, 
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from archmodels import ARCHS, Zoo, forward
 from cliutil import one_error_line, run
 from peft import PeftModel
 
-from surgeon.commands.absorb import absorb, export_lora
+from surgeon.commands.absorb import AbsorbOptions, absorb, export_lora
 from surgeon.commands.export.kasa import export_kasa
 from surgeon.commands.split import SplitOptions, split
 from surgeon.errors import UsageError
@@ -158,3 +159,19 @@ def test_export_to_peft_kasa_refuses_what_peft_would_move_onto_the_experts(zoo, 
     out = one_error_line(run("export", split_dir, "--to", "kasa", "--out", tmp_path / "k"))
     assert "--to lora" in out and "down_proj" in out
     assert not (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize("name", ["bert", "deepseek_v3", "gemma3"])
+def test_the_trained_mixture_with_fixed_gates_equals_its_absorbed_checkpoint(zoo, tmp_path, name):
+    arch = ARCHS[name]
+    _, trained = _trained(_split(zoo, tmp_path, name, "moe"), name, tmp_path)
+    sm = _runtime(trained, name)
+    g = torch.Generator().manual_seed(1)
+    gates = {b: torch.rand(r.n_experts, generator=g).tolist() for b, r in sm.blocks.items()}
+    (tmp_path / "gates.json").write_text(json.dumps(gates))
+    sm.model.surgeon_routing.fix(gates)
+    got = forward(sm.model, arch, sm.model.config)
+    absorb(trained, tmp_path / "merged", AbsorbOptions(fixed_gates=tmp_path / "gates.json"))
+    merged = _auto(name).from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    want = forward(merged, arch, merged.config)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
