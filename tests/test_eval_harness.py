@@ -295,3 +295,59 @@ def test_the_per_token_router_routes_every_token_and_restores_the_model(tmp_path
     h = torch.randn(2, 5, router.weight.shape[1], generator=g)
     one = token_gates(router, h[:, 2:3])  # a token's gates do not depend on its neighbours
     assert torch.allclose(one[:, 0], token_gates(router, h)[:, 2])
+
+
+def _greedy(model, ids, max_new):
+    import torch
+
+    with torch.no_grad():
+        return model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=1)[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arm", ["plain", "moe"])
+def test_forced_answers_are_exactly_the_generated_ones(tmp_path, arm):
+    """The teacher-forced pass (bench/eval/measure2.py, answers) settles a row only when greedy decoding
+    would write exactly its completion and stop: the answers, hence the bits, equal generating every row,
+    for rows whose completion is what the model writes before it stops (settled), a prefix of it (the model
+    writes on: generated) or the task's (generated); the mixture pools only the prompt in both (its routers' prompt
+    mask). The model's eos is made the token its greedy answers emit most (a random tiny model rarely
+    emits its own), so that answers end before max_new, as a trained model's do."""
+    import collections
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.eval.measure2 import Evaluator2
+    from surgeon.commands.split import SplitOptions, split
+    from surgeon.runtime import load_split
+
+    data = T.make_tasks(4, 2, 36, 0, ("add", "lookup"), "v2")
+    ev = Evaluator2(TINY, "cpu", data, 64, gen_batch=8, n_probes=2, gen_tokens=512)
+    assert not ev.force  # off on the CPU by default (no gain there); the CUDA path, tested here on the CPU
+    ev.force = True
+    if arm == "plain":
+        model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    else:
+        split(str(TINY), tmp_path / "moe", SplitOptions(method="moe", rank=4))
+        sm = load_split(tmp_path / "moe", trainable=True)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in sm.trainable_parameters():  # experts and routers given weight: the gates change the answers
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        model = sm.model.eval()
+    settled = 0
+    for task in ("add", "lookup"):
+        rows, max_new = data[task]["test"], ev.max_new[task]
+        raw = [_greedy(model, ev._prompt_ids(x["prompt"]), max_new) for x in rows]
+        model.generation_config.eos_token_id = collections.Counter(t for r in raw for t in r[1:3]).most_common(1)[0][0]
+        eos = model.generation_config.eos_token_id
+        raw = [_greedy(model, ev._prompt_ids(x["prompt"]), max_new) for x in rows]
+        # every third row: the model's answer up to its stop (settled); every third: a strict prefix of it, after
+        # which the model writes on (must be generated); the rest: the task's answer
+        own = {i: r[:-1] for i, r in enumerate(raw) if i % 3 == 0 and r[-1] == eos and len(r) >= 2}
+        own |= {i: r[: len(r) // 2] for i, r in enumerate(raw) if i % 3 == 1 and len(r) >= 3}
+        mixed = [dict(x, completion=ev.tok.decode(own[i])) if i in own else x for i, x in enumerate(rows)]
+        ans, forced = ev.answers(model, mixed, max_new)
+        assert ans == ev.generate(model, [x["prompt"] for x in mixed], max_new)
+        settled += forced
+    assert settled >= 3  # the forced pass does settle rows (and the prefixes were generated: the answers are equal)

@@ -42,6 +42,10 @@ fi
 export PYTHONPATH="$PWD:$PWD/plugins/surgeon-train:$D/site"
 python3 -c "import surgeon, surgeon_train, xxhash, filelock, torch, transformers, peft; print('imports ok: torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
 python3 -m surgeon split --help >/dev/null 2>>"$LOG" && echo "surgeon CLI ok" | tee -a "$LOG"
+if [ "$DEV" = cuda ] && [ ! -s "$D/forced_probe.txt" ]; then  # once: the teacher-forced pass against generating, on this card (~60 s)
+  timeout 120 python3 bench/eval/bench_forced.py --model "$MODEL" --device cuda --n 256 --train 100 --tasks lookup,reverse >"$D/forced_probe.txt" 2>>"$LOG"
+  grep '^task' "$D/forced_probe.txt" | tee -a "$LOG"
+fi
 nvidia-smi dmon -s um -d 5 >"$D/gpu_util.txt" 2>&1 &
 DMON=$!
 DEADLINE=$((BUDGET - ($(date +%s) - T0) - 40))  # 40 s: in-flight grace, export, report, packing
@@ -52,5 +56,5 @@ echo "runner exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 kill "$DMON" 2>/dev/null
 cp "$D"/out/eval_methods.md "$D"/out/eval_methods.png "$D"/out/eval_methods.json "$OUTD"/ 2>/dev/null
 tar czf "$OUTD/results.tgz" -C "$D" results
-cp "$LOG" "$D/gpu_util.txt" "$OUTD"/ 2>/dev/null
+cp "$LOG" "$D/gpu_util.txt" "$D/forced_probe.txt" "$OUTD"/ 2>/dev/null
 echo "=== done in $(($(date +%s) - T0)) s" | tee -a "$LOG"

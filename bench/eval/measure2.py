@@ -7,7 +7,8 @@
               assistant answer): forgetting on chat-formatted general prompts
   probe_bits  per probe, 1 when the greedy answer holds one of the probe's keywords (probes.tsv)
   test/val    per task: accuracy, loss, and (test) one character per item, "1" correct / "0" not,
-              so that arms compare item by item
+              so that arms compare item by item; "forced": how many items one teacher-forced pass
+              settled (greedy decoding would write exactly the completion and stop), the others generated
 
     ev = Evaluator2(model_dir, "cuda", make_tasks(..., version="v2"), seq_len=256, gen_batch=256)
     ev.measure(model, ["add", "reverse", "lookup"], ("val", "test"))
@@ -62,8 +63,12 @@ def windows(tok, docs: list[dict], width: int = WINDOW, max_tokens: int | None =
 
 class Evaluator2(Evaluator):
     def __init__(self, model_dir: Path, device: str, data: dict, seq_len: int, gen_batch: int = 256, n_probes: int | None = None,
-                 gen_tokens: int | None = None, nll_batch: int = 8):
+                 gen_tokens: int | None = None, nll_batch: int = 8, force: bool = True):
         super().__init__(model_dir, device, data, seq_len, 512, gen_batch, n_probes=0)
+        # settle rows by a teacher-forced pass first (answers), on CUDA: there decoding is a launch-bound step per
+        # token and the pass one forward; on the CPU the pass costs what the prompt's prefill costs, about all
+        # of generating a short answer (bench/eval/bench_forced.py), so every row is generated
+        self.force = force and device.startswith("cuda")
         self.probe_set = probes()[:n_probes]
         self.gen_windows = windows(self.tok, general_docs(), WINDOW, gen_tokens)
         self.nll_batch = nll_batch
@@ -110,12 +115,65 @@ class Evaluator2(Evaluator):
         r = {}
         for n in names:
             rows = self.data[n][split]
-            ans = self.generate(model, [x["prompt"] for x in rows], self.max_new[n])
+            ans, forced = self.answers(model, rows, self.max_new[n])
             bits = "".join("1" if T.exact(a, x["completion"]) else "0" for a, x in zip(ans, rows))
-            r[n] = {"acc": bits.count("1") / len(rows), "loss": self.loss(model, self.packed[(n, split)]), "n": len(rows), "answers": ans[:keep_answers]}
+            r[n] = {"acc": bits.count("1") / len(rows), "loss": self.loss(model, self.packed[(n, split)]), "n": len(rows),
+                    "answers": ans[:keep_answers], "forced": forced}
             if split == "test":
                 r[n]["bits"] = bits
         return r
+
+    def answers(self, model, rows: list[dict], max_new: int) -> tuple[list[str], int]:
+        """Greedy answers to every row, and how many a teacher-forced pass settled: a row whose forced
+        argmax reproduces its completion's tokens and then a stop token is what greedy decoding would
+        write (the same logits, position by position), so only the other rows are generated."""
+        ids = self.forced(model, rows) if self.force else [None] * len(rows)
+        todo = [i for i, k in enumerate(ids) if k is None]
+        gen = self.generate(model, [rows[i]["prompt"] for i in todo], max_new) if todo else []
+        ans = [self.tok.decode(k, skip_special_tokens=True).strip() if k is not None else "" for k in ids]  # as generate decodes
+        for i, a in zip(todo, gen):
+            ans[i] = a
+        return ans, len(rows) - len(todo)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids exactly as `generate` feeds them."""
+        if getattr(self.tok, "chat_template", None):
+            chat = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            return self.tok(chat, add_special_tokens=False)["input_ids"]
+        return self.tok(prompt, add_special_tokens=True)["input_ids"]
+
+    @torch.no_grad()
+    def forced(self, model, rows: list[dict]) -> list[list[int] | None]:
+        """Per row: the ids greedy decoding would write, when they are its completion's tokens and a stop
+        token (None otherwise: the row is generated). Rows are padded on
+        the right (every row at positions 0.., as generate's left padding with position ids from the mask);
+        the mixture's routers pool the prompt only, as in generate (Routing.prompt_mask)."""
+        eos = model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, list) else [eos]) - {None}
+        routing = getattr(model, "surgeon_routing", None)
+        out: list[list[int] | None] = []
+        for i in range(0, len(rows), self.gen_batch):
+            chunk = rows[i : i + self.gen_batch]
+            prompts = [self._prompt_ids(x["prompt"]) for x in chunk]
+            comps = [self.tok(x["completion"], add_special_tokens=False)["input_ids"] for x in chunk]
+            seqs = [p + c for p, c in zip(prompts, comps)]
+            w = max(map(len, seqs))
+            x = torch.tensor([q + [self.tok.pad_token_id] * (w - len(q)) for q in seqs], device=self.device)
+            mask = (torch.arange(w)[None] < torch.tensor([len(q) for q in seqs])[:, None]).to(self.device)
+            if routing is not None:
+                routing.prompt_mask = torch.arange(w)[None] < torch.tensor([len(p) for p in prompts])[:, None]
+            first = min(map(len, prompts)) - 1  # the head runs from the first position any row's answer needs
+            try:
+                with autocast(self.device):
+                    logits = model(input_ids=x, attention_mask=mask.long(), logits_to_keep=torch.arange(first, w, device=self.device)).logits
+                pred = logits.argmax(-1).tolist()  # (B, w - first)
+            finally:
+                if routing is not None:
+                    routing.prompt_mask = None
+            for row, p, c in zip(pred, prompts, comps):
+                got = row[len(p) - 1 - first : len(p) + len(c) - first]  # the predictions of every completion token, then of the one after
+                out.append(c + got[-1:] if got[:-1] == c and got[-1] in stop else None)
+        return out
 
     def measure(self, model, names, splits=("test",)) -> dict:
         model.eval()

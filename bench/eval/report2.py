@@ -37,7 +37,8 @@ def chosen_rows(settings, done, ref) -> tuple[list[str], dict]:
              "Chosen lr: the best mean validation accuracy over the selection seeds "
              f"{settings['select_seeds']}; measured on the held-out seeds {settings['heldout_seeds']} (the mixture: "
              f"{G.heldout(settings, 'moe')}; never used to choose). "
-             "Accuracy: mean over the three tasks' test items; Δ log-ppl: general-text log-perplexity change (nats/token, paired by window); "
+             "Accuracy: mean over the three tasks' test items, exact match of the greedy answer (an item whose teacher-forced argmax "
+             "writes its answer and then stops is settled without generating: the same answer greedy decoding gives); Δ log-ppl: general-text log-perplexity change (nats/token, paired by window); "
              "Δ chat NLL: the probes' reference answers in the chat format; [95 % bootstrap interval over seeds × items or windows]; "
              "divergence: diverged grid runs / finished grid runs; (grid edge): the chosen lr is the grid's first or last point, "
              "so the optimum may lie outside it.", "",

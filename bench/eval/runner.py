@@ -49,7 +49,8 @@ def make_ctx(settings: dict, plan: dict, model: str, work: str, device: str, thr
         from bench.eval.measure2 import Evaluator2
 
         data = make_tasks(settings["n_train"], settings["n_val"], settings["n_test"], settings["task_seed"], settings["tasks"], settings["task_version"])
-        ev = Evaluator2(Path(model), device, data, settings["seq_len"], settings["gen_batch"], settings.get("n_probes"), settings.get("gen_tokens"))
+        ev = Evaluator2(Path(model), device, data, settings["seq_len"], settings["gen_batch"], settings.get("n_probes"), settings.get("gen_tokens"),
+                        force=settings.get("forced", True))
         return Ctx(settings, plan, Path(model), Path(work), device, ev)
     data = make_tasks(settings["n_train"], settings["n_val"], settings["n_test"], settings["task_seed"], settings["all_tasks"])
     ev = Evaluator(Path(model), device, data, settings["seq_len"], settings["ppl_tokens"], settings["gen_batch"], settings.get("n_probes"))
