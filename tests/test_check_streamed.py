@@ -90,7 +90,9 @@ def test_a_model_the_block_runner_cannot_load_is_checked_whole_with_the_same_num
     monkeypatch.setattr(BlockRunner, "streamable", lambda self: False)
     monkeypatch.setattr(BlockRunner, "materialise", lambda *a, **k: pytest.fail("ran block by block"))
     whole = chk.check(sd.path, tokens=40)
+    ran = whole.pop("ran"), streamed.pop("ran")
     assert whole == streamed and streamed["perplexity_ratio"] != 1.0
+    assert ran[0]["original"].startswith("whole model (a checkpoint tensor") and ran[1] == {"original": "block by block", "split": "block by block"}
 
 
 def test_the_mixture_routes_each_window_as_its_own_prompt(zoo, tmp_path):
@@ -109,3 +111,33 @@ def test_the_mixture_routes_each_window_as_its_own_prompt(zoo, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(whole, got))
     assert min(float((a - b).abs().max()) for a, b in zip(ref, got)) > 1e-3  # the experts act
     assert sd.manifest["method"] == "moe"
+
+
+def test_a_model_that_changes_the_states_between_blocks_is_checked_whole(zoo, tmp_path, monkeypatch):
+    """Code a model runs between its blocks is not run block by block: when capture sees the states change
+    on the way from one block to the next, check loads the model whole (the right numbers), and says so."""
+    sd = _split(zoo, tmp_path, "llama", "milora")
+    real = BlockRunner.capture
+
+    def capture(self, batches):
+        out = real(self, batches)
+        self.changes_between_blocks = True  # as a model that scales the states between blocks would show
+        return out
+
+    monkeypatch.setattr(BlockRunner, "capture", capture)
+    r = chk.check(sd.path, tokens=40)
+    assert r["ran"]["original"].startswith("whole model (LlamaForCausalLM changes the hidden states between its blocks")
+    assert r["ran"]["split"].startswith("whole model (") and r["top1_agreement"] == 1.0
+
+
+def test_capture_sees_states_changed_between_blocks():
+    """The catchers compare what each receives with what the one before returned."""
+    from surgeon.model.blockrun import _Catcher
+
+    passed = {"out": None, "changed": False}
+    c0, c1 = (_Catcher(torch.nn.Identity(), i, False, [], [], passed) for i in (0, 1))
+    x = torch.ones(1, 2, 3)
+    c1(c0(x))
+    assert not passed["changed"]
+    c1(2 * c0(x))
+    assert passed["changed"]

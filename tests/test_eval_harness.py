@@ -350,4 +350,8 @@ def test_forced_answers_are_exactly_the_generated_ones(tmp_path, arm):
         ans, forced = ev.answers(model, mixed, max_new)
         assert ans == ev.generate(model, [x["prompt"] for x in mixed], max_new)
         settled += forced
+    model.generation_config.repetition_penalty = 1.3  # generate would penalise what a plain argmax keeps: nothing is settled
+    rows, max_new = data["add"]["test"], ev.max_new["add"]
+    ans, forced = ev.answers(model, rows, max_new)
+    assert forced == 0 and ans == ev.generate(model, [x["prompt"] for x in rows], max_new)
     assert settled >= 3  # the forced pass does settle rows (and the prefixes were generated: the answers are equal)

@@ -99,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--export", type=Path, default=None, help="write this call's finished records here (one jsonl)")
             p.add_argument("--fold", action="store_true", help="fold them into --archive too")
             p.add_argument("--no-report", action="store_true")
+            p.add_argument("--no-forced", action="store_true", help="generate every answer (no teacher-forced pass: bench/eval/measure2.py)")
         if name == "fold":
             p.add_argument("sources", nargs="+", type=Path)
     return ap
@@ -124,6 +125,8 @@ def run(args, settings: dict, done: dict) -> dict:
     if model is None:
         raise SystemExit("run needs --model DIR (the converted SmolLM2 folder) or --tiny")
     log = results_log(args.results)
+    if args.no_forced:
+        settings["forced"] = False
 
     t0 = time.time()
     print_plan(settings, done | load_results(args.results), args.budget, max(1, args.workers), log)

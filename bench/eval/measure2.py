@@ -61,6 +61,18 @@ def windows(tok, docs: list[dict], width: int = WINDOW, max_tokens: int | None =
     return torch.tensor(rows)
 
 
+# generation-config fields that change which token greedy decoding picks (their "off" values)
+GREEDY_CHANGERS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None, []),
+                   "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "min_new_tokens": (None, 0), "min_length": (None, 0),
+                   "sequence_bias": (None, {}), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                   "exponential_decay_length_penalty": (None,), "encoder_no_repeat_ngram_size": (None, 0)}
+
+
+def greedy_changed(gc) -> bool:
+    """Whether `generate` under this generation config picks other tokens than a plain argmax."""
+    return any(getattr(gc, k, None) not in off for k, off in GREEDY_CHANGERS.items())
+
+
 class Evaluator2(Evaluator):
     def __init__(self, model_dir: Path, device: str, data: dict, seq_len: int, gen_batch: int = 256, n_probes: int | None = None,
                  gen_tokens: int | None = None, nll_batch: int = 8, force: bool = True):
@@ -69,6 +81,9 @@ class Evaluator2(Evaluator):
         # token and the pass one forward; on the CPU the pass costs what the prompt's prefill costs, about all
         # of generating a short answer (bench/eval/bench_forced.py), so every row is generated
         self.force = force and device.startswith("cuda")
+        # a settled token must beat the runner-up by this much: a bf16 forward and bf16 decoding with a KV cache
+        # round differently, so a near-tie could go either way (float32: a tie only)
+        self.margin = 1.0 if device.startswith("cuda") else 1e-4
         self.probe_set = probes()[:n_probes]
         self.gen_windows = windows(self.tok, general_docs(), WINDOW, gen_tokens)
         self.nll_batch = nll_batch
@@ -127,7 +142,7 @@ class Evaluator2(Evaluator):
         """Greedy answers to every row, and how many a teacher-forced pass settled: a row whose forced
         argmax reproduces its completion's tokens and then a stop token is what greedy decoding would
         write (the same logits, position by position), so only the other rows are generated."""
-        ids = self.forced(model, rows) if self.force else [None] * len(rows)
+        ids = self.forced(model, rows, max_new) if self.force else [None] * len(rows)
         todo = [i for i, k in enumerate(ids) if k is None]
         gen = self.generate(model, [rows[i]["prompt"] for i in todo], max_new) if todo else []
         ans = [self.tok.decode(k, skip_special_tokens=True).strip() if k is not None else "" for k in ids]  # as generate decodes
@@ -143,37 +158,50 @@ class Evaluator2(Evaluator):
         return self.tok(prompt, add_special_tokens=True)["input_ids"]
 
     @torch.no_grad()
-    def forced(self, model, rows: list[dict]) -> list[list[int] | None]:
+    def forced(self, model, rows: list[dict], max_new: int) -> list[list[int] | None]:
         """Per row: the ids greedy decoding would write, when they are its completion's tokens and a stop
-        token (None otherwise: the row is generated). Rows are padded on
-        the right (every row at positions 0.., as generate's left padding with position ids from the mask);
-        the mixture's routers pool the prompt only, as in generate (Routing.prompt_mask)."""
-        eos = model.generation_config.eos_token_id
-        stop = set(eos if isinstance(eos, list) else [eos]) - {None}
-        routing = getattr(model, "surgeon_routing", None)
+        token, each chosen by at least `margin` over the runner-up (None otherwise: the row is generated).
+        Nothing is settled when the model has no stop token or its generation config changes greedy
+        choices (repetition penalty, banned or suppressed tokens, a minimum length: generate applies
+        them, a plain argmax does not)."""
+        gc = model.generation_config
+        stop = set(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]) - {None}
+        if not stop or greedy_changed(gc):
+            return [None] * len(rows)
         out: list[list[int] | None] = []
         for i in range(0, len(rows), self.gen_batch):
             chunk = rows[i : i + self.gen_batch]
             prompts = [self._prompt_ids(x["prompt"]) for x in chunk]
             comps = [self.tok(x["completion"], add_special_tokens=False)["input_ids"] for x in chunk]
-            seqs = [p + c for p, c in zip(prompts, comps)]
-            w = max(map(len, seqs))
-            x = torch.tensor([q + [self.tok.pad_token_id] * (w - len(q)) for q in seqs], device=self.device)
-            mask = (torch.arange(w)[None] < torch.tensor([len(q) for q in seqs])[:, None]).to(self.device)
-            if routing is not None:
-                routing.prompt_mask = torch.arange(w)[None] < torch.tensor([len(p) for p in prompts])[:, None]
-            first = min(map(len, prompts)) - 1  # the head runs from the first position any row's answer needs
-            try:
-                with autocast(self.device):
-                    logits = model(input_ids=x, attention_mask=mask.long(), logits_to_keep=torch.arange(first, w, device=self.device)).logits
-                pred = logits.argmax(-1).tolist()  # (B, w - first)
-            finally:
-                if routing is not None:
-                    routing.prompt_mask = None
-            for row, p, c in zip(pred, prompts, comps):
-                got = row[len(p) - 1 - first : len(p) + len(c) - first]  # the predictions of every completion token, then of the one after
-                out.append(c + got[-1:] if got[:-1] == c and got[-1] in stop else None)
+            first, top, ids = self._top2(model, prompts, comps)
+            for j, (p, c) in enumerate(zip(prompts, comps)):
+                span = slice(len(p) - 1 - first, len(p) + len(c) - first)  # the predictions of every completion token, then of the one after
+                got, gap = ids[j, span, 0].tolist(), top[j, span, 0] - top[j, span, 1]
+                ok = got[:-1] == c and got[-1] in stop and len(c) < max_new and bool((gap > self.margin).all())
+                out.append(c + got[-1:] if ok else None)
         return out
+
+    def _top2(self, model, prompts: list[list[int]], comps: list[list[int]]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(first, top-2 logits (B, w - first, 2) float32, their ids) from position `first` on, of one forward
+        over prompt + completion padded on the right (every row at positions 0.., as generate's left padding
+        with position ids from the mask); the mixture's routers pool the prompt only (Routing.prompt_mask)."""
+        seqs = [p + c for p, c in zip(prompts, comps)]
+        w = max(map(len, seqs))
+        x = torch.tensor([q + [self.tok.pad_token_id] * (w - len(q)) for q in seqs], device=self.device)
+        mask = (torch.arange(w)[None] < torch.tensor([len(q) for q in seqs])[:, None]).long().to(self.device)
+        first = min(map(len, prompts)) - 1  # the head runs from the first position any row's answer needs
+        routing = getattr(model, "surgeon_routing", None)
+        if routing is not None:
+            routing.prompt_mask = torch.arange(w)[None] < torch.tensor([len(p) for p in prompts])[:, None]
+        try:
+            with autocast(self.device):
+                logits = model(input_ids=x, attention_mask=mask, use_cache=False, logits_to_keep=torch.arange(first, w, device=self.device)).logits
+            top = logits.float().topk(2, dim=-1)
+        finally:
+            if routing is not None:
+                routing.prompt_mask = None
+        return first, top.values.cpu(), top.indices.cpu()
+
 
     def measure(self, model, names, splits=("test",)) -> dict:
         model.eval()

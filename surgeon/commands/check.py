@@ -13,11 +13,13 @@
    (surgeon.runtime.streamed): only one block and the modules outside the blocks are in memory at
    once, the original read from its recorded files, the split from its residual with its factors
    attached as load_split attaches them; the logits are bit-identical to those of the whole loaded
-   model. A model the block runner cannot load (a checkpoint tensor transformers converts) and a
-   4-bit residual are loaded whole instead. Before anything is loaded, what will be held (the
-   working set in float32 plus both sets of logits) is compared with the host memory that is free
-   (surgeon.runtime.memory): a model that cannot fit is refused with the numbers, rather than killed
-   by the kernel halfway through.
+   model. A model the block runner cannot load (a checkpoint tensor transformers converts) or run
+   (its forward changes the states between blocks, or fails block by block) and a 4-bit residual are
+   loaded whole instead; "ran" in the result says which way each model ran, and why. Before a model
+   is loaded, what it will hold (the largest block with its read-ahead and the modules outside the
+   blocks in float32, or the whole model) plus both sets of logits is compared with the host memory
+   that is free (surgeon.runtime.memory): a model that cannot fit is refused with the numbers,
+   rather than killed by the kernel halfway through.
 4. Reported: top-1 agreement of the next-token predictions, perplexity of each and their ratio
    (split / original), max and mean |Δlogit| over every position and vocabulary entry.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from surgeon.commands.absorb import verified_source
-from surgeon.errors import HostMemoryError, SourceChangedError, SplitDirError, UsageError
+from surgeon.errors import HostMemoryError, SourceChangedError, SplitDirError, SurgeonError, UsageError
 from surgeon.format.records import DataError, normalize, plain_text
 from surgeon.methods.folder import SplitDir
 from surgeon.model.skeleton import not_causal_lm
@@ -70,10 +72,12 @@ def check(split_dir: Path, data: Path | None = None, tokens: int = 256) -> dict:
                          "with surgeon.runtime.load_split(SPLIT).model against the original.")
     text = SAMPLE if data is None else read_text(Path(data))
     windows = _windows(sd, text, tokens)
-    ref = original_logits(sd, windows)
-    got = split_logits(sd, windows)
+    how: dict = {}
+    ref = original_logits(sd, windows, how)
+    got = split_logits(sd, windows, how)
     return {"split": str(sd.path), "original": str(sd.manifest["source"].get("model")),
-            "data": "built-in sample" if data is None else str(data), **compare(ref, got, windows)}
+            "data": "built-in sample" if data is None else str(data), **compare(ref, got, windows),
+            "ran": {"original": how["original"], "split": how["split"]}}
 
 
 def read_text(path: Path) -> str:
@@ -111,35 +115,51 @@ def _windows(sd: SplitDir, text: str, tokens: int) -> list[torch.Tensor]:
     return [torch.tensor([ids[i : i + size]]) for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
 
 
-def original_logits(sd: SplitDir, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+def original_logits(sd: SplitDir, windows: list[torch.Tensor], how: dict) -> list[torch.Tensor]:
     """The source model's logits on `windows`: block by block where it can, else loaded whole; refused
-    up front when what either model holds at once and both sets of logits cannot fit in free memory."""
+    up front when what it holds at once and both sets of logits cannot fit in free memory. how["original"]
+    says which way it ran (and why not block by block)."""
     ckpt, conf = verified_original(sd)
-    run = _runner(lambda: streamed.original_runner(conf, ckpt))
-    whole = run is None or bool(sd.manifest.get("quantization"))  # a 4-bit residual is loaded whole (float32)
-    numel = sum(info.numel for info in ckpt.tensors.values()) if whole else run.working_numel()
-    fits_in_memory(numel, sum(w.shape[1] for w in windows), _vocab(conf), extra=sd.factors_file.stat().st_size)
-    return streamed.original_logits(run, windows) if run is not None else _logits(_load_whole(ckpt, conf), windows)
+    tokens, vocab, factors = sum(w.shape[1] for w in windows), _vocab(conf), sd.factors_file.stat().st_size
+    how["numel"] = sum(info.numel for info in ckpt.tensors.values())
+    run, why = _runner(lambda: streamed.original_runner(conf, ckpt))
+    if run is not None:
+        fits_in_memory(run.working_bytes(), tokens, vocab, extra=factors)
+        try:
+            how["original"] = "block by block"
+            return streamed.original_logits(run, windows)
+        except SurgeonError as e:  # a forward the block runner does not reproduce: the whole model gives the right numbers
+            why = str(e)
+    how["original"] = f"whole model ({why})"
+    fits_in_memory(4 * how["numel"], tokens, vocab, extra=factors)
+    return _logits(_load_whole(ckpt, conf), windows)
 
 
-def split_logits(sd: SplitDir, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+def split_logits(sd: SplitDir, windows: list[torch.Tensor], how: dict) -> list[torch.Tensor]:
     """The split's logits on `windows`: block by block where it can, else loaded whole (a 4-bit residual)."""
+    why = "a 4-bit residual"
     if not sd.manifest.get("quantization"):
-        got = _runner(lambda: streamed.split_runner(sd))
+        got, why = _runner(lambda: streamed.split_runner(sd))
         if got is not None:
-            return streamed.split_logits(*got, windows)
+            try:
+                how["split"] = "block by block"
+                return streamed.split_logits(*got, windows)
+            except SurgeonError as e:
+                why = str(e)
+    how["split"] = f"whole model ({why})"
+    fits_in_memory(4 * how["numel"], sum(w.shape[1] for w in windows), 0)  # the original's logits are already held
     return _logits(load_split(sd.path, dtype=torch.float32, trainable=False).model, windows)
 
 
 def _runner(make):
-    """make()'s block runner (or (runner, ...)), or None for a model the block runner cannot load:
-    no skeleton, no list of blocks, or a checkpoint tensor transformers converts."""
+    """(make()'s block runner, or (runner, ...), "") or (None, why) for a model the block runner cannot
+    load: no skeleton, no list of blocks, or a checkpoint tensor transformers converts."""
     try:
         got = make()
-    except UsageError:
-        return None
+    except UsageError as e:
+        return None, str(e)
     run = got[0] if isinstance(got, tuple) else got
-    return got if run.streamable() else None
+    return (got, "") if run.streamable() else (None, "a checkpoint tensor transformers converts")
 
 
 def verified_original(sd: SplitDir):
@@ -187,10 +207,10 @@ def _vocab(conf: dict) -> int:
     return int(conf.get("vocab_size") or text.get("vocab_size") or 0)
 
 
-def fits_in_memory(numel: int, tokens: int, vocab: int, extra: int = 0) -> None:
-    """Raise HostMemoryError when `numel` float32 values, two (tokens, vocab) float32 logit sets and
-    `extra` bytes cannot fit in the host memory that is free: the lower bound of what check holds."""
-    need = 4 * numel + 2 * 4 * tokens * vocab + extra
+def fits_in_memory(nbytes: int, tokens: int, vocab: int, extra: int = 0) -> None:
+    """Raise HostMemoryError when `nbytes` of model, two (tokens, vocab) float32 logit sets and `extra`
+    bytes cannot fit in the host memory that is free: the lower bound of what check holds."""
+    need = nbytes + 2 * 4 * tokens * vocab + extra
     free = host_available()
     if need > free:
         gib = 2**30

@@ -102,6 +102,7 @@ class BlockRunner:
             self.places[p.param].append(p)
         self.ties = self._ties()
         self.prefix, self.layers = decoder_blocks(model, self.fallback)
+        self.changes_between_blocks = False  # known after capture
         self._owner = _owners(model)
         self._names = {id(m): n for n, m in model.named_modules()}
 
@@ -116,23 +117,39 @@ class BlockRunner:
         """Every tensor the checkpoint fills is one surgeon loads as transformers does (none converted)."""
         return not any(p.converted for places in self.places.values() for p in places)
 
+    def _groups(self) -> tuple[dict[int, list], list]:
+        """The checkpoint places each block materialises (by index), and those outside the blocks (a tied
+        head repeats its source's: a second copy)."""
+        blocks: dict[int, list] = defaultdict(list)
+        outside: list = []
+        head = self.prefix + "."
+        for param, places in self.places.items():
+            index = param[len(head):].split(".", 1)[0] if param.startswith(head) else ""
+            (blocks[int(index)] if index.isdigit() else outside).extend(places)
+        for tied, source in self.ties.items():
+            if tied not in self.places and source in self.places:
+                outside.extend(self.places[source])
+        return blocks, outside
+
     def working_numel(self) -> int:
         """The most checkpoint values materialised at once: the largest block plus every module outside
         the blocks (embeddings, final norm, head), which are read again for the forward after the blocks."""
-        per_block: dict[int, int] = defaultdict(int)
-        outside = 0
-        head = self.prefix + "."
-        for param, places in self.places.items():
-            n = sum(self.ckpt.tensors[p.key].numel for p in places)
-            index = param[len(head):].split(".", 1)[0] if param.startswith(head) else ""
-            if index.isdigit():
-                per_block[int(index)] += n
-            else:
-                outside += n
-        for tied, source in self.ties.items():  # a tied head is materialised from its source's tensor, a second copy
-            if tied not in self.places and source in self.places:
-                outside += sum(self.ckpt.tensors[p.key].numel for p in self.places[source])
-        return max(per_block.values(), default=0) + outside
+        blocks, outside = self._groups()
+        size = lambda places: sum(self.ckpt.tensors[p.key].numel for p in places)  # noqa: E731
+        return max(map(size, blocks.values()), default=0) + size(outside)
+
+    def working_bytes(self, itemsize: int = 4) -> int:
+        """Host bytes at the peak, materialising at `itemsize` bytes a value: the largest block (its values,
+        its read-ahead in the checkpoint's dtype, the stacking buffer of fused experts) plus the modules
+        outside the blocks and the largest of their reads."""
+        blocks, outside = self._groups()
+        info = lambda p: self.ckpt.tensors[p.key]  # noqa: E731
+
+        def block(places) -> int:
+            return sum(itemsize * info(p).numel + info(p).nbytes * (2 if p.fused else 1) for p in places)
+
+        return (max(map(block, blocks.values()), default=0) + sum(itemsize * info(p).numel for p in outside)
+                + max((info(p).nbytes for p in outside), default=0))
 
     def eager_experts(self) -> None:
         """transformers' eager experts forward (one F.linear per routed expert) instead of grouped_mm."""
@@ -229,12 +246,14 @@ class BlockRunner:
         n = len(self.layers)
         hidden: list[torch.Tensor] = []
         kwargs: list[list[dict]] = [[] for _ in range(n)]
-        with self._outside_blocks(lambda i, real: _Catcher(real, i, i == n - 1, hidden, kwargs[i])):
+        passed = {"out": None, "changed": False}  # what the last catcher returned; whether the model altered it on the way
+        with self._outside_blocks(lambda i, real: _Catcher(real, i, i == n - 1, hidden, kwargs[i], passed)):
             for b in batches:
                 with torch.no_grad(), contextlib.suppress(_Stop), failing(self.model, "before its first block", (self.what, self.fallback)):
                     self.model(**{k: v.to(self.device) for k, v in b.items()}, use_cache=False)
         if len(hidden) != len(batches) or any(len(k) != len(batches) for k in kwargs):
             raise SurgeonError(f"{self.what}: the forward of {type(self.model).__name__} did not reach every block; {self.fallback}.")
+        self.changes_between_blocks = passed["changed"]  # the model's code between blocks is not run block by block
         return hidden, kwargs
 
     def finish(self, batches: list[dict], hidden: list[torch.Tensor], tuples: bool = False) -> list[torch.Tensor]:
@@ -273,8 +292,8 @@ class BlockRunner:
     def _on_first_call(self, made: list):
         def hook(module, args):
             if id(module) in self._names and any(t is not None and t.is_meta for t in [*module._parameters.values(), *module._buffers.values()]):
+                made.append(module)  # first: freed again even when materialising fails halfway
                 self.materialise(module)
-                made.append(module)
         return hook
 
 
@@ -312,9 +331,10 @@ def release_host_memory() -> None:
 class _Catcher(nn.Module):
     """Stands in for block i during capture: records its inputs, passes the hidden states on."""
 
-    def __init__(self, real: nn.Module, i: int, last: bool, hidden: list, kwargs: list):
+    def __init__(self, real: nn.Module, i: int, last: bool, hidden: list, kwargs: list, passed: dict | None = None):
         super().__init__()
         self.i, self.last, self.hidden, self.kwargs = i, last, hidden, kwargs
+        self.passed = passed if passed is not None else {"out": None, "changed": False}
         object.__setattr__(self, "_real", real)  # not a submodule: its attributes only (attention_type, ...)
 
     def __getattr__(self, name: str):
@@ -332,6 +352,9 @@ class _Catcher(nn.Module):
         self.kwargs.append(kw)
         if self.i == 0:
             self.hidden.append(x)
+        elif x is not self.passed["out"]:  # the model changed the states between blocks
+            self.passed["changed"] = True
+        self.passed["out"] = x
         if self.last:
             raise _Stop
         return x

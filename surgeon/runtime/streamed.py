@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import parametrize
 
+from surgeon.errors import SurgeonError
 from surgeon.model.blockrun import BlockRunner, failing, run_block
 from surgeon.runtime import attach_blocks, attach_layers, fused_runtimes
 
@@ -53,7 +54,11 @@ def original_logits(run: BlockRunner, windows: list[torch.Tensor]) -> list[torch
 
 def split_logits(run: BlockRunner, fused: dict, windows: list[torch.Tensor]) -> list[torch.Tensor]:
     names = {id(m): n for n, m in run.model.named_modules()}
-    return logits(run, windows, lambda i: _parametrized(run.block_name(i) + ".", fused, names))
+    done: set[str] = set()
+    out = logits(run, windows, lambda i: _parametrized(run.block_name(i) + ".", fused, names, done))
+    if len(done) != len(fused):  # a fused parameter outside every block would have run without its factors
+        raise SurgeonError(f"{sorted(set(fused) - done)[0]} lies outside the blocks run one at a time")
+    return out
 
 
 @torch.no_grad()
@@ -62,12 +67,14 @@ def logits(run: BlockRunner, windows: list[torch.Tensor], during=None) -> list[t
     batches = [{"input_ids": w} for w in windows]
     run.model.eval()
     hidden, kwargs = run.capture(batches)
+    if run.changes_between_blocks:
+        raise SurgeonError(f"{type(run.model).__name__} changes the hidden states between its blocks")
     tuples = False
     for i in range(len(run.layers)):
         with run.block(i) as block, (during(i) if during else contextlib.nullcontext()):
             for b, batch in enumerate(batches):
-                replay_model_hooks(run.model, batch)
                 with failing(run.model, f"in block {i}", CHECK):
+                    replay_model_hooks(run.model, batch)
                     hidden[b], tuples = run_block(block, hidden[b], kwargs[i][b])
     return [x[0].float() for x in run.finish(batches, hidden, tuples)]
 
@@ -83,14 +90,16 @@ def replay_model_hooks(model: nn.Module, batch: dict) -> None:
 
 
 @contextlib.contextmanager
-def _parametrized(head: str, fused: dict, names: dict):
-    """The fused experts' parametrizations inside the block named by `head`, registered for the duration."""
-    mine = [(owner, pname, rt) for owner, pname, rt in fused.values() if names.get(id(owner), "").startswith(head)]
+def _parametrized(head: str, fused: dict, names: dict, done: set):
+    """The fused experts' parametrizations inside the block named by `head`, registered for the duration
+    (their keys added to `done`)."""
+    mine = [(key, owner, pname, rt) for key, (owner, pname, rt) in fused.items() if names.get(id(owner), "").startswith(head)]
     try:
-        for owner, pname, rt in mine:
+        for key, owner, pname, rt in mine:
             parametrize.register_parametrization(owner, pname, rt)
+            done.add(key)
         yield
     finally:
-        for owner, pname, _ in mine:
+        for _, owner, pname, _ in mine:
             if parametrize.is_parametrized(owner, pname):
                 parametrize.remove_parametrizations(owner, pname, leave_parametrized=False)
