@@ -26,7 +26,6 @@ the tensors into the same pre-laid-out shards; rank 0 writes the rest.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from surgeon.commands.export.peft import adapter_config, publish_adapter, task_type_for
+from surgeon.commands.export.peft import adapter_config, publish_adapter, split_config, split_task_type
 from surgeon.engine import distributed, faults
 from surgeon.engine.outdir import (
     COMMIT_SECONDS,
@@ -333,7 +332,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
-        task_type=_task_type(sd),
+        task_type=split_task_type(sd.path),
         rank_pattern={k: r_mult * v for k, v in rp.items()}, alpha_pattern={k: a_mult * v for k, v in ap.items()},
         target_parameters=params,
     )
@@ -376,7 +375,7 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
         fan_in_fan_out=sd.manifest.get("transposed", False),
         use_rslora=sd.cfg.use_rslora,
         base_model=str(sd.path.resolve()),
-        task_type=_task_type(sd),
+        task_type=split_task_type(sd.path),
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
         target_parameters=params,
     )
@@ -384,16 +383,6 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
                            conf, tensors, check=lambda folder: check_output(folder, sd.manifest, sd.path))
 
 
-def _side_config(sd: SplitDir) -> dict:
-    f = sd.path / "config.json"
-    return json.loads(f.read_text()) if f.exists() else {}
-
-
-def _task_type(sd: SplitDir) -> str | None:
-    conf = _side_config(sd)
-    return task_type_for(conf) if conf else "CAUSAL_LM"
-
-
 def _plain_targets(sd: SplitDir) -> tuple[list[str], list[str]]:
     """The adapter's (target_modules, target_parameters) for a split that is not LoRA-shaped (its layers are plain linears)."""
-    return plain_targets(_side_config(sd).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])
+    return plain_targets(split_config(sd.path).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])

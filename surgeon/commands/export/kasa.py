@@ -14,23 +14,17 @@ nn.Linear only (no fan_in_fan_out), so Conv1D splits (GPT-2) export with `--to l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
 
-from surgeon.commands.export.peft import adapter_config, lora_key, publish_adapter, task_type_for
+from surgeon.commands.export.peft import adapter_config, lora_key, publish_adapter, split_config, split_task_type
 from surgeon.errors import UsageError
 from surgeon.format.readlock import reads
 from surgeon.format.splitdir import PEFT_PREFIX
 from surgeon.methods.folder import SplitDir
 from surgeon.model.adapter import plain_targets
 from surgeon.model.check import check_output
-
-
-def _model_type(sd: SplitDir) -> str | None:
-    f = sd.path / "config.json"
-    return json.loads(f.read_text()).get("model_type") if f.exists() else None
 
 
 @reads("split_dir")
@@ -42,7 +36,7 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         raise UsageError("--to kasa: PEFT truncates the plain SVD's minor components of the original weights itself, but this split truncated calibrated ones (--calibrate); use --to lora (a LoRA on the truncated base).")
     if sd.manifest.get("transposed", False):
         raise UsageError("PEFT's KaSA does not support Conv1D (fan_in_fan_out) layers such as GPT-2's; use --to lora (a LoRA on the truncated base).")
-    moved = plain_targets(_model_type(sd), list(sd.manifest["layers"]), sd.manifest["target_modules"])[1]
+    moved = plain_targets(split_config(sd.path).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])[1]
     if moved:
         raise UsageError(f"PEFT's KaSA cannot target {moved[0].removesuffix('.weight')}: its MoE conversion moves that name onto the "
                          "fused experts, where KaSA does not run (ParamWrapper); use --to lora (a LoRA on the truncated base).")
@@ -55,7 +49,6 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
             tensors[lora_key(module, "lora_B")] = f["lora_B"]  # (out, r)
             tensors[f"{PEFT_PREFIX}{module}.lora_diag"] = f["lora_diag"]  # (r,)
     src = sd.manifest["source"]
-    side = json.loads((sd.path / "config.json").read_text()) if (sd.path / "config.json").exists() else {}
     conf = adapter_config(
         r=cfg.rank,
         alpha=cfg.alpha,
@@ -63,7 +56,7 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         use_rslora=cfg.use_rslora,
         base_model=src.get("hub_id") or str(Path(src["files"][0]["path"]).parent),
         revision=src.get("revision") if src.get("hub_id") else None,
-        task_type=task_type_for(side) if side else "CAUSAL_LM",
+        task_type=split_task_type(sd.path),
         rank_pattern=sd.manifest.get("rank_pattern"), alpha_pattern=sd.manifest.get("alpha_pattern"),
     )
     conf["kasa_config"] = {"beta": cfg.kasa_beta, "gamma": cfg.kasa_gamma}

@@ -8,6 +8,7 @@ Key layout of a saved PEFT LoRA (peft/utils/save_and_load.py): `base_model.model
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def adapter_config(
     if rank_pattern or alpha_pattern:  # per-module ranks (surgeon/patterns.py); PEFT's default is {}
         conf["rank_pattern"], conf["alpha_pattern"] = dict(rank_pattern or {}), dict(alpha_pattern or {})
     return conf
+
+
+def split_config(folder: Path) -> dict:
+    """A split folder's config.json ({} when it has none)."""
+    f = Path(folder) / "config.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def split_task_type(folder: Path) -> str | None:
+    """The PEFT task type of the model in a split folder (CAUSAL_LM when it has no config.json)."""
+    conf = split_config(folder)
+    return task_type_for(conf) if conf else "CAUSAL_LM"
 
 
 def task_type_for(config: dict) -> str | None:
