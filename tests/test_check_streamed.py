@@ -9,6 +9,8 @@ load is checked whole, with the same numbers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from archmodels import Zoo
@@ -131,13 +133,34 @@ def test_a_model_that_changes_the_states_between_blocks_is_checked_whole(zoo, tm
 
 
 def test_capture_sees_states_changed_between_blocks():
-    """The catchers compare what each receives with what the one before returned."""
+    """The catchers compare what each receives with what the one before returned (every architecture of
+    tests/archmodels.py that runs block by block passes its states on unchanged, Falcon included)."""
     from surgeon.model.blockrun import _Catcher
 
     passed = {"out": None, "changed": False}
     c0, c1 = (_Catcher(torch.nn.Identity(), i, False, [], [], passed) for i in (0, 1))
     x = torch.ones(1, 2, 3)
     c1(c0(x))
+    c1(c0(x)[0])  # Falcon takes outputs[0] of blocks that return tuples: the catcher's tensor, indexed
     assert not passed["changed"]
     c1(2 * c0(x))
     assert passed["changed"]
+
+
+def test_calibrate_refuses_a_model_that_changes_the_states_between_blocks(tmp_path, monkeypatch):
+    """--calibrate feeds each block what the block before returned; a model that changes the states
+    on the way would get covariances of the wrong inputs: refused, and no output is left."""
+    from surgeon.errors import UsageError
+
+    real = BlockRunner.capture
+
+    def capture(self, batches):
+        out = real(self, batches)
+        self.changes_between_blocks = True
+        return out
+
+    monkeypatch.setattr(BlockRunner, "capture", capture)
+    tiny = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-llama"
+    with pytest.raises(UsageError, match="changes the hidden states between its blocks"):
+        split(str(tiny), tmp_path / "cal", SplitOptions(method="milora", rank=2, calibrate="default", calibrate_tokens=64))
+    assert not (tmp_path / "cal").exists()

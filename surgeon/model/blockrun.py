@@ -352,12 +352,22 @@ class _Catcher(nn.Module):
         self.kwargs.append(kw)
         if self.i == 0:
             self.hidden.append(x)
-        elif x is not self.passed["out"]:  # the model changed the states between blocks
+        elif not _passed_on(self.passed["out"], x):  # the model changed the states between blocks
             self.passed["changed"] = True
         self.passed["out"] = x
         if self.last:
             raise _Stop
         return x
+
+
+def _passed_on(sent: torch.Tensor | None, got: torch.Tensor) -> bool:
+    """Whether the next block received what the last one returned: the same tensor, or its first element
+    (a model that takes `outputs[0]` of blocks returning tuples, as Falcon does, indexes the tensor the
+    catcher returned in their place)."""
+    if got is sent:
+        return True
+    return (isinstance(sent, torch.Tensor) and isinstance(got, torch.Tensor) and got.data_ptr() == sent.data_ptr()
+            and tuple(got.shape) == tuple(sent.shape[1:]))
 
 
 class _Replay(_Catcher):

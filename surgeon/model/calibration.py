@@ -169,6 +169,9 @@ class BlockCovariances:
         i = self._next
         if self._hidden is None:
             self._hidden, self._kwargs = self.run.capture(self._batches)
+            if self.run.changes_between_blocks:  # each block would be fed the states before that change: wrong covariances
+                raise UsageError(f"--calibrate runs the blocks one at a time, and {type(self.run.model).__name__} changes the hidden "
+                                 "states between its blocks; split without --calibrate.")
         mine = self._by_block.get(i, [])
         coll = Collector(self.device, self.peft)
         with self.run.block(i) as block:
