@@ -41,9 +41,16 @@ def linear_weights(tensors: dict, names) -> dict[str, tuple[str, str]]:
         if place.fused or place.converted or not place.param.endswith(".weight") or len(tensors[key].shape) != 2:
             continue
         module = place.param[: -len(".weight")]
-        if isinstance(names.module(module), LINEAR):
+        if isinstance(names.module(module), LINEAR) and not read_directly(names, module):
             out[module] = (key, module)
     return out
+
+
+def read_directly(names, module: str) -> bool:
+    """A linear layer whose weight its parent reads itself, never calling it: nn.MultiheadAttention's
+    out_proj (F.multi_head_attention_forward takes out_proj.weight; SigLIP's pooling head). A wrapper's
+    forward would never run there, so the split's factors would be silently left out: it stays dense."""
+    return isinstance(names.module(module.rpartition(".")[0]), nn.MultiheadAttention)
 
 
 def other_matrices(tensors: dict, names) -> dict[str, str]:
@@ -55,7 +62,9 @@ def other_matrices(tensors: dict, names) -> dict[str, str]:
             continue
         module = place.param[: -len(".weight")]
         mod = names.module(module)
-        if mod is not None and not isinstance(mod, (*LINEAR, nn.Embedding)) and not type(mod).__name__.endswith(("Norm", "Embedding", "Embeddings")):
+        if isinstance(mod, LINEAR) and read_directly(names, module):
+            out[module] = "inside nn.MultiheadAttention, which reads its weight without calling it"
+        elif mod is not None and not isinstance(mod, (*LINEAR, nn.Embedding)) and not type(mod).__name__.endswith(("Norm", "Embedding", "Embeddings")):
             out[module] = f"a {type(mod).__name__}, not a linear layer PEFT wraps"
     return out
 

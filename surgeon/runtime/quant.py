@@ -23,6 +23,7 @@ from torch import nn
 
 from surgeon.errors import SplitDirError
 from surgeon.format import quant
+from surgeon.model.names import map_keys
 from surgeon.model.slots import module_slot
 
 
@@ -126,14 +127,26 @@ def load_quantized_model(path: Path, manifest: dict, ckpt, dtype: torch.dtype = 
 
 
 def _load_rest(model: nn.Module, ckpt, skip: set[str], path: Path) -> None:
-    loaded: set[int] = set()
+    """Every tensor but the quantized groups, put where `from_pretrained` puts it: checkpoint names are
+    mapped to loaded parameters by transformers' own rules (surgeon.model.names: Gemma 3's and Llava's
+    legacy prefixes, Mixtral's per-expert weights stacked into the fused expert parameters)."""
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    places = map_keys(model, [n for n in ckpt.tensors if n not in skip]).places
+    loaded: set[int] = set()
     with torch.no_grad():
-        for name in ckpt.tensors:
-            if name in skip or name not in params:
-                continue  # a quantized group, or a tensor the architecture does not use (transformers ignores those too)
-            p = params[name]
-            p.copy_(ckpt.read(name).to(p.dtype))
+        for key, place in places.items():
+            p = params.get(place.param)
+            if p is None:
+                continue  # a tensor the architecture does not use (transformers ignores those too)
+            if place.converted:
+                raise SplitDirError(f"{path}: transformers converts the residual tensor {key} in a way surgeon's 4-bit loader does not "
+                                    "reproduce; load this split on CUDA with from_pretrained + PEFT.")
+            t = ckpt.read(key)
+            if place.fused:  # one expert matrix of a fused (E, parts·rows, in) parameter
+                rows = place.shape[1] // place.parts
+                p[place.expert, place.part * rows:(place.part + 1) * rows] = t.to(p.dtype)
+            else:
+                p.copy_(t.to(p.dtype))
             loaded.add(id(p))
     quantized = {id(t) for m in model.modules() if isinstance(m, QuantLinear) for t in (*m.buffers(), *m.parameters())}
     missing = [n for n, p in model.named_parameters() if id(p) not in loaded and id(p) not in quantized]
