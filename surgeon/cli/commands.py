@@ -289,7 +289,11 @@ def check(
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens of the text to run through both models.")] = 256,
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON on stdout.")] = False,
 ):
-    """Run the split and its original (the recorded source, verified by hash) on text: top-1 agreement, perplexities, max |Δlogit|."""
+    """Run the split and its original (the recorded source, verified by hash) on text: top-1 agreement, perplexities, max |Δlogit|.
+
+    Both run in float32 on the CPU one decoder block at a time, so memory holds one block, the embeddings
+    and the head rather than the whole model (the numbers are those of the whole model); --json says in
+    "ran" which way each model ran. Causal language models only (an encoder or encoder-decoder is refused)."""
     from surgeon.commands.check import check as do_check
     from surgeon.commands.check import one_line
 
