@@ -193,3 +193,19 @@ def test_a_4bit_split_loads_on_every_family_and_equals_its_merge_into_the_dequan
     merged = _auto(name).from_pretrained(tmp_path / "merged", dtype=torch.float32)
     want = forward(merged, arch, merged.config)
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_calibrate_cuts_samples_to_a_short_context_and_the_split_stays_exact(zoo, tmp_path):
+    """GPT-2's context is config.json's n_positions (64 here): the built-in calibration samples (cut to 512
+    tokens) ran past its position table ("IndexError: index out of range") before the first block."""
+    from surgeon.model.skeleton import context_length
+
+    assert context_length({"n_positions": 64}) == 64 and context_length({"text_config": {"max_position_embeddings": 9}}) == 9
+    assert context_length({}) is None
+    arch = ARCHS["gpt2"]
+    split(str(zoo.path("gpt2")), tmp_path / "c", SplitOptions(method="milora", rank=2, dtype="float32", calibrate="default", calibrate_tokens=256))
+    sm = _runtime(tmp_path / "c", "gpt2")
+    orig = _auto("gpt2").from_pretrained(zoo.path("gpt2"), dtype=torch.float32)
+    want = forward(orig, arch, orig.config)
+    assert float((forward(sm.model, arch, sm.model.config) - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    assert SplitDir(tmp_path / "c").manifest["calibration"]["tokens"] > 64  # several samples, each within the context

@@ -37,7 +37,7 @@ from surgeon.commands.absorb import verified_source
 from surgeon.errors import HostMemoryError, SourceChangedError, SplitDirError, SurgeonError, UsageError
 from surgeon.format.records import DataError, normalize, plain_text
 from surgeon.methods.folder import SplitDir
-from surgeon.model.skeleton import not_causal_lm
+from surgeon.model.skeleton import context_length, not_causal_lm
 from surgeon.runtime import load_model_from, load_split, streamed
 from surgeon.runtime.memory import host_available
 
@@ -110,8 +110,7 @@ def _windows(sd: SplitDir, text: str, tokens: int) -> list[torch.Tensor]:
     if len(ids) < 2:
         raise DataError(f"the text gives {len(ids)} token(s); give --data with more text.")
     conf = json.loads((sd.path / "config.json").read_text())
-    ctx = int(conf.get("max_position_embeddings") or conf.get("n_positions") or 512)
-    size = max(2, min(ctx, 512))
+    size = max(2, min(context_length(conf) or 512, 512))
     return [torch.tensor([ids[i : i + size]]) for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
 
 

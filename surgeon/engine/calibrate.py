@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from surgeon.linalg import Triplets, calibrated, output_share
+from surgeon.model.skeleton import context_length
 
 if TYPE_CHECKING:  # imported on use: the block runner pulls in transformers' modeling code, which a plain split never needs
     from surgeon.model.calibration import BlockCovariances
@@ -35,7 +36,8 @@ def attach(job, mode: str) -> None:
 
     opts = job.opts
     job.calib_mode = mode
-    job.calib_data = load_calibration_data(opts.calibrate, job.src.root, max_tokens=opts.calibrate_tokens, max_len=MAX_LEN)
+    max_len = min(MAX_LEN, context_length(job.model_cfg) or MAX_LEN)  # GPT-2-sized contexts: no sample past the position table
+    job.calib_data = load_calibration_data(opts.calibrate, job.src.root, max_tokens=opts.calibrate_tokens, max_len=max_len)
     d = job.calib_data
     job.plan["calibration"] = {"sha256": d.sha256, "tokens": d.tokens, "mode": mode, "peft_settings": opts.calibrate_peft}
     job.calib = Calibrator(job)

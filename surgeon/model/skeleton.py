@@ -26,6 +26,17 @@ def model_class(config: dict):
     return None
 
 
+def context_length(config: dict) -> int | None:
+    """The most positions the model embeds (config.json's max_position_embeddings, GPT-2's n_positions /
+    n_ctx, a multimodal model's text_config's), or None when the config does not say."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for cfg in (config, text):
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                return cfg[key]
+    return None
+
+
 def not_causal_lm(config: dict) -> str | None:
     """Why next-token predictions of this model are not its own forward's output, or None: an
     encoder-decoder (T5, BART, Whisper: its forward needs decoder inputs) or a class that cannot
