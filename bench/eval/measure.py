@@ -62,16 +62,19 @@ class Evaluator:
     def train_data(self, names):
         return concat([self.packed[(n, "train")] for n in names])
 
+    def encode(self, prompts: list[str], **kw):
+        """The prompts as the model is fed them: through the chat template when the tokenizer has one (as
+        the trainer renders prompts), else as they are with the tokenizer's special tokens."""
+        if getattr(self.tok, "chat_template", None):
+            chats = [self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+            return self.tok(chats, add_special_tokens=False, **kw)
+        return self.tok(prompts, add_special_tokens=True, **kw)
+
     @torch.no_grad()
     def generate(self, model, prompts: list[str], max_new: int) -> list[str]:
         out = []
         for i in range(0, len(prompts), self.gen_batch):
-            chunk = prompts[i : i + self.gen_batch]
-            if getattr(self.tok, "chat_template", None):  # as the trainer renders prompts
-                chats = [self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in chunk]
-                enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            else:
-                enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(self.device)
+            enc = self.encode(prompts[i : i + self.gen_batch], return_tensors="pt", padding=True).to(self.device)
             with autocast(self.device):
                 gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tok.pad_token_id)
             n = enc["input_ids"].shape[1]

@@ -151,11 +151,8 @@ class Evaluator2(Evaluator):
         return ans, len(rows) - len(todo)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's ids exactly as `generate` feeds them."""
-        if getattr(self.tok, "chat_template", None):
-            chat = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-            return self.tok(chat, add_special_tokens=False)["input_ids"]
-        return self.tok(prompt, add_special_tokens=True)["input_ids"]
+        """The prompt's ids exactly as `generate` feeds them (Evaluator.encode)."""
+        return self.encode([prompt])["input_ids"][0]
 
     @torch.no_grad()
     def forced(self, model, rows: list[dict], max_new: int) -> list[list[int] | None]:

@@ -176,9 +176,7 @@ class BlockRunner:
             first = self.ckpt.tensors[places[0].key]
             t = torch.zeros(places[0].shape, dtype=self._dtype_of(first.dtype))
             for p in places:
-                part = self._read(p.key)  # (out, in)
-                rows = p.shape[1] // p.parts
-                t[p.expert, p.part * rows:(p.part + 1) * rows] = part
+                t[p.slot] = self._read(p.key)  # (out, in)
         if tuple(t.shape) != tuple(like.shape):
             raise SurgeonError(f"{self.what}: {param} is {tuple(t.shape)} in the checkpoint, {tuple(like.shape)} in the model.")
         half_on_cpu = self.device.type == "cpu" and t.dtype in HALF  # CPU kernels: float32 compute

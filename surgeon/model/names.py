@@ -43,6 +43,12 @@ class Place:
         return self.expert is not None
 
     @property
+    def slot(self) -> tuple[int, slice]:
+        """Where a fused key's (out, in) matrix sits in its parameter: [expert, the rows of its part]."""
+        rows = self.shape[1] // self.parts
+        return self.expert, slice(self.part * rows, (self.part + 1) * rows)
+
+    @property
     def module(self) -> str:
         """The module holding the parameter ("model.layers.0.mlp.experts")."""
         return self.param.rpartition(".")[0]

@@ -143,8 +143,7 @@ def _load_rest(model: nn.Module, ckpt, skip: set[str], path: Path) -> None:
                                     "reproduce; load this split on CUDA with from_pretrained + PEFT.")
             t = ckpt.read(key)
             if place.fused:  # one expert matrix of a fused (E, parts·rows, in) parameter
-                rows = place.shape[1] // place.parts
-                p[place.expert, place.part * rows:(place.part + 1) * rows] = t.to(p.dtype)
+                p[place.slot] = t.to(p.dtype)
             else:
                 p.copy_(t.to(p.dtype))
             loaded.add(id(p))
