@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from surgeon.commands.export.peft import adapter_config, publish_adapter, split_config, split_task_type
+from surgeon.commands.export.peft import adapter_config, publish_adapter, split_plain_targets, split_task_type
 from surgeon.engine import distributed, faults
 from surgeon.engine.outdir import (
     COMMIT_SECONDS,
@@ -70,7 +70,6 @@ from surgeon.format.writer import (
 )
 from surgeon.methods import Method
 from surgeon.methods.folder import SplitDir
-from surgeon.model.adapter import plain_targets
 from surgeon.model.check import check_output
 from surgeon.model.moe import fused_factors
 from surgeon.runtime.calibrate import calibration_gates
@@ -323,7 +322,7 @@ def export_lora(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
     r_out, alpha2 = r_mult * cfg.rank, a_mult * cfg.alpha
     rp, ap = sd.patterns or (sd.manifest.get("rank_pattern", {}), sd.manifest.get("alpha_pattern", {}))
     src = sd.manifest["source"]
-    modules, params = (sd.manifest["target_modules"], sd.manifest.get("target_parameters")) if sd.lora else _plain_targets(sd)
+    modules, params = (sd.manifest["target_modules"], sd.manifest.get("target_parameters")) if sd.lora else split_plain_targets(sd)
     conf = adapter_config(
         r=r_out,
         alpha=alpha2,
@@ -367,7 +366,7 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
             f = sd.method.lora_form(sd.factors(cur, module), sd.layer_cfg(module))
             tensors[lora_key(module, "lora_A")] = f["lora_A"]  # (r, in)
             tensors[lora_key(module, "lora_B")] = f["lora_B"]  # (out, r)
-    modules, params = _plain_targets(sd)
+    modules, params = split_plain_targets(sd)
     conf = adapter_config(
         r=sd.cfg.rank,
         alpha=sd.cfg.alpha,
@@ -382,7 +381,3 @@ def _export_residual_lora(sd: SplitDir, out: Path, overwrite: bool) -> dict:
     return publish_adapter(out, {"op": "export", "split": str(sd.path.resolve()), "to": "lora-on-residual", **sd.identity()}, overwrite, sd.inputs(),
                            conf, tensors, check=lambda folder: check_output(folder, sd.manifest, sd.path))
 
-
-def _plain_targets(sd: SplitDir) -> tuple[list[str], list[str]]:
-    """The adapter's (target_modules, target_parameters) for a split that is not LoRA-shaped (its layers are plain linears)."""
-    return plain_targets(split_config(sd.path).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])

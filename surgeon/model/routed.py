@@ -33,7 +33,7 @@ def routed_targets(targets: dict, names, model_cfg: dict, explicit: bool) -> tup
         return {n: t for n, t in targets.items() if block_of(t.module) is not None} or targets, config_hidden(model_cfg)
     prefix, _ = decoder_blocks(names.model, f"split it with {OTHER_METHODS}")
     inside = {n: t for n, t in targets.items() if (block_of(t.module) or "").rpartition(".")[0] == prefix}
-    outside = [t.module for t in targets.values() if (block_of(t.module) or "").rpartition(".")[0] != prefix]
+    outside = [t.module for n, t in targets.items() if n not in inside]
     if outside and explicit:
         raise UsageError(f"{outside[0]} is outside {prefix}.N, the blocks the prompt's tokens run through, where --method moe routes "
                          f"({len(outside)} such target(s)); leave it out of --target.")

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from surgeon.commands.export.peft import adapter_config, lora_key, publish_adapter, split_config, split_task_type
+from surgeon.commands.export.peft import adapter_config, lora_key, publish_adapter, split_plain_targets, split_task_type
 from surgeon.errors import UsageError
 from surgeon.format.readlock import reads
 from surgeon.format.splitdir import PEFT_PREFIX
 from surgeon.methods.folder import SplitDir
-from surgeon.model.adapter import plain_targets
 from surgeon.model.check import check_output
 
 
@@ -36,7 +35,7 @@ def export_kasa(split_dir: Path, out: Path, overwrite: bool = False) -> dict:
         raise UsageError("--to kasa: PEFT truncates the plain SVD's minor components of the original weights itself, but this split truncated calibrated ones (--calibrate); use --to lora (a LoRA on the truncated base).")
     if sd.manifest.get("transposed", False):
         raise UsageError("PEFT's KaSA does not support Conv1D (fan_in_fan_out) layers such as GPT-2's; use --to lora (a LoRA on the truncated base).")
-    moved = plain_targets(split_config(sd.path).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])[1]
+    moved = split_plain_targets(sd)[1]
     if moved:
         raise UsageError(f"PEFT's KaSA cannot target {moved[0].removesuffix('.weight')}: its MoE conversion moves that name onto the "
                          "fused experts, where KaSA does not run (ParamWrapper); use --to lora (a LoRA on the truncated base).")

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from surgeon.format.splitdir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_key  # noqa: F401 - the split-folder format
 from surgeon.format.writer import write_json
+from surgeon.model.adapter import plain_targets
 
 
 def adapter_config(
@@ -66,6 +67,12 @@ def split_task_type(folder: Path) -> str | None:
     """The PEFT task type of the model in a split folder (CAUSAL_LM when it has no config.json)."""
     conf = split_config(folder)
     return task_type_for(conf) if conf else "CAUSAL_LM"
+
+
+def split_plain_targets(sd) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) of an adapter on a split's layers when they are plain linears
+    (a method that is not LoRA-shaped): surgeon.model.adapter.plain_targets for the split's model type."""
+    return plain_targets(split_config(sd.path).get("model_type"), list(sd.manifest["layers"]), sd.manifest["target_modules"])
 
 
 def task_type_for(config: dict) -> str | None:
